@@ -1,0 +1,1 @@
+"""Feature schema, offline data sets (Parquet) and online features (Redis)."""
