@@ -1,0 +1,26 @@
+"""Typed errors of embedding_tables: each says what was wrong and what is accepted."""
+
+
+class EmbeddingTableError(ValueError):
+    """Base class for every bad-input error raised by embedding_tables."""
+
+
+class ConfigError(EmbeddingTableError):
+    """A TableConfig (or a set of them) that cannot be built."""
+
+
+class BudgetError(ConfigError):
+    """A budget too small for the method to hold even its minimum rows."""
+
+
+class IdError(EmbeddingTableError):
+    """Ids of the wrong dtype, or out of range for a method that needs them in range."""
+
+
+class FeatureError(EmbeddingTableError):
+    """A KeyedJaggedTensor missing a configured feature or carrying an unknown one."""
+
+
+class OffsetsError(EmbeddingTableError):
+    """Bag offsets that do not describe the ids: decreasing, not starting at 0, or not ending at
+    the number of ids."""

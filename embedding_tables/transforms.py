@@ -1,0 +1,376 @@
+"""Index transforms: ids of one feature -> physical rows, one tensor per lookup. Pure functions.
+
+Every static method is an index transform followed by a table-batched lookup of plain physical
+tables (and, for qr and graphhash double, a combine of the looked-up rows). The transforms here
+depend only on the TableConfig (and, for graphhash, its mapping), so serving rebuilds them with
+`transform_for(config, feature)` and gets bit-identical rows.
+
+A transform is called on a 1-D integer tensor and returns a list of int64 row tensors of the
+same length, one per lookup; `tables` names the physical table of each lookup.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from embedding_tables.config import TableConfig
+from embedding_tables.errors import ConfigError, IdError
+from embedding_tables.hashing import bucket, bucket_keyed, feature_seed, low63_, mix64_, seed_key
+from embedding_tables.planning import TablePlan, plan_table
+
+INTEGER_DTYPES = (torch.int64, torch.int32)
+
+
+class IndexTransform(Protocol):
+    """ids -> one row tensor per lookup; `tables[j]` is the physical table of lookup j."""
+
+    feature: str
+    tables: tuple[str, ...]
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class GraphHashMappingLike(Protocol):
+    """What the collection needs of embedding_tables.graphhash.GraphHashMapping."""
+
+    num_rows: int
+
+    def transform_all(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_id_dtype(ids: torch.Tensor, feature: str) -> torch.Tensor:
+    """`ids` as int64; IdError naming the feature and the dtype if they are not integers."""
+    if ids.dtype not in INTEGER_DTYPES:
+        raise IdError(
+            f"feature {feature!r}: ids must be integers (int64 or int32), got dtype {ids.dtype}"
+        )
+    return ids.to(torch.int64)
+
+
+def out_of_range_error(feature: str, value: int, num_embeddings: int) -> IdError:
+    return IdError(
+        f"feature {feature!r}: id {value} is outside [0, {num_embeddings}); this table accepts "
+        "ids in that range (set out_of_range='hash' to hash the others into it)"
+    )
+
+
+def in_range_rows(
+    ids: torch.Tensor, feature: str, num_embeddings: int, out_of_range: str, seed: int
+) -> torch.Tensor:
+    """ids in [0, num_embeddings) unchanged; the others an IdError (`error`) or hashed in."""
+    if ids.numel() == 0:
+        return ids
+    low, high = torch.aminmax(ids)
+    if low >= 0 and high < num_embeddings:
+        return ids
+    if out_of_range == "error":
+        raise out_of_range_error(feature, int(low) if low < 0 else int(high), num_embeddings)
+    outside = (ids < 0) | (ids >= num_embeddings)
+    rows = ids.clone()
+    rows[outside] = bucket(ids[outside], seed, num_embeddings)
+    return rows
+
+
+@dataclass(frozen=True)
+class FullTransform:
+    """`full`: the id is the row."""
+
+    feature: str
+    tables: tuple[str, ...]
+    num_embeddings: int
+    out_of_range: str
+    seed: int
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        ids = check_id_dtype(ids, self.feature)
+        return [in_range_rows(ids, self.feature, self.num_embeddings, self.out_of_range, self.seed)]
+
+
+@dataclass(frozen=True)
+class HashTransform:
+    """`hash`: row = bucket(id, seed, num_rows); every int64 is a valid id."""
+
+    feature: str
+    tables: tuple[str, ...]
+    seed: int
+    num_rows: int
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return [bucket(check_id_dtype(ids, self.feature), self.seed, self.num_rows)]
+
+
+@dataclass(frozen=True)
+class UnifiedTransform:
+    """`unified`: k_f lookups into the shared table, lookup j with the feature's seed j."""
+
+    feature: str
+    tables: tuple[str, ...]
+    seeds: tuple[int, ...]
+    num_rows: int
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        ids = check_id_dtype(ids, self.feature)
+        return [bucket(ids, seed, self.num_rows) for seed in self.seeds]
+
+
+@dataclass(frozen=True)
+class QRTransform:
+    """`qr`: the mixed-radix digits of the id, digit j indexing partition j (digit 0 is
+    id mod radices[0]; the last digit is what remains). Distinct ids < num_embeddings get
+    distinct digit tuples because the radices' product covers num_embeddings."""
+
+    feature: str
+    tables: tuple[str, ...]
+    num_embeddings: int
+    radices: tuple[int, ...]
+    out_of_range: str
+    seed: int
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        ids = check_id_dtype(ids, self.feature)
+        rest = in_range_rows(ids, self.feature, self.num_embeddings, self.out_of_range, self.seed)
+        digits = []
+        for radix in self.radices[:-1]:
+            digits.append(torch.remainder(rest, radix))
+            rest = torch.div(rest, radix, rounding_mode="floor")
+        digits.append(rest)
+        return digits
+
+
+@dataclass(frozen=True)
+class GraphHashTransform:
+    """`graphhash`: the mapping's row(s) of each id (two to sum for the double variant)."""
+
+    feature: str
+    tables: tuple[str, ...]
+    mapping: GraphHashMappingLike
+
+    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        rows = self.mapping.transform_all(check_id_dtype(ids, self.feature))
+        if rows.shape[1] != len(self.tables):
+            raise ConfigError(
+                f"feature {self.feature!r}: the graphhash mapping gives {rows.shape[1]} rows per "
+                f"id; the table is configured for {len(self.tables)}"
+            )
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.mapping.num_rows):
+            raise ConfigError(
+                f"feature {self.feature!r}: the graphhash mapping returned rows outside "
+                f"[0, {self.mapping.num_rows})"
+            )
+        return list(rows.unbind(1))
+
+
+def unified_seeds(config: TableConfig, feature: str) -> tuple[int, ...]:
+    """Seeds of a unified feature's k_f lookups: feature_seed(table seed, feature, j)."""
+    chunks = config.feature_chunks.get(feature, 1)
+    return tuple(feature_seed(config.seed, feature, j) for j in range(chunks))
+
+
+def transform_for(
+    config: TableConfig,
+    feature: str,
+    mapping: GraphHashMappingLike | None = None,
+    plan: TablePlan | None = None,
+) -> IndexTransform:
+    """The index transform of `feature` looked up in the static table `config`."""
+    if plan is None:
+        plan = plan_table(config, None if mapping is None else mapping.num_rows)
+    tables = tuple(physical.name for physical in plan.physical)
+    if config.method == "full":
+        return FullTransform(
+            feature, tables, config.num_embeddings, config.out_of_range, config.seed
+        )
+    if config.method == "hash":
+        return HashTransform(feature, tables, config.seed, plan.physical[0].num_rows)
+    if config.method == "unified":
+        seeds = unified_seeds(config, feature)
+        return UnifiedTransform(feature, tables * len(seeds), seeds, plan.physical[0].num_rows)
+    if config.method == "qr":
+        return QRTransform(
+            feature, tables, config.num_embeddings, plan.radices, config.out_of_range, config.seed
+        )
+    if config.method == "graphhash":
+        if mapping is None:
+            raise ConfigError(
+                f"table {config.name!r}: graphhash needs a mapping (EmbeddingCollection(..., "
+                f"mappings={{{config.name!r}: mapping}}) or ec.set_graphhash_mapping)"
+            )
+        lookups = 2 if config.graphhash_variant == "double" else 1
+        return GraphHashTransform(feature, tables * lookups, mapping)
+    raise ConfigError(
+        f"table {config.name!r}: method {config.method!r} has no static index transform"
+    )
+
+
+@dataclass(frozen=True)
+class _SlotRule:
+    """Lookup `lookup` of `transform`, as the parameters of one whole-batch formula:
+    `hash`: bucket_keyed(ids, key, modulus); `arith`: range check against `limit`, then
+    (ids // divisor) % modulus; `mapping`: the transform itself."""
+
+    transform: IndexTransform
+    lookup: int
+    kind: str
+    key: int = 0
+    divisor: int = 1
+    modulus: int = 1
+    limit: int = 0
+    out_of_range: str = "error"
+    range_key: int = 0
+
+    @property
+    def feature(self) -> str:
+        return self.transform.feature
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "arith" and self.divisor == 1 and self.modulus >= self.limit
+
+
+def _slot_rule(transform: IndexTransform, lookup: int) -> _SlotRule:
+    if isinstance(transform, HashTransform):
+        return _SlotRule(transform, lookup, "hash", seed_key(transform.seed), 1, transform.num_rows)
+    if isinstance(transform, UnifiedTransform):
+        key = seed_key(transform.seeds[lookup])
+        return _SlotRule(transform, lookup, "hash", key, 1, transform.num_rows)
+    if isinstance(transform, FullTransform | QRTransform):
+        radices = getattr(transform, "radices", (transform.num_embeddings,))
+        divisor = 1
+        for radix in radices[:lookup]:
+            divisor *= radix
+        return _SlotRule(
+            transform,
+            lookup,
+            "arith",
+            divisor=divisor,
+            modulus=radices[lookup],
+            limit=transform.num_embeddings,
+            out_of_range=transform.out_of_range,
+            range_key=seed_key(transform.seed),
+        )
+    return _SlotRule(transform, lookup, "mapping")
+
+
+class BatchedTransform:
+    """The index transforms of many lookups ("slots"), run as a few whole-batch tensor ops.
+
+    Slot s is lookup `j` of a feature's transform; calling it with each slot's ids returns the
+    rows of all slots concatenated in slot order: slot by slot the same rows as the per-feature
+    transforms (which stay the specification), in ~15 tensor ops instead of ~15 per feature.
+    """
+
+    def __init__(self, slots: Sequence[tuple[IndexTransform, int]]) -> None:
+        self.rules = [_slot_rule(transform, j) for transform, j in slots]
+        self._kinds = sorted({rule.kind for rule in self.rules})
+
+    def __call__(
+        self, slot_ids: Sequence[torch.Tensor], concatenated: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows of every slot, concatenated; `concatenated` may pass torch.cat(slot_ids)."""
+        counts = [ids.numel() for ids in slot_ids]
+        if len(self._kinds) == 1:
+            ids = torch.cat(list(slot_ids)) if concatenated is None else concatenated
+            return self._apply(self._kinds[0], range(len(slot_ids)), ids, counts)
+        pieces: list[torch.Tensor] = [torch.empty(0)] * len(slot_ids)
+        for kind in self._kinds:
+            members = [s for s, rule in enumerate(self.rules) if rule.kind == kind]
+            ids = torch.cat([slot_ids[s] for s in members])
+            member_counts = [counts[s] for s in members]
+            rows = self._apply(kind, members, ids, member_counts).split(member_counts)
+            for s, piece in zip(members, rows, strict=True):
+                pieces[s] = piece
+        return torch.cat(pieces)
+
+    def _apply(
+        self, kind: str, members: Sequence[int], ids: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        rules = [self.rules[s] for s in members]
+        if kind == "mapping":
+            return torch.cat(
+                [
+                    rule.transform(piece)[rule.lookup]
+                    for rule, piece in zip(rules, ids.split(counts), strict=True)
+                ]
+            )
+        ids = ids.to(torch.int64)
+        if kind == "hash":
+            return self._hash_rows(rules, ids, counts)
+        ids = self._in_range(rules, ids, counts)
+        if all(rule.is_identity for rule in rules):
+            return ids
+        rows = ids.clone()
+        for start, end, divisor in _runs([rule.divisor for rule in rules], counts):
+            if divisor != 1:
+                rows[start:end].div_(divisor, rounding_mode="floor")
+        for start, end, modulus in _runs([rule.modulus for rule in rules], counts):
+            rows[start:end].remainder_(modulus)
+        return rows
+
+    @staticmethod
+    def _hash_rows(
+        rules: Sequence[_SlotRule], ids: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """bucket of every slot's ids with its seed and row count: one mix over all slots; the
+        per-slot key and modulus applied in place on each run of slots sharing them."""
+        keys = _runs([rule.key for rule in rules], counts)
+        if len(keys) == 1:
+            hashes = ids + keys[0][2]
+        else:
+            hashes = ids.clone()
+            for start, end, key in keys:
+                hashes[start:end] += key
+        low63_(mix64_(hashes))
+        for start, end, modulus in _runs([rule.modulus for rule in rules], counts):
+            hashes[start:end].remainder_(modulus)
+        return hashes
+
+    def _in_range(
+        self, rules: Sequence[_SlotRule], ids: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """ids of full/qr slots checked against their table's range (error or hashed in)."""
+        limits = _per_id([rule.limit for rule in rules], counts, ids.device)
+        outside = (ids < 0) | (ids >= limits)
+        if ids.numel() == 0 or not bool(outside.any()):
+            return ids
+        starts = [0]
+        for count in counts:
+            starts.append(starts[-1] + count)
+        for position in outside.nonzero().flatten().tolist():
+            rule = rules[bisect.bisect_right(starts, position) - 1]
+            if rule.out_of_range == "error":
+                raise out_of_range_error(rule.feature, int(ids[position]), rule.limit)
+        keys = _per_id([rule.range_key for rule in rules], counts, ids.device)
+        limits = torch.as_tensor(limits, device=ids.device).expand_as(ids)
+        keys = torch.as_tensor(keys, device=ids.device).expand_as(ids)
+        ids = ids.clone()
+        ids[outside] = bucket_keyed(ids[outside], keys[outside], limits[outside])
+        return ids
+
+
+def _per_id(values: list[int], counts: list[int], device: torch.device) -> torch.Tensor | int:
+    """One value per id (slot s's value repeated counts[s] times), or the value if all agree."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.repeat_interleave(
+        torch.tensor(values, device=device),
+        torch.tensor(counts, device=device),
+        output_size=sum(counts),
+    )
+
+
+def _runs(values: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, value) over the concatenated ids, one per run of slots sharing a value."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for value, count in zip(values, counts, strict=True):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], start + count, value)
+        else:
+            runs.append((start, start + count, value))
+        start += count
+    return runs
