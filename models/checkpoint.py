@@ -1,0 +1,214 @@
+"""Checkpoints: one safetensors file whose header metadata carries the JSON manifest.
+
+The manifest holds what rebuilds the model without the training code: model config, table
+configs, feature -> table map, sparse optimizer, the features' schema, table mapping metadata
+(GraphHash maps, collisionless id map statistics; their tensors are in the file with the rest),
+metrics and library versions. Tensors and manifest live in one file so that a write is one
+atomic rename: a crash leaves the previous checkpoint, never half of a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from embedding_tables.config import TableConfig
+from embedding_tables.graphhash import GraphHashMapping
+from embedding_tables.optimizer import SparseOptimizerConfig
+from feature_store.schema import Schema, SchemaError
+from models.base import Model
+from models.build import ModelSpec, build_model
+from models.config import from_dict, model_config_from_dict, to_dict
+from models.errors import CheckpointError, ModelError
+
+FORMAT = "embtab.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "embtab.manifest"
+GRAPHHASH_PREFIX = "embeddings.graphhash_mappings."
+LIBRARIES = ("embtab", "torch", "torchrec", "fbgemm-gpu-cpu", "safetensors", "numpy", "pyarrow")
+
+
+@dataclass
+class Checkpoint:
+    """A model rebuilt from a checkpoint (in eval mode), and the checkpoint's manifest."""
+
+    model: Model
+    manifest: dict[str, Any]
+
+    @property
+    def schema(self) -> Schema:
+        return self.model.schema
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def manifest_of(model: Model, metrics: dict | None = None, extra: dict | None = None) -> dict:
+    spec: ModelSpec = model.spec
+    embeddings = model.embeddings
+    mappings: dict[str, dict] = {}
+    graphhash = {
+        name: mapping.to_tensors()[1] for name, mapping in embeddings.graphhash_mappings.items()
+    }
+    if graphhash:
+        mappings["graphhash"] = graphhash
+    collisionless = {name: table.stats() for name, table in embeddings.self_managed.items()}
+    if collisionless:
+        mappings["collisionless"] = collisionless
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "model": to_dict(spec.model),
+        "schema": json.loads(spec.schema.to_json()),
+        "tables": [to_dict(table) for table in spec.tables],
+        "feature_to_table": dict(spec.feature_to_table),
+        "sparse_optimizer": (
+            None if spec.sparse_optimizer is None else dataclasses.asdict(spec.sparse_optimizer)
+        ),
+        "mappings": mappings,
+        "memory_bytes": embeddings.memory_bytes(),
+        "num_parameters": embeddings.num_parameters(),
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(
+    path: str | Path, model: Model, metrics: dict | None = None, extra: dict | None = None
+) -> Path:
+    """Write `model` to `path` atomically (temp file in the same directory, fsync, rename).
+
+    `extra` adds JSON-able entries to the manifest (the run config, training history).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = manifest_of(model, metrics, extra)
+    # Table weights are views of one fused buffer; safetensors wants each tensor on its own.
+    tensors = {
+        key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()
+    }
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, scratch, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        with open(scratch, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a checkpoint, checked for format and version (tensors are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not safetensors): {error}"
+        ) from error
+    if MANIFEST_KEY not in header:
+        raise CheckpointError(f"{path} is a safetensors file without an embtab manifest")
+    try:
+        manifest = json.loads(header[MANIFEST_KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: the manifest is not valid JSON: {error}") from error
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {manifest.get('format_version')!r} (written by "
+            f"embtab {manifest.get('versions', {}).get('embtab', '?')}); this embtab reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
+    try:
+        optimizer = manifest["sparse_optimizer"]
+        return ModelSpec(
+            model=model_config_from_dict(manifest["model"], "manifest.model"),
+            schema=Schema.from_json(json.dumps(manifest["schema"])),
+            tables=tuple(
+                from_dict(TableConfig, table, "manifest.tables") for table in manifest["tables"]
+            ),
+            feature_to_table=dict(manifest["feature_to_table"]),
+            sparse_optimizer=None if optimizer is None else SparseOptimizerConfig(**optimizer),
+        )
+    except (KeyError, TypeError, ValueError, SchemaError) as error:
+        raise CheckpointError(f"the manifest does not describe a model: {error!r}") from error
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(Path(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: tensors are unreadable (truncated?): {error}") from error
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Checkpoint:
+    """Rebuild the model a checkpoint describes and load its tensors; all or nothing."""
+    manifest = read_manifest(path)
+    spec = spec_from_manifest(manifest)
+    tensors = read_tensors(path)
+    mappings = {}
+    for table, metadata in manifest.get("mappings", {}).get("graphhash", {}).items():
+        prefix = f"{GRAPHHASH_PREFIX}{table}."
+        parts = {
+            key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)
+        }
+        try:
+            mappings[table] = GraphHashMapping.from_tensors(parts, metadata)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: GraphHash mapping of {table!r}: {error}") from error
+    try:
+        model = build_model(spec, mappings, device)
+    except ModelError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model: {error}") from error
+    load_state(model, tensors, str(path))
+    model.eval()
+    return Checkpoint(model=model, manifest=manifest)
+
+
+def load_state(model: Model, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load `tensors` into `model`, strictly: every key present and of the right shape."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{source} does not fit the model: {error}") from error

@@ -1,0 +1,143 @@
+"""From a schema and a TablesConfig to the TableConfigs and feature -> table map of a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from embedding_tables.config import TableConfig
+from feature_store.schema import Schema, SchemaError
+from models.batches import sparse_features
+from models.config import TablesConfig, from_dict
+from models.errors import ModelConfigError
+
+UNIFIED_TABLE = "unified"
+# Methods that need the user-item interaction graph apply to the schema's id columns only;
+# the other compressed tables of such a config use this method at the same budget.
+GRAPH_METHODS = ("graphhash",)
+GRAPH_FALLBACK = "hash"
+
+
+def select_features(schema: Schema, names: tuple[str, ...] | list[str]) -> Schema:
+    """The schema restricted to `names` (all of it when empty), in schema order."""
+    if not names:
+        return schema
+    known = {spec.name for spec in schema.features}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ModelConfigError(
+            f"unknown feature(s) {unknown} for data set {schema.dataset!r}; "
+            f"accepted: {', '.join(spec.name for spec in schema.features)}"
+        )
+    chosen = set(names)
+    try:
+        return dataclasses.replace(
+            schema, features=tuple(spec for spec in schema.features if spec.name in chosen)
+        )
+    except SchemaError as error:
+        raise ModelConfigError(f"feature selection {sorted(chosen)}: {error}") from error
+
+
+def build_tables(
+    schema: Schema, config: TablesConfig, dim: int
+) -> tuple[list[TableConfig], dict[str, str]]:
+    """Tables for every categorical feature of `schema`, and the table each sparse feature reads.
+
+    A sequence feature reads the table of the feature whose ids it shares.
+    """
+    if config.tables:
+        return _explicit_tables(schema, config)
+    if config.method == "unified":
+        return _unified_table(schema, config, dim)
+    categorical = [spec.name for spec in schema.categorical]
+    unknown = sorted(set(config.overrides) - set(categorical))
+    if unknown:
+        raise ModelConfigError(
+            f"tables.overrides names unknown table(s) {unknown}; accepted: {', '.join(categorical)}"
+        )
+    graph_features = set(schema.id_columns.values())
+    tables = []
+    for spec in schema.categorical:
+        method = config.method
+        if spec.cardinality < config.compress_min_rows:
+            method = "full"
+        elif method in GRAPH_METHODS and spec.name not in graph_features:
+            method = GRAPH_FALLBACK
+        fields: dict[str, Any] = {
+            "name": spec.name,
+            "num_embeddings": spec.cardinality,
+            "dim": dim,
+            "method": method,
+            "pooling": config.pooling,
+        }
+        if method != "full":
+            fields.update(config.options)
+            fields["budget"] = config.budget
+        fields.update(config.overrides.get(spec.name, {}))
+        tables.append(from_dict(TableConfig, fields, f"table {spec.name!r}"))
+    feature_to_table = {spec.name: spec.name for spec in schema.categorical}
+    feature_to_table.update(
+        {spec.name: spec.shares_ids_with or spec.name for spec in schema.sequence}
+    )
+    missing = sorted(set(feature_to_table.values()) - set(categorical))
+    if missing:
+        raise ModelConfigError(
+            f"sequence feature(s) read table(s) {missing} that no categorical feature defines; "
+            "give each sequence feature `shares_ids_with` a categorical feature of the model"
+        )
+    return tables, feature_to_table
+
+
+def _unified_table(
+    schema: Schema, config: TablesConfig, dim: int
+) -> tuple[list[TableConfig], dict[str, str]]:
+    """One shared table for every feature; its logical size is the sum of their cardinalities."""
+    fields: dict[str, Any] = {
+        "name": UNIFIED_TABLE,
+        "num_embeddings": sum(spec.cardinality for spec in schema.categorical),
+        "dim": dim,
+        "method": "unified",
+        "budget": config.budget,
+        "pooling": config.pooling,
+        **config.options,
+        **config.overrides.get(UNIFIED_TABLE, {}),
+    }
+    unknown = sorted(set(config.overrides) - {UNIFIED_TABLE})
+    if unknown:
+        raise ModelConfigError(
+            f"tables.overrides names unknown table(s) {unknown}; with method unified the only "
+            f"table is {UNIFIED_TABLE!r}"
+        )
+    table = from_dict(TableConfig, fields, f"table {UNIFIED_TABLE!r}")
+    return [table], {spec.name: UNIFIED_TABLE for spec in sparse_features(schema)}
+
+
+def _explicit_tables(
+    schema: Schema, config: TablesConfig
+) -> tuple[list[TableConfig], dict[str, str]]:
+    tables = list(config.tables)
+    names = [table.name for table in tables]
+    features = [spec.name for spec in sparse_features(schema)]
+    feature_to_table = dict(config.feature_to_table)
+    for spec in sparse_features(schema):
+        if spec.name not in feature_to_table:
+            default = spec.shares_ids_with or spec.name
+            if default not in names:
+                raise ModelConfigError(
+                    f"feature {spec.name!r} has no table: add it to tables.feature_to_table or "
+                    f"name a table {default!r}; tables: {', '.join(names)}"
+                )
+            feature_to_table[spec.name] = default
+    unknown_features = sorted(set(feature_to_table) - set(features))
+    if unknown_features:
+        raise ModelConfigError(
+            f"tables.feature_to_table names unknown feature(s) {unknown_features}; "
+            f"accepted: {', '.join(features)}"
+        )
+    unknown_tables = sorted(set(feature_to_table.values()) - set(names))
+    if unknown_tables:
+        raise ModelConfigError(
+            f"tables.feature_to_table names unknown table(s) {unknown_tables}; "
+            f"accepted: {', '.join(names)}"
+        )
+    return tables, feature_to_table
