@@ -1,0 +1,1 @@
+"""Redis parameter shards, row cache, scorer and HTTP service."""

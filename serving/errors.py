@@ -1,0 +1,73 @@
+"""Typed errors of serving: each says what was wrong and what is accepted.
+
+`RequestError` and its subclasses are the client's fault and map to a 4xx status; `StoreError`
+and its subclasses are about Redis or what is published there.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(ValueError):
+    """Base class for every error raised by serving."""
+
+
+class RequestError(ServingError):
+    """A scoring request the service cannot answer as sent; `status` is its HTTP status."""
+
+    status = 400
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class FeatureValueError(RequestError):
+    """A feature value the model does not accept (unknown feature, id out of range, bad type)."""
+
+    status = 400
+
+
+class TooManyCandidatesError(RequestError):
+    """More candidates than one request may carry."""
+
+    status = 413
+
+
+class BodyTooLargeError(RequestError):
+    """A request body larger than the service accepts."""
+
+    status = 413
+
+
+class UnknownModelError(RequestError):
+    """A request for a model this service does not serve."""
+
+    status = 404
+
+
+class StoreError(ServingError):
+    """Redis or the parameter layout in it is not what the caller needs."""
+
+
+class KeyNameError(StoreError):
+    """A model or table name that cannot be part of a Redis key."""
+
+
+class EncodingError(StoreError):
+    """Rows that cannot be encoded as asked, or stored bytes that do not decode."""
+
+
+class VersionNotFoundError(StoreError):
+    """No live version of a model, or a version whose namespace is gone."""
+
+
+class PublishError(StoreError):
+    """A publish that cannot go on (bad tables, wrong shapes, a version that is not live)."""
+
+
+class RedisAuthError(StoreError):
+    """Redis refused the credentials given in the URL (or asked for some)."""
+
+
+class RedisUnavailableError(StoreError):
+    """Redis did not answer in time; the caller degrades (cache and default rows)."""

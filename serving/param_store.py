@@ -1,0 +1,803 @@
+"""Publish a model's embedding rows and dense parameters to Redis shards, and read them back.
+
+What is published is each table's *physical* rows (a qr table's small tables, a hash table's
+hashed rows, a unified group's shared table), keyed by row id; a collisionless table is keyed by
+raw id, so its Redis hashes are its id map. The dense parameters, GraphHash maps and any other
+mapping state go into one safetensors blob per dense revision. Key layout: `serving.keys`.
+
+Versions. A full publish takes a new version number, writes its manifest, every row and the dense
+blob into that version's namespace, and only then flips `embtab:{m}:version` (one MULTI) and
+tells servers on the model's pub/sub channel. Until the flip nothing a server reads changes, so a
+publisher killed halfway leaves the live version untouched; its half-written namespace is
+registered as `writing` and `collect_garbage` deletes it once its heartbeat is `stale_after_s`
+old. The retired version's keys expire `grace_s` after the flip, so servers that have not yet
+switched keep reading whole rows.
+
+Deltas (touched rows, deleted ids, optionally new dense parameters) are written in place into
+the live namespace by one writer per model (the streaming sync): the delta number is reserved,
+the changed row ids are logged (so every server can invalidate its cache, even one that missed
+the pub/sub message), rows are written, and only then the version's head moves to the new delta
+(and dense revision) in one atomic step. A dense revision is a whole blob under its own key, so a
+reader never mixes two dense revisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from serving.errors import (
+    PublishError,
+    RedisAuthError,
+    RedisUnavailableError,
+    StoreError,
+    VersionNotFoundError,
+)
+from serving.keys import ModelKeys, check_name, shard_of
+from serving.redis_nodes import RedisNodes
+from serving.row_encoding import (
+    check_encoding,
+    decode_ids,
+    decode_values,
+    encode_ids,
+    encode_rows,
+    row_bytes,
+)
+
+KEYED_BY = ("row", "id")
+MANIFEST_FORMAT = "embtab.serving.manifest"
+MANIFEST_VERSION = 1
+DEFAULT_ROW_PREFIX = "embtab.default_row."
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# The head moves to a delta only forward: a late commit of an older delta leaves it alone.
+_COMMIT_DELTA = """
+local delta = tonumber(redis.call('HGET', KEYS[1], 'delta') or '0')
+if tonumber(ARGV[1]) > delta then redis.call('HSET', KEYS[1], 'delta', ARGV[1]) end
+if ARGV[2] ~= '' then
+  local dense = tonumber(redis.call('HGET', KEYS[1], 'dense') or '-1')
+  if tonumber(ARGV[2]) > dense then
+    redis.call('HSET', KEYS[1], 'dense', ARGV[2])
+    return dense
+  end
+end
+return -2
+"""
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """One physical table as published: `rows` is its row count (its capacity, or 0 if unbounded,
+    for an id-keyed table); `keyed_by` is `row` (row ids in [0, rows)) or `id` (raw int64 ids)."""
+
+    name: str
+    rows: int
+    dim: int
+    keyed_by: str = "row"
+
+    def __post_init__(self) -> None:
+        check_name("table", self.name)
+        if self.keyed_by not in KEYED_BY:
+            raise PublishError(
+                f"table {self.name!r}: keyed_by {self.keyed_by!r}; accepted: {', '.join(KEYED_BY)}"
+            )
+        if self.dim < 1 or self.rows < 0 or (self.keyed_by == "row" and self.rows < 1):
+            raise PublishError(
+                f"table {self.name!r}: needs dim >= 1 and, keyed by row, rows >= 1; got "
+                f"rows={self.rows} dim={self.dim}"
+            )
+
+
+@dataclass(frozen=True)
+class VersionManifest:
+    """What a version holds: its tables, how rows are encoded and sharded, the model's manifest."""
+
+    model: str
+    version: int
+    encoding: str
+    num_shards: int
+    tables: tuple[TableLayout, ...]
+    model_manifest: dict = field(default_factory=dict)
+    created_at: float = 0.0
+    rows_written: dict[str, int] = field(default_factory=dict)
+    num_nodes: int = 1  # Redis URLs the shards were spread over; 0 for a Redis Cluster
+
+    def table(self, name: str) -> TableLayout:
+        for layout in self.tables:
+            if layout.name == name:
+                return layout
+        raise StoreError(
+            f"model {self.model!r} version {self.version} has no table {name!r}; tables: "
+            f"{', '.join(t.name for t in self.tables)}"
+        )
+
+    def to_json(self) -> str:
+        payload = asdict(self)
+        payload["format"] = MANIFEST_FORMAT
+        payload["format_version"] = MANIFEST_VERSION
+        return json.dumps(payload, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> VersionManifest:
+        try:
+            raw = json.loads(text)
+            if (
+                raw.get("format") != MANIFEST_FORMAT
+                or raw.get("format_version") != MANIFEST_VERSION
+            ):
+                raise StoreError(
+                    f"manifest format {raw.get('format')!r} v{raw.get('format_version')}; this "
+                    f"build reads {MANIFEST_FORMAT!r} v{MANIFEST_VERSION}"
+                )
+            return cls(
+                model=raw["model"],
+                version=int(raw["version"]),
+                encoding=raw["encoding"],
+                num_shards=int(raw["num_shards"]),
+                tables=tuple(TableLayout(**table) for table in raw["tables"]),
+                model_manifest=raw.get("model_manifest", {}),
+                created_at=float(raw.get("created_at", 0.0)),
+                rows_written={k: int(v) for k, v in raw.get("rows_written", {}).items()},
+                num_nodes=int(raw.get("num_nodes", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, StoreError):
+                raise
+            raise StoreError(f"not a valid serving manifest: {error}") from error
+
+
+@dataclass(frozen=True)
+class VersionHead:
+    """Where a version stands: its current dense revision and last committed delta."""
+
+    version: int
+    dense_revision: int
+    delta: int
+
+
+@dataclass(frozen=True)
+class DenseState:
+    """One dense revision: the model's dense tensors and each table's default row."""
+
+    version: int
+    revision: int
+    tensors: dict[str, torch.Tensor]
+    default_rows: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    model: str
+    version: int
+    previous_version: int | None
+    rows_written: dict[str, int]
+    dense_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    model: str
+    version: int
+    delta: int
+    rows_written: dict[str, int]
+    ids_deleted: dict[str, int]
+    dense_revision: int | None
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a publisher batches writes and how long old state is kept.
+
+    `chunk_fields`: fields per HSET/HMGET command; `batch_rows`: rows per pipelined round trip;
+    `grace_s`: how long a retired version (or dense revision) stays readable after a flip;
+    `stale_after_s`: how old a `writing` namespace's heartbeat must be before it counts as
+    abandoned; `delta_log_ttl_s`: how long delta logs are kept for servers to catch up.
+    """
+
+    chunk_fields: int = 1000
+    batch_rows: int = 32768
+    grace_s: float = 60.0
+    stale_after_s: float = 600.0
+    delta_log_ttl_s: float = 3600.0
+    heartbeat_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.chunk_fields < 1 or self.batch_rows < 1:
+            raise PublishError("chunk_fields and batch_rows must be >= 1")
+        if min(self.grace_s, self.stale_after_s, self.delta_log_ttl_s) <= 0:
+            raise PublishError("grace_s, stale_after_s and delta_log_ttl_s must be > 0")
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise PublishError(f"row ids must be integers, got dtype {ids.dtype}")
+    return ids.astype(np.int64, copy=False).reshape(-1)
+
+
+def _as_rows(rows: Any) -> np.ndarray:
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(rows, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _redis_call(what: str) -> Iterator[None]:
+    """Turn Redis connection failures into RedisUnavailableError naming what was being done."""
+    try:
+        yield
+    except redis.AuthenticationError as error:
+        raise RedisAuthError(f"{what}: Redis refused the credentials ({error})") from error
+    except REDIS_ERRORS as error:
+        raise RedisUnavailableError(f"{what}: Redis did not answer ({error})") from error
+
+
+class _ShardedWriter:
+    """Groups rows by shard and node and writes them as pipelined HSET/HDEL chunks."""
+
+    def __init__(self, nodes: RedisNodes, keys: ModelKeys, options: StoreOptions) -> None:
+        self.nodes = nodes
+        self.keys = keys
+        self.options = options
+
+    def _by_shard(self, ids: np.ndarray, num_shards: int) -> Iterator[tuple[int, np.ndarray]]:
+        shards = shard_of(ids, num_shards)
+        order = np.argsort(shards, kind="stable")
+        sorted_shards = shards[order]
+        starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts, ends, strict=True):
+            yield int(sorted_shards[start]), order[start:end]
+
+    def write(
+        self, manifest: VersionManifest, table: str, ids: np.ndarray, encoded: np.ndarray
+    ) -> None:
+        chunk = self.options.chunk_fields
+        for begin in range(0, len(ids), self.options.batch_rows):
+            batch_ids = ids[begin : begin + self.options.batch_rows]
+            batch_rows = encoded[begin : begin + self.options.batch_rows]
+            pipes: dict[int, Any] = {}
+            for shard, positions in self._by_shard(batch_ids, manifest.num_shards):
+                node = self.nodes.node_of_shard(shard)
+                pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
+                key = self.keys.rows(manifest.version, table, shard)
+                fields = encode_ids(batch_ids[positions])
+                values = batch_rows[positions]
+                for start in range(0, len(fields), chunk):
+                    arguments: list[bytes] = []
+                    for field_bytes, value in zip(
+                        fields[start : start + chunk], values[start : start + chunk], strict=True
+                    ):
+                        arguments += (field_bytes, value.tobytes())
+                    pipe.execute_command("HSET", key, *arguments)
+            self.nodes.execute(pipes)
+
+    def delete(self, manifest: VersionManifest, table: str, ids: np.ndarray) -> None:
+        chunk = self.options.chunk_fields
+        pipes: dict[int, Any] = {}
+        for shard, positions in self._by_shard(ids, manifest.num_shards):
+            node = self.nodes.node_of_shard(shard)
+            pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
+            key = self.keys.rows(manifest.version, table, shard)
+            fields = encode_ids(ids[positions])
+            for start in range(0, len(fields), chunk):
+                pipe.execute_command("HDEL", key, *fields[start : start + chunk])
+        self.nodes.execute(pipes)
+
+
+def dense_blob(tensors: Mapping[str, torch.Tensor], default_rows: Mapping[str, Any]) -> bytes:
+    """The safetensors bytes of one dense revision (default rows under DEFAULT_ROW_PREFIX)."""
+    payload = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    for table, row in default_rows.items():
+        payload[DEFAULT_ROW_PREFIX + table] = torch.as_tensor(_as_rows(row)).reshape(-1)
+    clash = [name for name in tensors if name.startswith(DEFAULT_ROW_PREFIX)]
+    if clash:
+        raise PublishError(f"dense tensor names may not start with {DEFAULT_ROW_PREFIX!r}: {clash}")
+    return safetensors.torch.save(payload)
+
+
+def parse_dense_blob(version: int, revision: int, blob: bytes) -> DenseState:
+    """A dense blob's tensors, with the default rows taken out into their own dict."""
+    tensors = safetensors.torch.load(blob)
+    defaults = {
+        name[len(DEFAULT_ROW_PREFIX) :]: tensors.pop(name).numpy().astype(np.float32)
+        for name in list(tensors)
+        if name.startswith(DEFAULT_ROW_PREFIX)
+    }
+    return DenseState(version, revision, tensors, defaults)
+
+
+def _check_rows(layout: TableLayout, ids: np.ndarray, rows: np.ndarray) -> None:
+    if rows.ndim != 2 or rows.shape != (len(ids), layout.dim):
+        raise PublishError(
+            f"table {layout.name!r}: rows must be [{len(ids)}, {layout.dim}] for {len(ids)} ids, "
+            f"got {list(rows.shape)}"
+        )
+    if layout.keyed_by == "row" and len(ids) and (ids.min() < 0 or ids.max() >= layout.rows):
+        raise PublishError(
+            f"table {layout.name!r}: row ids must be in [0, {layout.rows}), got "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
+class FullPublish:
+    """One full publish in progress: `write_rows` as often as needed, then `commit` (or nothing:
+    an uncommitted namespace never goes live and is collected once stale)."""
+
+    def __init__(self, publisher: ParamPublisher, manifest: VersionManifest) -> None:
+        self._publisher = publisher
+        self.manifest = manifest
+        self.rows_written = dict.fromkeys((t.name for t in manifest.tables), 0)
+        self._last_heartbeat = time.time()
+        self._started = time.monotonic()
+        self._done = False
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def write_rows(self, table: str, ids: Any, rows: Any) -> None:
+        if self._done:
+            raise PublishError(f"version {self.version} is already committed")
+        layout = self.manifest.table(table)
+        ids, rows = _as_ids(ids), _as_rows(rows)
+        _check_rows(layout, ids, rows)
+        encoded = encode_rows(rows, self.manifest.encoding)
+        with _redis_call(f"publish {self.manifest.model!r} v{self.version}"):
+            self._publisher._writer.write(self.manifest, table, ids, encoded)
+            self.rows_written[table] += len(ids)
+            if time.time() - self._last_heartbeat >= self._publisher.options.heartbeat_s:
+                self._publisher._mark(self.version, "writing")
+                self._last_heartbeat = time.time()
+
+    def commit(
+        self,
+        dense: Mapping[str, torch.Tensor],
+        default_rows: Mapping[str, Any] | None = None,
+    ) -> PublishResult:
+        """Write the dense blob, then flip the live version to this one and tell servers."""
+        if self._done:
+            raise PublishError(f"version {self.version} is already committed")
+        defaults = dict(default_rows or {})
+        for table, row in defaults.items():
+            layout = self.manifest.table(table)
+            if _as_rows(row).size != layout.dim:
+                raise PublishError(
+                    f"table {table!r}: its default row must have {layout.dim} values"
+                )
+        blob = dense_blob(dense, defaults)
+        publisher = self._publisher
+        keys = publisher.keys
+        final = VersionManifest(**{**asdict(self.manifest), "rows_written": self.rows_written})
+        final = VersionManifest.from_json(final.to_json())
+        with _redis_call(f"commit {self.manifest.model!r} v{self.version}"):
+            meta = publisher.nodes.meta
+            meta.set(keys.dense(self.version, 0), blob)
+            meta.hset(keys.head(self.version), "dense", 0)
+            meta.set(keys.manifest(self.version), final.to_json())
+            previous = publisher.live_version()
+            now = time.time()
+            flip = meta.pipeline(transaction=True)
+            flip.set(keys.version, self.version)
+            flip.hset(keys.namespaces, self.version, json.dumps({"state": "live", "at": now}))
+            if previous is not None and previous != self.version:
+                flip.hset(keys.namespaces, previous, json.dumps({"state": "retired", "at": now}))
+            flip.execute()
+            self._done = True
+            if previous is not None and previous != self.version:
+                publisher._expire_namespace(previous, publisher.options.grace_s)
+            publisher._announce({"kind": "version", "version": self.version})
+        return PublishResult(
+            model=self.manifest.model,
+            version=self.version,
+            previous_version=previous,
+            rows_written=dict(self.rows_written),
+            dense_bytes=len(blob),
+            seconds=time.monotonic() - self._started,
+        )
+
+
+class ParamPublisher:
+    """The writing side: full publishes, deltas, and collection of old namespaces."""
+
+    def __init__(self, nodes: RedisNodes, model: str, options: StoreOptions | None = None) -> None:
+        self.nodes = nodes
+        self.keys = ModelKeys(model)
+        self.model = model
+        self.options = options or StoreOptions()
+        self._writer = _ShardedWriter(nodes, self.keys, self.options)
+        self._commit_delta = nodes.meta.register_script(_COMMIT_DELTA)
+        self._manifests: dict[int, VersionManifest] = {}
+
+    def live_version(self) -> int | None:
+        with _redis_call(f"read the live version of {self.model!r}"):
+            raw = self.nodes.meta.get(self.keys.version)
+        return None if raw is None else int(raw)
+
+    def begin(
+        self,
+        tables: Sequence[TableLayout],
+        *,
+        encoding: str = "fp32",
+        num_shards: int | None = None,
+        model_manifest: Mapping[str, Any] | None = None,
+    ) -> FullPublish:
+        """Reserve a new version, register it as `writing` and write its manifest."""
+        check_encoding(encoding)
+        names = [table.name for table in tables]
+        if len(set(names)) != len(names):
+            raise PublishError(f"duplicate physical table names: {sorted(names)}")
+        shards = num_shards or max(1, self.nodes.num_nodes)
+        if shards < 1:
+            raise PublishError(f"num_shards must be >= 1, got {shards}")
+        with _redis_call(f"begin a publish of {self.model!r}"):
+            meta = self.nodes.meta
+            version = int(meta.incr(self.keys.next_version))
+            manifest = VersionManifest(
+                model=self.model,
+                version=version,
+                encoding=encoding,
+                num_shards=shards,
+                num_nodes=0 if self.nodes.config.cluster else self.nodes.num_nodes,
+                tables=tuple(tables),
+                model_manifest=dict(model_manifest or {}),
+                created_at=time.time(),
+            )
+            start = meta.pipeline(transaction=True)
+            start.set(self.keys.manifest(version), manifest.to_json())
+            start.hset(self.keys.head(version), mapping={"dense": -1, "delta": 0, "delta_seq": 0})
+            start.hset(
+                self.keys.namespaces, version, json.dumps({"state": "writing", "at": time.time()})
+            )
+            start.execute()
+        self._manifests[version] = manifest
+        return FullPublish(self, manifest)
+
+    def publish(
+        self,
+        tables: Mapping[TableLayout, Iterable[tuple[Any, Any]]],
+        dense: Mapping[str, torch.Tensor],
+        *,
+        default_rows: Mapping[str, Any] | None = None,
+        encoding: str = "fp32",
+        num_shards: int | None = None,
+        model_manifest: Mapping[str, Any] | None = None,
+    ) -> PublishResult:
+        """A whole full publish: every table's (ids, rows) chunks, then the dense blob, the flip."""
+        publish = self.begin(
+            list(tables), encoding=encoding, num_shards=num_shards, model_manifest=model_manifest
+        )
+        for layout, chunks in tables.items():
+            for ids, rows in chunks:
+                publish.write_rows(layout.name, ids, rows)
+        result = publish.commit(dense, default_rows)
+        self.collect_garbage()
+        return result
+
+    def manifest(self, version: int) -> VersionManifest:
+        if version not in self._manifests:
+            with _redis_call(f"read the manifest of {self.model!r} v{version}"):
+                raw = self.nodes.meta.get(self.keys.manifest(version))
+            if raw is None:
+                raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
+            self._manifests[version] = VersionManifest.from_json(raw)
+        return self._manifests[version]
+
+    def publish_delta(
+        self,
+        rows: Mapping[str, tuple[Any, Any]] | None = None,
+        deleted: Mapping[str, Any] | None = None,
+        dense: Mapping[str, torch.Tensor] | None = None,
+        *,
+        default_rows: Mapping[str, Any] | None = None,
+        version: int | None = None,
+    ) -> DeltaResult:
+        """Apply touched rows (`{table: (ids, rows)}`), deleted ids (`{table: ids}`) and, if
+        given, new dense parameters and default rows to the live version (or `version`) in
+        place. New dense parameters or default rows make a new dense revision: the whole blob,
+        with the default rows not given carried over from the current revision."""
+        rows, deleted = dict(rows or {}), dict(deleted or {})
+        target = self.live_version() if version is None else version
+        if target is None:
+            raise VersionNotFoundError(
+                f"model {self.model!r} has no live version to apply a delta to; publish it first"
+            )
+        manifest = self.manifest(target)
+        prepared = {}
+        for table, (ids, values) in rows.items():
+            layout = manifest.table(table)
+            ids, values = _as_ids(ids), _as_rows(values)
+            _check_rows(layout, ids, values)
+            prepared[table] = (ids, encode_rows(values, manifest.encoding))
+        removed = {table: _as_ids(ids) for table, ids in deleted.items()}
+        for table in removed:
+            manifest.table(table)
+        for table, row in (default_rows or {}).items():
+            if _as_rows(row).size != manifest.table(table).dim:
+                raise PublishError(
+                    f"table {table!r}: its default row must have {manifest.table(table).dim} values"
+                )
+        changed = {}
+        for table in set(prepared) | set(removed):
+            parts = [removed.get(table, np.zeros(0, np.int64))]
+            if table in prepared:
+                parts.append(prepared[table][0])
+            changed[table] = np.unique(np.concatenate(parts))
+        meta = self.nodes.meta
+        with _redis_call(f"apply a delta to {self.model!r} v{target}"):
+            delta = int(meta.hincrby(self.keys.head(target), "delta_seq", 1))
+            meta.set(
+                self.keys.delta_log(target, delta),
+                safetensors.numpy.save(changed) if changed else b"",
+                px=int(self.options.delta_log_ttl_s * 1000),
+            )
+            for table, (ids, encoded) in prepared.items():
+                self._writer.write(manifest, table, ids, encoded)
+            for table, ids in removed.items():
+                self._writer.delete(manifest, table, ids)
+            dense_revision = None
+            if dense is not None or default_rows:
+                current = self._dense_now(target)
+                tensors = current.tensors if dense is None else dense
+                defaults = {**current.default_rows, **(default_rows or {})}
+                meta.set(self.keys.dense(target, delta), dense_blob(tensors, defaults))
+                dense_revision = delta
+            replaced = int(
+                self._commit_delta(
+                    keys=[self.keys.head(target)],
+                    args=[delta, "" if dense_revision is None else dense_revision],
+                )
+            )
+            if replaced >= 0:
+                meta.pexpire(self.keys.dense(target, replaced), int(self.options.grace_s * 1000))
+            self._announce(
+                {"kind": "delta", "version": target, "delta": delta, "dense": dense_revision}
+            )
+        return DeltaResult(
+            model=self.model,
+            version=target,
+            delta=delta,
+            rows_written={table: len(ids) for table, (ids, _) in prepared.items()},
+            ids_deleted={table: len(ids) for table, ids in removed.items()},
+            dense_revision=dense_revision,
+        )
+
+    def _dense_now(self, version: int) -> DenseState:
+        meta = self.nodes.meta
+        revision = int(meta.hget(self.keys.head(version), "dense") or -1)
+        blob = meta.get(self.keys.dense(version, revision))
+        if blob is None:
+            raise VersionNotFoundError(
+                f"model {self.model!r} v{version} has no dense revision {revision} to build on"
+            )
+        return parse_dense_blob(version, revision, blob)
+
+    def collect_garbage(self, now: float | None = None) -> list[int]:
+        """Delete namespaces that are abandoned (`writing` with a stale heartbeat) or retired for
+        longer than the grace period; never the live one. Returns the versions deleted."""
+        now = time.time() if now is None else now
+        with _redis_call(f"collect old namespaces of {self.model!r}"):
+            live = self.live_version()
+            entries = self.nodes.meta.hgetall(self.keys.namespaces)
+            deleted = []
+            for raw_version, raw_info in entries.items():
+                version = int(raw_version)
+                if version == live:
+                    continue
+                info = json.loads(raw_info)
+                age = now - float(info.get("at", 0.0))
+                limit = (
+                    self.options.stale_after_s
+                    if info.get("state") == "writing"
+                    else self.options.grace_s
+                )
+                if age >= limit:
+                    self._delete_namespace(version)
+                    deleted.append(version)
+        return sorted(deleted)
+
+    def _namespace_keys(self, version: int) -> tuple[list[str], dict[int, list[str]]]:
+        """(meta keys, row keys by node) of a version; empty if its manifest is gone."""
+        meta = self.nodes.meta
+        raw = meta.get(self.keys.manifest(version))
+        if raw is None:
+            return [], {}
+        manifest = VersionManifest.from_json(raw)
+        last = int(meta.hget(self.keys.head(version), "delta_seq") or 0)
+        meta_keys = [self.keys.manifest(version), self.keys.head(version)]
+        for revision in range(last + 1):
+            meta_keys += [
+                self.keys.dense(version, revision),
+                self.keys.delta_log(version, revision),
+            ]
+        rows: dict[int, list[str]] = {}
+        for table in manifest.tables:
+            for shard in range(manifest.num_shards):
+                node = self.nodes.node_of_shard(shard)
+                rows.setdefault(node, []).append(self.keys.rows(version, table.name, shard))
+        return meta_keys, rows
+
+    def _delete_namespace(self, version: int) -> None:
+        meta_keys, rows = self._namespace_keys(version)
+        pipes = {node: self.nodes.pipeline(node) for node in rows}
+        for node, keys in rows.items():
+            for key in keys:
+                pipes[node].unlink(key)
+        self.nodes.execute(pipes)
+        cleanup = self.nodes.meta.pipeline(transaction=False)
+        for key in meta_keys:
+            cleanup.unlink(key)
+        cleanup.hdel(self.keys.namespaces, version)
+        cleanup.execute()
+        self._manifests.pop(version, None)
+
+    def _expire_namespace(self, version: int, seconds: float) -> None:
+        meta_keys, rows = self._namespace_keys(version)
+        milliseconds = max(1, int(seconds * 1000))
+        pipes = {node: self.nodes.pipeline(node) for node in rows}
+        for node, keys in rows.items():
+            for key in keys:
+                pipes[node].pexpire(key, milliseconds)
+        self.nodes.execute(pipes)
+        expire = self.nodes.meta.pipeline(transaction=False)
+        for key in meta_keys:
+            expire.pexpire(key, milliseconds)
+        expire.execute()
+
+    def _mark(self, version: int, state: str) -> None:
+        self.nodes.meta.hset(
+            self.keys.namespaces, version, json.dumps({"state": state, "at": time.time()})
+        )
+
+    def _announce(self, message: Mapping[str, Any]) -> None:
+        self.nodes.meta.publish(self.keys.events, json.dumps({"model": self.model, **message}))
+
+
+@dataclass(frozen=True)
+class FetchedRows:
+    """Rows of one table as read: values [n, dim] float32 (zeros where absent), found [n]."""
+
+    values: np.ndarray
+    found: np.ndarray
+
+
+class ParamReader:
+    """The reading side: versions, manifests, dense revisions, rows by id, delta logs."""
+
+    def __init__(self, nodes: RedisNodes, model: str, chunk_fields: int = 1000) -> None:
+        self.nodes = nodes
+        self.keys = ModelKeys(model)
+        self.model = model
+        self.chunk_fields = chunk_fields
+
+    def live_version(self) -> int | None:
+        with _redis_call(f"read the live version of {self.model!r}"):
+            raw = self.nodes.meta.get(self.keys.version)
+        return None if raw is None else int(raw)
+
+    def manifest(self, version: int) -> VersionManifest:
+        with _redis_call(f"read the manifest of {self.model!r} v{version}"):
+            raw = self.nodes.meta.get(self.keys.manifest(version))
+        if raw is None:
+            raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
+        manifest = VersionManifest.from_json(raw)
+        here = 0 if self.nodes.config.cluster else self.nodes.num_nodes
+        if manifest.num_nodes != here:
+            published = (
+                "a Redis Cluster" if manifest.num_nodes == 0 else f"{manifest.num_nodes} URL(s)"
+            )
+            reading = "a Redis Cluster" if here == 0 else f"{here} URL(s)"
+            raise StoreError(
+                f"model {self.model!r} v{version} was published over {published}; this reader "
+                f"has {reading}: give it the publisher's Redis URLs, in the same order"
+            )
+        return manifest
+
+    def head(self, version: int) -> VersionHead:
+        with _redis_call(f"read the head of {self.model!r} v{version}"):
+            raw = self.nodes.meta.hgetall(self.keys.head(version))
+        if not raw:
+            raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
+        return VersionHead(version, int(raw[b"dense"]), int(raw[b"delta"]))
+
+    def dense(self, version: int, revision: int) -> DenseState:
+        with _redis_call(f"read dense revision {revision} of {self.model!r} v{version}"):
+            blob = self.nodes.meta.get(self.keys.dense(version, revision))
+        if blob is None:
+            raise VersionNotFoundError(
+                f"model {self.model!r} v{version} has no dense revision {revision} (not "
+                "committed yet, or expired after its grace period)"
+            )
+        return parse_dense_blob(version, revision, blob)
+
+    def delta_log(self, version: int, delta: int) -> dict[str, np.ndarray] | None:
+        """Row ids delta `delta` changed, by table; None if the log is gone (expired)."""
+        with _redis_call(f"read delta {delta} of {self.model!r} v{version}"):
+            blob = self.nodes.meta.get(self.keys.delta_log(version, delta))
+        if blob is None:
+            return None
+        return dict(safetensors.numpy.load(blob)) if blob else {}
+
+    def fetch_rows(
+        self, manifest: VersionManifest, wanted: Mapping[str, np.ndarray]
+    ) -> dict[str, FetchedRows]:
+        """Rows of `wanted[table]` ids: one pipeline per node (HMGET chunks), one round trip."""
+        pipes: dict[int, Any] = {}
+        plan: list[tuple[str, np.ndarray, int, int]] = []  # table, positions, node, commands
+        for table, ids in wanted.items():
+            if not len(ids):
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
+            shards = shard_of(ids, manifest.num_shards)
+            for shard in np.unique(shards):
+                positions = np.flatnonzero(shards == shard)
+                node = self.nodes.node_of_shard(int(shard))
+                pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
+                key = self.keys.rows(manifest.version, table, int(shard))
+                fields = encode_ids(ids[positions])
+                commands = 0
+                for start in range(0, len(fields), self.chunk_fields):
+                    pipe.execute_command("HMGET", key, *fields[start : start + self.chunk_fields])
+                    commands += 1
+                plan.append((table, positions, node, commands))
+        with _redis_call(f"fetch rows of {self.model!r} v{manifest.version}"):
+            answers = self.nodes.execute(pipes)
+        cursors = dict.fromkeys(answers, 0)
+        gathered: dict[str, list[tuple[np.ndarray, list]]] = {}
+        for table, positions, node, commands in plan:
+            start = cursors[node]
+            values = [value for reply in answers[node][start : start + commands] for value in reply]
+            cursors[node] = start + commands
+            gathered.setdefault(table, []).append((positions, values))
+        fetched = {}
+        for table, ids in wanted.items():
+            layout = manifest.table(table)
+            values = np.zeros((len(ids), layout.dim), dtype=np.float32)
+            found = np.zeros(len(ids), dtype=bool)
+            for positions, raw in gathered.get(table, []):
+                rows, present = decode_values(raw, manifest.encoding, layout.dim)
+                values[positions] = rows
+                found[positions] = present
+            fetched[table] = FetchedRows(values, found)
+        return fetched
+
+    def scan_table(
+        self, manifest: VersionManifest, table: str, count: int = 1000
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, row) of a table, sorted by id (HSCAN over its shards): for checks and
+        warm starts, not for the serving path."""
+        layout = manifest.table(table)
+        all_ids, all_rows = [], []
+        with _redis_call(f"scan {table!r} of {self.model!r} v{manifest.version}"):
+            for shard in range(manifest.num_shards):
+                client = self.nodes.clients[self.nodes.node_of_shard(shard)]
+                key = self.keys.rows(manifest.version, table, shard)
+                fields, values = [], []
+                for field_bytes, value in client.hscan_iter(key, count=count):
+                    fields.append(field_bytes)
+                    values.append(value)
+                if fields:
+                    all_ids.append(decode_ids(fields))
+                    all_rows.append(decode_values(values, manifest.encoding, layout.dim)[0])
+        if not all_ids:
+            return np.zeros(0, np.int64), np.zeros((0, layout.dim), np.float32)
+        ids, rows = np.concatenate(all_ids), np.concatenate(all_rows)
+        order = np.argsort(ids)
+        return ids[order], rows[order]
+
+
+def bytes_per_row(manifest: VersionManifest, table: str) -> int:
+    """Encoded bytes of one row of `table` in this version."""
+    return row_bytes(manifest.encoding, manifest.table(table).dim)

@@ -1,0 +1,266 @@
+"""The body of `POST /score`, checked field by field before anything is scored.
+
+    {"model": "dcn-ml1m",                       optional; must be the model this service serves
+     "user_id": 42,
+     "context": {"age": 3, "user_activity": 2.1},   optional; user and context features
+     "candidates": [{"item_id": 7, "features": {"release_year": 50, "genres": [1, 4]}}, ...]}
+
+A feature value is an int (one id), a list of ints (a bag or a sequence, oldest first) or a
+number (a dense feature). A value given in the request wins over the online feature store's,
+which wins over the default (an empty bag, 0.0 for dense). Every problem is reported with the
+path of the field it is in: malformed JSON is a 400, a missing or wrongly typed field a 422, an
+unknown feature or an id the model's table does not accept a 400, too many candidates a 413.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from embedding_tables.config import TableConfig
+from feature_store.schema import FeatureSpec, Schema
+from serving.errors import FeatureValueError, RequestError, TooManyCandidatesError
+from serving.jagged import Jagged
+
+INT64_MIN = -(2**63) + 2  # the two smallest int64s mark empty/deleted slots of id maps
+INT64_MAX = 2**63 - 1
+
+FeatureValue = StrictInt | StrictFloat | list[StrictInt]
+
+
+class RequestShapeError(RequestError):
+    """A body that is not JSON, or a field that is missing or of the wrong type (422)."""
+
+    status = 422
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: StrictInt
+    features: dict[str, FeatureValue] = Field(default_factory=dict)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    user_id: StrictInt
+    context: dict[str, FeatureValue] = Field(default_factory=dict)
+    candidates: list[Candidate] = Field(min_length=1)
+
+
+def parse_request(body: bytes, max_candidates: int) -> ScoreRequest:
+    """Validate a raw body; raises RequestError (400/413/422) naming the field at fault."""
+    try:
+        request = ScoreRequest.model_validate_json(body)
+    except pydantic.ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        location = _path(first["loc"])
+        if first["type"] == "json_invalid":
+            raise RequestError("body", f"not valid JSON ({first['msg']})") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise RequestShapeError("body", "must be a JSON object") from None
+        raise RequestShapeError(location or "body", first["msg"]) from None
+    if len(request.candidates) > max_candidates:
+        raise TooManyCandidatesError(
+            "candidates",
+            f"{len(request.candidates)} candidates; at most {max_candidates} per request",
+        )
+    return request
+
+
+def _path(location: tuple) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+@dataclass(frozen=True)
+class FeatureRule:
+    """What a request may send for one feature of the model."""
+
+    spec: FeatureSpec
+    bounded: bool  # ids must lie in [0, cardinality): the table does not take others
+
+
+def feature_rules(
+    schema: Schema, tables: dict[str, TableConfig], feature_to_table: dict[str, str]
+) -> dict[str, FeatureRule]:
+    """Per feature of the model: ids bounded iff its table errors on out-of-range ids."""
+    rules = {}
+    for spec in schema.features:
+        table = tables.get(feature_to_table.get(spec.name, ""))
+        bounded = table is not None and (
+            table.method in ("full", "qr") and table.out_of_range == "error"
+        )
+        rules[spec.name] = FeatureRule(spec, bounded)
+    return rules
+
+
+@dataclass
+class RequestColumns:
+    """One request's values as columns over its candidates, plus what it left to the store."""
+
+    user_id: int
+    num_candidates: int
+    item_ids: np.ndarray
+    sparse: dict[str, tuple[Jagged, np.ndarray]]  # feature -> (values per candidate, given mask)
+    dense: dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (values, given mask)
+
+
+def request_columns(
+    request: ScoreRequest, rules: dict[str, FeatureRule], user_column: str, item_column: str
+) -> RequestColumns:
+    """The request's feature values as per-candidate columns; FeatureValueError names the field
+    of an unknown feature, a value of the wrong kind or an id the model does not accept."""
+    count = len(request.candidates)
+    item_ids = _id_lists(
+        [candidate.item_id for candidate in request.candidates],
+        lambda index: f"candidates[{index}].item_id",
+        _id_rule(rules, item_column),
+    ).values
+    _id_lists([request.user_id], lambda _: "user_id", _id_rule(rules, user_column))
+
+    sparse: dict[str, tuple[Jagged, np.ndarray]] = {}
+    dense: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    everyone = np.ones(count, dtype=bool)
+    for name, value in request.context.items():
+        where = f"context.{name}"
+        rule = _rule(rules, where, name, (user_column, item_column))
+        if rule.spec.kind == "dense":
+            number = _dense_values([value], lambda _, where=where: where)[0]
+            dense[name] = (np.full(count, number, np.float32), everyone)
+        else:
+            row = _id_lists([value], lambda _, where=where: where, rule)
+            sparse[name] = (row.take(np.zeros(count, dtype=np.int64)), everyone)
+
+    given: dict[str, tuple[list[int], list[object]]] = {}
+    for position, candidate in enumerate(request.candidates):
+        for name, value in candidate.features.items():
+            positions, values = given.setdefault(name, ([], []))
+            positions.append(position)
+            values.append(value)
+    for name, (positions, values) in given.items():
+
+        def field(index: int, name: str = name, positions: list[int] = positions) -> str:
+            return f"candidates[{positions[index]}].features.{name}"
+
+        rule = _rule(rules, field(0), name, (user_column, item_column))
+        mask = np.zeros(count, dtype=bool)
+        mask[positions] = True
+        if rule.spec.kind == "dense":
+            column = np.zeros(count, dtype=np.float32)
+            column[positions] = _dense_values(values, field)
+            dense[name] = _overlay(dense.get(name), column, mask)
+            continue
+        given_rows = _id_lists(values, field, rule)
+        lengths = np.zeros(count, dtype=np.int64)
+        lengths[positions] = given_rows.lengths
+        column = Jagged(given_rows.values, lengths)
+        previous = sparse.get(name)
+        if previous is not None:
+            column = column.where(mask, previous[0])
+            mask = mask | previous[1]
+        sparse[name] = (column, mask)
+    return RequestColumns(request.user_id, count, item_ids, sparse, dense)
+
+
+def _overlay(
+    previous: tuple[np.ndarray, np.ndarray] | None, values: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    if previous is None:
+        return values, mask
+    return np.where(mask, values, previous[0]).astype(np.float32), mask | previous[1]
+
+
+def _rule(
+    rules: dict[str, FeatureRule], field: str, name: str, id_columns: tuple[str, str]
+) -> FeatureRule:
+    rule = rules.get(name)
+    if rule is None or name in id_columns:
+        accepted = sorted(set(rules) - set(id_columns))
+        reason = "is given by user_id / item_id" if name in id_columns else "is not a feature"
+        raise FeatureValueError(
+            field,
+            f"{name!r} {reason} of this model; accepted features: {', '.join(accepted)}",
+        )
+    return rule
+
+
+def _dense_values(values: list[object], field: Callable[[int], str]) -> np.ndarray:
+    """Numbers of a dense feature as float32; FeatureValueError at the first that is not one."""
+    for index, value in enumerate(values):
+        if isinstance(value, list):
+            raise FeatureValueError(field(index), "a dense feature takes one number, got a list")
+    numbers = np.array(values, dtype=np.float64)
+    bad = ~np.isfinite(numbers) | (np.abs(numbers) > np.finfo(np.float32).max)
+    if bad.any():
+        index = int(np.argmax(bad))
+        raise FeatureValueError(field(index), f"{values[index]!r} is not a finite float32 number")
+    return numbers.astype(np.float32)
+
+
+def _id_lists(values: list[object], field: Callable[[int], str], rule: FeatureRule) -> Jagged:
+    """Ids of a categorical or sequence feature, one row per value (an int or a list of ints);
+    FeatureValueError names the first value the model does not accept."""
+    spec = rule.spec
+    if all(type(value) is int for value in values):  # the common case: one id each
+        lengths = np.ones(len(values), dtype=np.int64)
+        flat = values
+    else:
+        rows: list[list[int]] = []
+        for index, value in enumerate(values):
+            if isinstance(value, float):
+                raise FeatureValueError(
+                    field(index),
+                    f"feature {spec.name!r} takes integer ids, got the number {value!r}",
+                )
+            row = value if isinstance(value, list) else [value]
+            if len(row) > spec.max_length:
+                if spec.kind != "sequence":
+                    raise FeatureValueError(
+                        field(index),
+                        f"feature {spec.name!r} takes at most {spec.max_length} id(s) per "
+                        f"candidate, got {len(row)}",
+                    )
+                row = row[-spec.max_length :]
+            rows.append(row)
+        lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+        flat = [item for row in rows for item in row]
+    try:
+        ids = np.array(flat, dtype=np.int64)
+    except OverflowError:
+        ids = None
+    if ids is None or (ids.size and ids.min() < INT64_MIN):
+        bad = next(i for i, item in enumerate(flat) if not INT64_MIN <= item <= INT64_MAX)
+        raise FeatureValueError(
+            field(_row_of(lengths, bad)), f"ids must be int64 values in [{INT64_MIN}, {INT64_MAX}]"
+        )
+    if rule.bounded and ids.size:
+        outside = (ids < 0) | (ids >= spec.cardinality)
+        if outside.any():
+            bad = int(np.argmax(outside))
+            raise FeatureValueError(
+                field(_row_of(lengths, bad)),
+                f"id {int(ids[bad])} is unknown to feature {spec.name!r}; accepted: ids in "
+                f"[0, {spec.cardinality})",
+            )
+    return Jagged(ids, lengths)
+
+
+def _row_of(lengths: np.ndarray, flat_index: int) -> int:
+    return int(np.searchsorted(np.cumsum(lengths), flat_index, side="right"))
+
+
+def _id_rule(rules: dict[str, FeatureRule], column: str) -> FeatureRule:
+    """The rule of the user or item id column; any int64 if the model does not use it."""
+    rule = rules.get(column)
+    if rule is not None:
+        return rule
+    return FeatureRule(FeatureSpec(column or "id", "categorical", 1), bounded=False)

@@ -1,0 +1,520 @@
+"""Score candidates with the live published version: request -> features -> rows -> forward.
+
+Design, for a low p99. A server holds one `Snapshot` per (version, dense revision): the model
+rebuilt from the dense blob, whose EmbeddingCollection's tables serve as scratch storage. For a
+batch, `RowPlanner` computes every physical row the forward will read (the collection's own pure
+index transforms); rows the scratch tables already hold (a residency bitmap per table, cleared
+by deltas) cost nothing, the others come from the local `RowCache` or, for the misses, from
+Redis in one pipelined round trip per node, and are written into the scratch tables
+(`load_rows`, one index_copy per table); then the unmodified model forward runs. So a warm
+request does no Redis round trip for rows and no copying, the cache bounds what is held beyond
+the model's own allocation, and no per-request model or table is ever built. Batches run one at
+a time, so the scratch tables are never shared; a new version or dense revision is built beside
+the current snapshot and swapped in by one reference assignment, so a batch always sees one
+dense version.
+
+Online features: the user's profile and sequence are read once per batch (one round trip), item
+attributes are kept locally for a short time (`serving.item_features`).
+
+If Redis is down (see `serving.health`), rows not held locally are the tables' default rows,
+user features are skipped and item features are what is held (request values and defaults
+otherwise); the answer says it is degraded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from feature_store.online import OnlineFeatureError, OnlineFeatureStore, OnlineStoreUnavailable
+from feature_store.schema import Schema
+from models.base import Model
+from models.batches import batch_from_columns
+from serving.cache import RowCache
+from serving.errors import (
+    RedisUnavailableError,
+    ServingError,
+    StoreError,
+    UnknownModelError,
+    VersionNotFoundError,
+)
+from serving.health import RedisHealth
+from serving.item_features import ItemFeatureCache
+from serving.jagged import Jagged
+from serving.param_store import DenseState, ParamReader, VersionManifest
+from serving.published_model import servable_model
+from serving.request import (
+    FeatureRule,
+    RequestColumns,
+    ScoreRequest,
+    feature_rules,
+    request_columns,
+)
+from serving.row_plan import RowPlanner
+
+log = logging.getLogger("embtab.serving")
+
+
+class NotReadyError(ServingError):
+    """No version of the model is loaded yet (nothing published, or Redis unreachable)."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """`max_candidates`: per request; `cache_bytes`: the row cache's budget (0: no row is kept
+    between batches, not even in the model's tables: every row is read from Redis); `warm_rows`: how
+    many of the hottest cached rows a new version prefetches before it goes live here;
+    `item_features_ttl_s`: how long item attributes read from the online store are reused."""
+
+    model: str
+    max_candidates: int = 1000
+    cache_bytes: int = 256 * 2**20
+    warm_rows: int = 200_000
+    item_features_ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_candidates < 1 or self.cache_bytes < 0 or self.warm_rows < 0:
+            raise ServingError(
+                "max_candidates must be >= 1, cache_bytes and warm_rows >= 0; got "
+                f"{self.max_candidates}, {self.cache_bytes}, {self.warm_rows}"
+            )
+
+
+@dataclass
+class Snapshot:
+    """One version and dense revision, ready to score. `delta` is the last delta whose
+    invalidations this server has applied. `resident[table][row]` says the model's scratch
+    table holds the current value of that row (static tables only: id-keyed tables are
+    renumbered per batch); deltas clear it, under `residency_lock`."""
+
+    manifest: VersionManifest
+    dense_revision: int
+    delta: int
+    model: Model
+    planner: RowPlanner
+    default_rows: dict[str, np.ndarray]
+    cache: RowCache
+    rules: dict[str, FeatureRule]
+    schema: Schema
+    user_column: str
+    item_column: str
+    online: OnlineFeatureStore | None = None
+    item_features: ItemFeatureCache | None = None
+    resident: dict[str, np.ndarray] = field(default_factory=dict)
+    residency_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+@dataclass(frozen=True)
+class RequestScores:
+    """One request's scores (click probabilities, in candidate order) and what produced them."""
+
+    scores: np.ndarray
+    version: int
+    delta: int
+    degraded: bool
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores of each request of a batch."""
+
+    per_request: list[np.ndarray]
+    version: int
+    delta: int
+    degraded: bool
+
+    def split(self) -> list[RequestScores]:
+        return [
+            RequestScores(scores, self.version, self.delta, self.degraded)
+            for scores in self.per_request
+        ]
+
+
+@dataclass
+class RowCounts:
+    """Where the rows of scored batches came from, since start: already in the scratch tables,
+    the row cache, Redis, or the default rows."""
+
+    resident: int = 0
+    cached: int = 0
+    fetched: int = 0
+    defaulted: int = 0
+    candidates: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class Scorer:
+    def __init__(
+        self,
+        reader: ParamReader,
+        config: ScorerConfig,
+        health: RedisHealth | None = None,
+        online: Callable[[Schema], OnlineFeatureStore | None] | None = None,
+    ) -> None:
+        if reader.model != config.model:
+            raise ServingError(f"reader is for {reader.model!r}, config for {config.model!r}")
+        self.reader = reader
+        self.config = config
+        self.health = health or RedisHealth()
+        self.online_store_for = online
+        self.counts = RowCounts()
+        self._snapshot: Snapshot | None = None
+        self._refresh_lock = threading.Lock()
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    @property
+    def ready(self) -> bool:
+        return self._snapshot is not None
+
+    # -- versions (watcher thread) ---------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Catch up with Redis: a new live version, deltas (cache invalidation), a new dense
+        revision; True if anything changed. Raises RedisUnavailableError if Redis is down."""
+        with self._refresh_lock:
+            live = self.reader.live_version()
+            current = self._snapshot
+            if live is None:
+                return False
+            if current is None or current.version != live:
+                self._snapshot = self._build(live, previous=current)
+                log.info("serving %s version %d", self.config.model, live)
+                return True
+            head = self.reader.head(live)
+            changed = False
+            if head.delta > current.delta:
+                self._apply_deltas(current, head.delta)
+                changed = True
+            if head.dense_revision != current.dense_revision:
+                dense = self.reader.dense(live, head.dense_revision)
+                self._snapshot = self._snapshot_of(
+                    current.manifest, dense, current.delta, current.cache, current
+                )
+                log.info(
+                    "serving %s v%d dense revision %d", self.config.model, live, dense.revision
+                )
+                changed = True
+            return changed
+
+    def _apply_deltas(self, snapshot: Snapshot, last: int) -> None:
+        """Drop the rows deltas changed from the cache and the scratch tables; everything if a
+        delta's log is gone (it expired while this server was cut off)."""
+        for delta in range(snapshot.delta + 1, last + 1):
+            changed = self.reader.delta_log(snapshot.version, delta)
+            with snapshot.residency_lock:
+                if changed is None:
+                    snapshot.cache.clear()
+                    for resident in snapshot.resident.values():
+                        resident[:] = False
+                    break
+                for table, ids in changed.items():
+                    snapshot.cache.invalidate(table, ids)
+                    resident = snapshot.resident.get(table)
+                    if resident is not None:
+                        resident[ids[(ids >= 0) & (ids < len(resident))]] = False
+        snapshot.delta = last
+
+    def _build(self, version: int, previous: Snapshot | None) -> Snapshot:
+        manifest = self.reader.manifest(version)
+        head = self.reader.head(version)
+        if head.dense_revision < 0:
+            raise VersionNotFoundError(
+                f"model {self.config.model!r} version {version} has no dense blob yet"
+            )
+        dense = self.reader.dense(version, head.dense_revision)
+        cache = RowCache(self.config.cache_bytes)
+        snapshot = self._snapshot_of(manifest, dense, head.delta, cache, previous)
+        if previous is not None:
+            self._warm(snapshot, previous)
+        return snapshot
+
+    def _snapshot_of(
+        self,
+        manifest: VersionManifest,
+        dense: DenseState,
+        delta: int,
+        cache: RowCache,
+        previous: Snapshot | None,
+    ) -> Snapshot:
+        """A snapshot of the model as published; the online store and the item features held
+        locally carry over from `previous` when the features are the same."""
+        model = servable_model(manifest.model_manifest, dense.tensors)
+        spec = model.spec
+        published = {layout.name: layout for layout in manifest.tables}
+        for table in model.embeddings.physical_tables():
+            layout = published.get(table.name)
+            if layout is None or layout.dim != table.dim:
+                raise StoreError(
+                    f"model {manifest.model!r} v{manifest.version}: physical table "
+                    f"{table.name!r} (dim {table.dim}) is not published as the model needs it"
+                )
+        defaults = {
+            name: dense.default_rows.get(name, np.zeros(layout.dim, np.float32))
+            for name, layout in published.items()
+        }
+        schema = spec.schema
+        if previous is not None and previous.schema == schema:
+            online, item_features = previous.online, previous.item_features
+        else:
+            online = None if self.online_store_for is None else self.online_store_for(schema)
+            item_features = None
+            if online is not None and online.layout.item_features:
+                item_features = ItemFeatureCache(
+                    online,
+                    [schema.feature(name) for name in online.layout.item_features],
+                    ttl_s=self.config.item_features_ttl_s,
+                )
+        return Snapshot(
+            manifest=manifest,
+            dense_revision=dense.revision,
+            delta=delta,
+            model=model,
+            planner=RowPlanner(model.embeddings),
+            default_rows=defaults,
+            cache=cache,
+            rules=feature_rules(
+                schema, {table.name: table for table in spec.tables}, spec.feature_to_table
+            ),
+            schema=schema,
+            user_column=schema.id_columns.get("user", ""),
+            item_column=schema.id_columns.get("item", ""),
+            online=online,
+            item_features=item_features,
+            resident={
+                table.name: np.zeros(table.num_rows, dtype=bool)
+                for table in model.embeddings.physical_tables()
+                if table.name not in model.embeddings.self_managed and self.config.cache_bytes
+            },
+        )
+
+    def _warm(self, snapshot: Snapshot, previous: Snapshot) -> None:
+        """Prefetch, from the new version, the rows that were hot in the previous one."""
+        wanted = {}
+        for layout in snapshot.manifest.tables:
+            try:
+                old = previous.manifest.table(layout.name)
+            except StoreError:
+                continue
+            if (old.dim, old.keyed_by) == (layout.dim, layout.keyed_by):
+                ids = previous.cache.hot_ids(layout.name, self.config.warm_rows)
+                if len(ids):
+                    wanted[layout.name] = np.sort(ids)
+        if not wanted:
+            return
+        epochs = {table: snapshot.cache.epoch(table) for table in wanted}
+        fetched = self.reader.fetch_rows(snapshot.manifest, wanted)
+        for table, ids in wanted.items():
+            rows = fetched[table]
+            snapshot.cache.put(table, ids, rows.values, rows.found, epochs[table])
+
+    # -- requests (event loop) -------------------------------------------------------------------
+
+    def prepare(self, request: ScoreRequest) -> RequestColumns:
+        """Check a request against the model and turn it into columns (no Redis involved)."""
+        if request.model is not None and request.model != self.config.model:
+            raise UnknownModelError(
+                "model",
+                f"unknown model {request.model!r}; this service serves {self.config.model!r}",
+            )
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise NotReadyError(f"model {self.config.model!r} has no version loaded yet")
+        return request_columns(request, snapshot.rules, snapshot.user_column, snapshot.item_column)
+
+    # -- batches (scoring thread) ----------------------------------------------------------------
+
+    def score(self, batch: list[RequestColumns]) -> Scores:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise NotReadyError(f"model {self.config.model!r} has no version loaded yet")
+        sparse, dense = self._assemble(snapshot, batch)
+        plan = snapshot.planner.plan(sparse)
+        self._load_rows(snapshot, plan.needed, plan.local)
+        columns: dict = {
+            name: (column.values, column.lengths) for name, column in plan.columns.items()
+        }
+        columns.update(dense)
+        inputs = batch_from_columns(columns, snapshot.schema, with_labels=False)
+        with torch.inference_mode():
+            probabilities = torch.sigmoid(snapshot.model(inputs.sparse, inputs.dense)).numpy()
+        bounds = np.cumsum([0] + [request.num_candidates for request in batch])
+        with self.counts.lock:
+            self.counts.candidates += int(bounds[-1])
+        return Scores(
+            per_request=[probabilities[bounds[i] : bounds[i + 1]] for i in range(len(batch))],
+            version=snapshot.version,
+            delta=snapshot.delta,
+            degraded=not self.health.up,
+        )
+
+    def _assemble(
+        self, snapshot: Snapshot, batch: list[RequestColumns]
+    ) -> tuple[dict[str, Jagged], dict[str, np.ndarray]]:
+        """Every feature of the schema for every candidate: request > online store > default."""
+        counts = np.array([request.num_candidates for request in batch], dtype=np.int64)
+        rows = int(counts.sum())
+        user_ids = np.array([request.user_id for request in batch], dtype=np.int64)
+        item_ids = np.concatenate([request.item_ids for request in batch])
+        user_of_row = np.repeat(user_ids, counts)
+        online = self._online_columns(snapshot, user_of_row, item_ids)
+        sparse: dict[str, Jagged] = {}
+        dense: dict[str, np.ndarray] = {}
+        for spec in snapshot.schema.features:
+            name = spec.name
+            if name == snapshot.user_column:
+                sparse[name] = Jagged(user_of_row, np.ones(rows, dtype=np.int64))
+                continue
+            if name == snapshot.item_column:
+                sparse[name] = Jagged(item_ids, np.ones(rows, dtype=np.int64))
+                continue
+            if spec.kind == "dense":
+                fallback = online.get(name)
+                values = np.zeros(rows, np.float32) if fallback is None else fallback
+                given = [request.dense.get(name) for request in batch]
+                if any(entry is not None for entry in given):
+                    request_values = np.concatenate(
+                        [
+                            g[0] if g is not None else np.zeros(r.num_candidates, np.float32)
+                            for g, r in zip(given, batch, strict=True)
+                        ]
+                    )
+                    mask = np.concatenate(
+                        [
+                            g[1] if g is not None else np.zeros(r.num_candidates, bool)
+                            for g, r in zip(given, batch, strict=True)
+                        ]
+                    )
+                    values = np.where(mask, request_values, values).astype(np.float32)
+                dense[name] = values
+                continue
+            fallback = online.get(name)
+            column = Jagged.empty(rows) if fallback is None else fallback
+            given = [request.sparse.get(name) for request in batch]
+            if any(entry is not None for entry in given):
+                request_column = Jagged.concat(
+                    [
+                        g[0] if g is not None else Jagged.empty(r.num_candidates)
+                        for g, r in zip(given, batch, strict=True)
+                    ]
+                )
+                mask = np.concatenate(
+                    [
+                        g[1] if g is not None else np.zeros(r.num_candidates, bool)
+                        for g, r in zip(given, batch, strict=True)
+                    ]
+                )
+                column = request_column.where(mask, column)
+            sparse[name] = column
+        return sparse, dense
+
+    def _online_columns(
+        self, snapshot: Snapshot, user_of_row: np.ndarray, item_ids: np.ndarray
+    ) -> dict[str, Jagged | np.ndarray]:
+        """Online user features (one round trip per batch) and item features (local, see
+        `serving.item_features`) of every candidate row: a Jagged column, or float32 values for
+        a dense feature; unknown users and items give empty bags and zeros. With Redis down,
+        only the item features held locally."""
+        if snapshot.online is None:
+            return {}
+        specs = {spec.name: spec for spec in snapshot.schema.features}
+        columns: dict[str, Jagged | np.ndarray] = {}
+        try:
+            if snapshot.item_features is not None:
+                columns.update(snapshot.item_features.columns(item_ids, self.health.up))
+            if not self.health.up:
+                return columns
+            distinct_users, user_index = np.unique(user_of_row, return_inverse=True)
+            users = snapshot.online.get_users(distinct_users)
+        except OnlineStoreUnavailable as error:
+            self.health.failed(error)
+            return columns
+        except OnlineFeatureError as error:
+            log.warning("online features unusable, scoring without them: %s", error)
+            return columns
+        for name in users.schema.names:
+            spec = specs.get(name)
+            if spec is None or name in (snapshot.user_column, snapshot.item_column):
+                continue
+            column = users.column(name)
+            if spec.kind == "dense":
+                values = column.fill_null(0).to_numpy(zero_copy_only=False)
+                columns[name] = np.asarray(values, dtype=np.float32)[user_index]
+            else:
+                columns[name] = Jagged.from_arrow(column)[0].take(user_index)
+        return columns
+
+    def _load_rows(
+        self, snapshot: Snapshot, needed: dict[str, np.ndarray], local: dict[str, np.ndarray]
+    ) -> None:
+        """Write every row the forward reads into the scratch tables: rows already resident
+        there are skipped, the others come from the cache, then from Redis (one round trip per
+        node for all misses), then the default rows."""
+        manifest, cache = snapshot.manifest, snapshot.cache
+        pending: dict[str, np.ndarray] = {}
+        resident_count = 0
+        for table, ids in needed.items():
+            resident = snapshot.resident.get(table)
+            if resident is not None:
+                missing = ids[~resident[ids]]
+                resident_count += len(ids) - len(missing)
+                ids = missing
+            if len(ids):
+                pending[table] = ids
+        epochs = {table: cache.epoch(table) for table in pending}
+        found_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        misses: dict[str, np.ndarray] = {}
+        cached = 0
+        for table, ids in pending.items():
+            values, found, hit = cache.get(table, ids, manifest.table(table).dim)
+            found_rows[table] = (values, found)
+            cached += int(hit.sum())
+            if not hit.all():
+                misses[table] = np.flatnonzero(~hit)
+        fetched_count = 0
+        if misses and self.health.up:
+            wanted = {table: pending[table][positions] for table, positions in misses.items()}
+            try:
+                fetched = self.reader.fetch_rows(manifest, wanted)
+            except RedisUnavailableError as error:
+                self.health.failed(error)
+            else:
+                for table, positions in misses.items():
+                    rows = fetched[table]
+                    values, found = found_rows[table]
+                    values[positions] = rows.values
+                    found[positions] = rows.found
+                    cache.put(table, wanted[table], rows.values, rows.found, epochs[table])
+                    fetched_count += len(positions)
+        defaulted = 0
+        embeddings = snapshot.model.embeddings
+        for table, ids in pending.items():
+            values, found = found_rows[table]
+            if not found.all():
+                values[~found] = snapshot.default_rows[table]
+                defaulted += int((~found).sum())
+            targets = local.get(table, ids)
+            embeddings.load_rows(table, torch.from_numpy(targets), torch.from_numpy(values))
+        with snapshot.residency_lock:
+            for table, ids in pending.items():
+                resident = snapshot.resident.get(table)
+                if resident is not None and cache.epoch(table) == epochs[table]:
+                    resident[ids[found_rows[table][1]]] = True
+        with self.counts.lock:
+            self.counts.resident += resident_count
+            self.counts.cached += cached
+            self.counts.fetched += fetched_count
+            self.counts.defaulted += defaulted
