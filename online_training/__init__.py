@@ -1,0 +1,1 @@
+"""Kafka-driven streaming training and delta sync to Redis."""

@@ -1,0 +1,126 @@
+"""Produce -> join -> examples on the real broker: labels, windows, dead letters."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+from kafka import KafkaProducer
+
+from online_training import messages
+from online_training.joiner import Joiner, JoinerConfig
+from online_training.producer import ProducerConfig, ReplayProducer
+from tests.online_training.conftest import SLICE, event_index, read_examples, read_topic
+
+
+def _join(kafka, topics, **config) -> Joiner:
+    joiner = Joiner(
+        kafka, topics, JoinerConfig(group_id=f"joiner-{uuid.uuid4().hex[:8]}", **config)
+    )
+    joiner.run()
+    return joiner
+
+
+def test_examples_carry_the_data_sets_labels_and_every_feature(
+    kafka, topics, movielens, slice_labels
+):
+    produced = ReplayProducer(
+        movielens, kafka, topics, ProducerConfig(limit=SLICE, label_delay_s=30)
+    ).run()
+    assert produced.impressions == SLICE
+    assert produced.actions == int(slice_labels.sum())
+    assert produced.messages >= 8, "rows travel in batches per partition, both topics"
+
+    report = _join(kafka, topics, window_s=60).report
+    assert report.examples == SLICE
+    assert report.positives == int(slice_labels.sum())
+    assert report.late_clicks == report.orphan_clicks == report.dlq_messages == 0
+    assert sorted(report.ended_partitions) == [0, 1, 2, 3]
+
+    labels, batches = read_examples(kafka, topics)
+    assert len(labels) == SLICE
+    for request_id, seen in labels.items():
+        assert seen == [slice_labels[event_index(request_id)]]
+    assert sum(batch.end_of_stream for batch in batches) == 4
+    columns = batches[0].rows.schema.names
+    features = [spec.name for spec in movielens.schema.features]
+    assert set(columns) == {"request_id", "event_time", "produced_at", "label", *features}
+    first = next(batch for batch in batches if batch.num_rows)
+    assert pa.types.is_list(first.rows.schema.field("hist_item_id").type)
+    assert (first.column("produced_at") > 1.6e9).all()
+
+
+def test_clicks_later_than_the_window_are_dropped_and_counted(
+    kafka, topics, movielens, slice_labels
+):
+    ReplayProducer(movielens, kafka, topics, ProducerConfig(limit=SLICE, label_delay_s=120)).run()
+    report = _join(kafka, topics, window_s=60).report
+    assert report.examples == SLICE
+    assert report.positives == 0
+    assert report.late_clicks == int(slice_labels.sum())
+    labels, _ = read_examples(kafka, topics)
+    assert len(labels) == SLICE and all(seen == [0] for seen in labels.values())
+
+
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_join_goes_on(
+    kafka, topics, movielens, slice_labels
+):
+    rows = pa.RecordBatch.from_pydict(
+        {
+            "request_id": pa.array([1], pa.int64()),
+            "event_time": pa.array([1.0]),
+            "produced_at": pa.array([1.0]),
+            "user_id": pa.array([3], pa.int64()),
+        }
+    )
+    impressions = messages.encode(messages.Batch(messages.FEATURE_LOG, rows, watermark=0))
+    poison = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    poison.send(topics.feature_log, os.urandom(300), partition=0)
+    poison.send(topics.feature_log, b"", partition=1)
+    poison.send(topics.actions, impressions, partition=2)
+    poison.send(topics.feature_log, impressions.replace(b"request_id", b"request_xx"), partition=3)
+    # Valid, but with other features than the data set's: it must not become the stream's schema.
+    poison.send(topics.feature_log, impressions, partition=3)
+    poison.flush()
+    poison.close()
+    ReplayProducer(movielens, kafka, topics, ProducerConfig(limit=500, label_delay_s=10)).run()
+
+    features = tuple(spec.name for spec in movielens.schema.features)
+    report = _join(kafka, topics, window_s=60, features=features).report
+    assert report.examples == 500
+    assert report.positives == int(slice_labels[:500].sum())
+    assert report.dlq == {
+        "undecodable": 2,
+        "wrong-kind": 1,
+        "missing-column": 1,
+        "schema-mismatch": 1,
+    }
+
+    dead = read_topic(kafka, topics.dlq(topics.feature_log)) + read_topic(
+        kafka, topics.dlq(topics.actions)
+    )
+    assert len(dead) == 5
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["reason"].decode() in report.dlq
+        assert headers["error"] and headers["source_offset"] in (b"0", b"1")
+    assert {bytes(dict(r.headers)["source_topic"]) for r in dead} == {
+        topics.feature_log.encode(),
+        topics.actions.encode(),
+    }
+
+
+def test_state_is_bounded_and_what_is_closed_early_is_counted(kafka, topics, movielens):
+    ReplayProducer(
+        movielens, kafka, topics, ProducerConfig(limit=SLICE, label_delay_s=50, batch_rows=40)
+    ).run()
+    # A window longer than the replay: every impression would stay until the end markers.
+    report = _join(kafka, topics, window_s=1e7, max_pending_rows=50).report
+    assert report.examples == SLICE, "every impression still becomes exactly one example"
+    assert report.evicted_impressions > 0
+    assert report.negatives >= report.evicted_impressions
+    labels, _ = read_examples(kafka, topics)
+    assert len(labels) == SLICE
+    assert np.all([len(seen) == 1 for seen in labels.values()])
