@@ -1,0 +1,1 @@
+"""One module per `embtab` command group; each exposes `register(subparsers)`."""

@@ -1,0 +1,37 @@
+"""`embtab services up`: start the embedded Redis and Kafka and keep them until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from embtab.output import emit
+from embtab.services import embedded_services
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    services = commands.add_parser("services", help="the embedded Redis and Kafka")
+    actions = services.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = actions.add_parser("up", help="start them, print their URLs, run until Ctrl-C")
+    up.add_argument("--json", action="store_true", help="print a JSON result")
+    up.add_argument(
+        "--seconds", type=float, help="stop after this many seconds instead of waiting for Ctrl-C"
+    )
+    up.set_defaults(run=run_up)
+
+
+def run_up(arguments: argparse.Namespace) -> int:
+    with embedded_services() as services:
+        result = {"redis": services.redis_url, "kafka": services.kafka_bootstrap}
+        emit(
+            result,
+            f"redis {services.redis_url}  kafka {services.kafka_bootstrap}  (Ctrl-C stops them)",
+            arguments.json,
+        )
+        deadline = None if arguments.seconds is None else time.monotonic() + arguments.seconds
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0

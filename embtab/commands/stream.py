@@ -1,0 +1,511 @@
+"""`embtab stream produce|join|train|run`: live traffic in, labelled examples, online training.
+
+`produce` replays a data set as traffic, `join` turns impressions and clicks into examples,
+`train` trains a model on the examples and keeps its published version in Redis fresh, and
+`run` does all three at once, with live counters. Each uses the Kafka (and Redis) named by
+--kafka / --redis, else EMBTAB_KAFKA / EMBTAB_REDIS, else embedded ones started for the
+duration of the command. SASL/SSL settings come from the EMBTAB_KAFKA_* variables (see
+online_training.kafka).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kafka.errors import KafkaError
+from tqdm import tqdm
+
+from embtab.commands.data import load_with_progress
+from embtab.config import load_run_config, parse_override
+from embtab.output import emit
+from embtab.services import Services, embedded_services
+from feature_store.offline import Dataset
+from feature_store.online import (
+    NAMESPACE,
+    NoOnlineLayout,
+    OnlineFeatureError,
+    OnlineFeatureStore,
+)
+from models.build import build_model, graphhash_mappings, plan_model
+from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
+from models.train import seed_everything
+from online_training.batching import DeliveryError
+from online_training.joiner import Joiner, JoinerConfig
+from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
+from online_training.producer import ProducerConfig, ReplayProducer
+from online_training.sync import SyncConfig
+from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerError
+from serving.keys import check_name
+from serving.param_store import ParamPublisher
+from serving.redis_nodes import RedisConfig, RedisNodes, redact_url
+from serving.row_encoding import ENCODINGS
+
+# Failures of the services a stream command talks to: reported in one line, not a traceback.
+ERRORS = (OnlineFeatureError, KafkaError, DeliveryError, TrainerError)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    stream = commands.add_parser("stream", help="streaming: replay traffic, join clicks")
+    actions = stream.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    produce = actions.add_parser(
+        "produce", help="replay a data set as live traffic (and its online features to Redis)"
+    )
+    produce.add_argument("--dataset", default="movielens-1m", help="data set to replay")
+    produce.add_argument("--split", default="test", help="train, valid or test")
+    produce.add_argument(
+        "--speedup", type=float, default=0.0, help="event seconds per second (0: at once)"
+    )
+    produce.add_argument(
+        "--label-delay", type=float, default=0.0, help="event seconds from impression to click"
+    )
+    produce.add_argument("--limit", type=int, help="replay only the first N events")
+    produce.add_argument("--batch-rows", type=int, default=2048, help="rows per Kafka message")
+    produce.add_argument("--run-id", type=int, help="request ids start at run_id << 32")
+    produce.add_argument(
+        "--no-online-features", action="store_true", help="do not write features to Redis"
+    )
+    produce.add_argument("--redis", help="Redis URL (default: EMBTAB_REDIS or embedded)")
+    produce.add_argument(
+        "--redis-namespace", default=NAMESPACE, help="prefix of the online feature keys"
+    )
+    _add_kafka_arguments(produce)
+    produce.set_defaults(run=run_produce)
+
+    join = actions.add_parser("join", help="join impressions and clicks into examples")
+    join.add_argument(
+        "--window", type=float, default=60.0, help="event seconds an impression waits for a click"
+    )
+    join.add_argument(
+        "--dataset", help="accept only feature-log batches with this data set's features"
+    )
+    join.add_argument("--group", default="embtab-joiner", help="Kafka consumer group")
+    join.add_argument("--batch-rows", type=int, default=2048, help="examples per Kafka message")
+    join.add_argument(
+        "--max-pending", type=int, default=1_000_000, help="impressions kept for joining"
+    )
+    join.add_argument(
+        "--idle-timeout", type=float, help="stop after this many seconds without input"
+    )
+    join.add_argument(
+        "--follow", action="store_true", help="keep joining after the stream's end markers"
+    )
+    _add_kafka_arguments(join)
+    join.set_defaults(run=run_join)
+
+    train = actions.add_parser(
+        "train", help="train a model on the examples topic, pushing deltas to Redis"
+    )
+    _add_model_arguments(train)
+    _add_trainer_arguments(train)
+    train.add_argument(
+        "--idle-timeout", type=float, help="stop after this many seconds without input"
+    )
+    train.add_argument(
+        "--follow", action="store_true", help="keep training after the stream's end markers"
+    )
+    train.add_argument("--redis", help="Redis URL(s) of the parameter shards (default: embedded)")
+    _add_kafka_arguments(train)
+    train.set_defaults(run=run_train)
+
+    run = actions.add_parser(
+        "run", help="produce, join and train at once (embedded services), with live counters"
+    )
+    run.add_argument("--dataset", default="movielens-1m", help="data set to replay")
+    run.add_argument("--split", default="test", help="train, valid or test")
+    run.add_argument(
+        "--speedup", type=float, default=0.0, help="event seconds per second (0: at once)"
+    )
+    run.add_argument(
+        "--label-delay", type=float, default=0.0, help="event seconds from impression to click"
+    )
+    run.add_argument("--limit", type=int, help="replay only the first N events")
+    run.add_argument(
+        "--window", type=float, default=60.0, help="event seconds an impression waits for a click"
+    )
+    run.add_argument(
+        "--no-online-features", action="store_true", help="do not write features to Redis"
+    )
+    run.add_argument("--join-group", default="embtab-joiner", help="the joiner's consumer group")
+    _add_model_arguments(run)
+    _add_trainer_arguments(run)
+    run.add_argument("--redis", help="Redis URL (default: EMBTAB_REDIS or embedded)")
+    _add_kafka_arguments(run)
+    run.set_defaults(run=run_pipeline_command)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the trained model comes from: a checkpoint, or a run config for a fresh one."""
+    parser.add_argument("--checkpoint", type=Path, help="start from this offline checkpoint")
+    parser.add_argument("--config", type=Path, help="YAML or TOML run config of a fresh model")
+    parser.add_argument("--model", help=f"fresh model: one of {', '.join(sorted(MODEL_CONFIGS))}")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run config key of a fresh model, e.g. --set tables.dim=8",
+    )
+    parser.add_argument(
+        "--name",
+        help="published model name in Redis (default: the checkpoint's file stem, else "
+        "<dataset>-<model>)",
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help="trainer state: checkpointed after every sync, resumed from when it exists",
+    )
+
+
+def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", default="embtab-trainer", help="Kafka consumer group")
+    parser.add_argument("--batch-size", type=int, default=4096, help="examples per micro-batch")
+    parser.add_argument(
+        "--sync-interval", type=float, default=10.0, help="seconds between deltas to Redis"
+    )
+    parser.add_argument(
+        "--dense-every", type=int, default=6, help="dense parameters with every Nth delta"
+    )
+    parser.add_argument(
+        "--encoding", choices=ENCODINGS, default="fp32", help="row encoding of a full publish"
+    )
+
+
+def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kafka", help="bootstrap servers (default: EMBTAB_KAFKA or embedded)")
+    parser.add_argument("--topic-prefix", default="", help="prefix of the topic names")
+    parser.add_argument(
+        "--partitions", type=int, default=4, help="partitions of topics created here"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON result")
+
+
+@contextlib.contextmanager
+def _services(kafka: str | None, redis: str | None, need_redis: bool) -> Iterator[Services]:
+    """The given addresses; embedded services (or EMBTAB_*) for the ones not given."""
+    with embedded_services(redis=need_redis and not redis, kafka=not kafka) as services:
+        services.kafka_bootstrap = kafka or services.kafka_bootstrap
+        services.redis_url = redis or services.redis_url
+        yield services
+
+
+def _prepare_topics(arguments: argparse.Namespace, services: Services):
+    settings = KafkaSettings.from_env(services.kafka_bootstrap)
+    topics = Topics(prefix=arguments.topic_prefix)
+    ensure_topics(settings, stream_topic_partitions(topics, arguments.partitions))
+    return settings, topics
+
+
+def run_produce(arguments: argparse.Namespace) -> int:
+    config = ProducerConfig(
+        split=arguments.split,
+        speedup=arguments.speedup,
+        label_delay_s=arguments.label_delay,
+        limit=arguments.limit,
+        batch_rows=arguments.batch_rows,
+        run_id=arguments.run_id,
+    )
+    dataset = load_with_progress(arguments.dataset, show_progress=not arguments.json)
+    need_redis = not arguments.no_online_features
+    with _services(arguments.kafka, arguments.redis, need_redis) as services:
+        settings, topics = _prepare_topics(arguments, services)
+        online = None
+        if need_redis:
+            with contextlib.suppress(NoOnlineLayout):
+                online = OnlineFeatureStore.from_url(
+                    services.redis_url, dataset.schema, namespace=arguments.redis_namespace
+                )
+        report = ReplayProducer(dataset, settings, topics, config, online=online).run()
+    result = {
+        **report.to_dict(),
+        "kafka": services.kafka_bootstrap,
+        "topics": {"feature_log": topics.feature_log, "actions": topics.actions},
+        "online_features": online is not None,
+    }
+    features = (
+        f"online features: {report.online_user_writes:,} user and "
+        f"{report.online_item_writes:,} item writes"
+        if online is not None
+        else "no online features"
+    )
+    summary = (
+        f"produced {report.impressions:,} impressions and {report.actions:,} clicks of "
+        f"{report.dataset}/{report.split} in {report.messages:,} messages "
+        f"({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s "
+        f"({report.impressions_per_s:,.0f} impressions/s); {features}"
+    )
+    emit(result, summary, arguments.json)
+    return 0
+
+
+def run_join(arguments: argparse.Namespace) -> int:
+    features = None
+    if arguments.dataset:
+        dataset = load_with_progress(arguments.dataset, show_progress=not arguments.json)
+        features = tuple(spec.name for spec in dataset.schema.features)
+    config = JoinerConfig(
+        features=features,
+        window_s=arguments.window,
+        group_id=arguments.group,
+        batch_rows=arguments.batch_rows,
+        max_pending_rows=arguments.max_pending,
+        idle_timeout_s=arguments.idle_timeout,
+        stop_at_end=not arguments.follow,
+    )
+    with _services(arguments.kafka, None, need_redis=False) as services:
+        settings, topics = _prepare_topics(arguments, services)
+        with _stop_on_interrupt() as stop:
+            report = Joiner(settings, topics, config).run(stop)
+    result = {
+        **report.to_dict(),
+        "kafka": services.kafka_bootstrap,
+        "examples_topic": topics.examples,
+    }
+    summary = (
+        f"joined {report.examples:,} examples ({report.positives:,} positive, "
+        f"{report.negatives:,} negative) in {report.seconds:.1f} s; late clicks "
+        f"{report.late_clicks:,}, orphan clicks {report.orphan_clicks:,}, duplicates "
+        f"{report.duplicate_impressions + report.duplicate_actions:,}, evicted early "
+        f"{report.evicted_impressions:,}, dead-lettered {report.dlq_messages:,}"
+    )
+    emit(result, summary, arguments.json)
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets an event, so the joiner flushes and commits before it returns."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_train(arguments: argparse.Namespace) -> int:
+    with _services(arguments.kafka, arguments.redis, need_redis=True) as services:
+        settings, topics = _prepare_topics(arguments, services)
+        trainer = _build_trainer(arguments, services, settings, topics, dataset=None)
+        with _stop_on_interrupt() as stop:
+            _run_threads(
+                {"trainer": lambda: trainer.run(stop)},
+                lambda: _trainer_line(trainer),
+                stop,
+                live=not arguments.json,
+            )
+    report = trainer.report
+    result = {
+        **report.to_dict(),
+        "kafka": services.kafka_bootstrap,
+        "redis": redact_url(services.redis_url),
+        "examples_topic": topics.examples,
+    }
+    emit(result, _trainer_summary(report, topics.examples), arguments.json)
+    return 0
+
+
+def run_pipeline_command(arguments: argparse.Namespace) -> int:
+    result, summary = run_pipeline(arguments)
+    emit(result, summary, arguments.json)
+    return 0
+
+
+def run_pipeline(arguments: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Replay, join and train together until the replay's end has been trained on; returns
+    the JSON result and a one-line summary (what `embtab stream run` prints)."""
+    dataset = load_with_progress(arguments.dataset, show_progress=not arguments.json)
+    features = tuple(spec.name for spec in dataset.schema.features)
+    with _services(arguments.kafka, arguments.redis, need_redis=True) as services:
+        settings, topics = _prepare_topics(arguments, services)
+        online = None
+        if not arguments.no_online_features:
+            with contextlib.suppress(NoOnlineLayout):
+                online = OnlineFeatureStore.from_url(services.redis_url, dataset.schema)
+        producer = ReplayProducer(
+            dataset,
+            settings,
+            topics,
+            ProducerConfig(
+                split=arguments.split,
+                speedup=arguments.speedup,
+                label_delay_s=arguments.label_delay,
+                limit=arguments.limit,
+            ),
+            online=online,
+        )
+        joiner = Joiner(
+            settings,
+            topics,
+            JoinerConfig(
+                features=features, window_s=arguments.window, group_id=arguments.join_group
+            ),
+        )
+        trainer = _build_trainer(arguments, services, settings, topics, dataset=dataset)
+        with _stop_on_interrupt() as stop:
+            _run_threads(
+                {
+                    "producer": producer.run,
+                    "joiner": lambda: joiner.run(stop),
+                    "trainer": lambda: trainer.run(stop),
+                },
+                lambda: (
+                    f"produced {producer.report.impressions:,} | joined "
+                    f"{joiner.report.examples:,} | {_trainer_line(trainer)}"
+                ),
+                stop,
+                live=not arguments.json,
+                detached=("producer",),
+            )
+    result = {
+        "producer": producer.report.to_dict(),
+        "joiner": joiner.report.to_dict(),
+        "trainer": trainer.report.to_dict(),
+        "kafka": services.kafka_bootstrap,
+        "redis": redact_url(services.redis_url),
+        "topic_prefix": topics.prefix,
+    }
+    summary = (
+        f"replayed {producer.report.impressions:,} events of {dataset.name}/{arguments.split}, "
+        f"joined {joiner.report.examples:,} examples; "
+        f"{_trainer_summary(trainer.report, topics.examples)}"
+    )
+    return result, summary
+
+
+def _build_trainer(
+    arguments: argparse.Namespace,
+    services: Services,
+    settings: KafkaSettings,
+    topics: Topics,
+    dataset: Dataset | None,
+) -> Trainer:
+    """The trainer the arguments describe: its model (resumed state, checkpoint, or a fresh one
+    from a run config), the published name, and the Redis shards it pushes to."""
+    if arguments.checkpoint is not None and (arguments.config or arguments.model or arguments.set):
+        raise ValueError(
+            "give either --checkpoint or a fresh model's --config/--model/--set, not both"
+        )
+    fresh = None
+    if arguments.checkpoint is None:
+        overrides = [parse_override(text) for text in arguments.set]
+        if arguments.model:
+            overrides.append(("model.name", arguments.model))
+        if dataset is not None:
+            overrides.append(("dataset", dataset.name))
+        fresh = load_run_config(arguments.config, overrides)
+    default_name = (
+        arguments.checkpoint.stem
+        if arguments.checkpoint is not None
+        else f"{fresh.dataset}-{fresh.model.name}"
+    )
+    name = check_name("model", arguments.name or default_name)
+    start = StartingPoint.resume(arguments.state, name) if arguments.state else None
+    train = TrainConfig()
+    if start is None and arguments.checkpoint is not None:
+        start = StartingPoint.from_checkpoint(arguments.checkpoint)
+        if "run" in start.origin_manifest:
+            train = run_config_from_dict(start.origin_manifest["run"]).train
+    elif start is None:
+        dataset = dataset or load_with_progress(fresh.dataset, show_progress=not arguments.json)
+        spec = plan_model(fresh, dataset.schema)
+        seed_everything(fresh.train.seed)
+        start = StartingPoint(
+            build_model(spec, graphhash_mappings(spec, dataset, fresh.train.seed))
+        )
+        train = fresh.train
+    # Bounded waits, no client retries: the sync retries a failed push itself, and a full
+    # publish of a large model needs more than the default second per pipeline.
+    nodes = RedisNodes(RedisConfig.parse(services.redis_url, socket_timeout_s=5.0, retries=0))
+    config = TrainerConfig(
+        group_id=arguments.group,
+        batch_size=arguments.batch_size,
+        stop_at_end=not getattr(arguments, "follow", False),
+        idle_timeout_s=getattr(arguments, "idle_timeout", None),
+        state_path=None if arguments.state is None else str(arguments.state),
+        train=train,
+        sync=SyncConfig(
+            interval_s=arguments.sync_interval,
+            dense_every=arguments.dense_every,
+            encoding=arguments.encoding,
+        ),
+    )
+    return Trainer(settings, topics, start, ParamPublisher(nodes, name), config)
+
+
+def _run_threads(
+    tasks: dict[str, Callable[[], Any]],
+    describe: Callable[[], str],
+    stop: threading.Event,
+    *,
+    live: bool,
+    detached: tuple[str, ...] = (),
+) -> None:
+    """Run each task on a thread of its own, refreshing a status line on stderr until every
+    task not `detached` has finished; the first error stops the others and is raised here."""
+    errors: list[BaseException] = []
+
+    def guarded(task: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                task()
+            except BaseException as error:  # re-raised on the calling thread
+                errors.append(error)
+                stop.set()
+
+        return run
+
+    threads = {
+        name: threading.Thread(target=guarded(task), name=f"embtab-{name}", daemon=True)
+        for name, task in tasks.items()
+    }
+    for thread in threads.values():
+        thread.start()
+    waited = [thread for name, thread in threads.items() if name not in detached]
+    with tqdm(bar_format="{desc}", file=sys.stderr, disable=not live, leave=False) as line:
+        while any(thread.is_alive() for thread in waited):
+            line.set_description_str(describe(), refresh=True)
+            for thread in waited:
+                thread.join(timeout=0.5 / len(waited))
+    for name in detached:
+        threads[name].join(timeout=0 if stop.is_set() else None)
+    if errors:
+        raise errors[0]
+
+
+def _trainer_line(trainer: Trainer) -> str:
+    status = trainer.status()
+    sync = "no sync yet"
+    if status.version is not None:
+        age = "" if status.last_sync_age_s is None else f" {status.last_sync_age_s:.1f}s ago"
+        sync = f"v{status.version}.{status.delta}{age}"
+        if status.sync_failures:
+            sync += f" ({status.sync_failures} failed tries)"
+    auc = "-" if status.last_window_auc is None else f"{status.last_window_auc:.4f}"
+    lag = "-" if status.lag is None else f"{status.lag:,}"
+    return (
+        f"trained {status.examples:,} ({status.examples_per_s:,.0f}/s) | lag {lag} msgs | "
+        f"sync {sync} | window AUC {auc} | DLQ {status.dead_letters}"
+    )
+
+
+def _trainer_summary(report, topic: str) -> str:
+    auc = "-" if report.last_window_auc is None else f"{report.last_window_auc:.4f}"
+    return (
+        f"trained {report.examples:,} examples from {topic} in {report.active_seconds:.1f} s "
+        f"({report.examples_per_s:,.0f}/s) into {report.redis_model!r} v{report.version} "
+        f"(delta {report.delta}, {report.deltas} deltas, {report.full_publishes} full); "
+        f"last window AUC {auc}, dead-lettered {report.dlq_messages}, skipped "
+        f"{report.skipped_batches}"
+    )

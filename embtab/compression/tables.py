@@ -1,0 +1,260 @@
+"""The embedding tables of one study cell: a compression method at a memory budget.
+
+The budget is a fraction of the FULL tables' memory, applied table by table to the large id
+tables: a categorical feature with at least `compress_min_rows` ids is compressed to
+`budget` x its full table's bytes; smaller tables (gender, age, ...) stay full, since
+compressing them saves next to nothing. A sequence feature reads the table of the feature
+whose ids it shares (MovieLens `hist_item_id` reads `item_id`'s table).
+
+How each method spends the budget on one compressed table of n ids (rows are `dim` wide):
+
+- `full`: one row per id; only budget 1.0.
+- `hash`: int(n x budget) rows, row = hash(id) mod rows (collisions even at budget 1.0).
+- `unified`: ONE table for all compressed features, int(sum of their n x budget) rows; each
+  feature (a sequence feature too) looks it up with its own hash seed (feature multiplexing).
+- `qr_mult` / `qr_add` / `qr_concat`: the complementary-partition embedding with the fewest
+  partitions (2, 3, ...) that fits the budget; the planner gives the remainder partition as
+  many rows as the budget allows (at 1.0: n - 2 remainder rows and 2 quotient rows).
+- `collisionless`: Monolith's table with capacity = int(n x budget) rows, admission after
+  `min_count` = 1 sighting, LRU eviction at capacity, no expiry.
+- `graphhash` / `double_graphhash`: rows from a Louvain clustering of the training user-item
+  graph (plus hash rows for unseen ids), for the user and item id tables; other compressed
+  tables (MovieLens `zip_code`) fall back to `hash` at the same budget.
+- `double_hash`: two hash functions into one table of int(n x budget) rows, the two rows
+  summed (the hashing baseline of the GraphHash paper); a GraphHash table with no clusters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedding_tables.config import TableConfig
+from embedding_tables.errors import BudgetError
+from embedding_tables.planning import ELEMENT_BYTES, TBE_DIM_MULTIPLE, plan_table
+from embtab.compression.errors import InfeasibleCellError, StudyConfigError
+from feature_store.schema import Schema
+
+UNIFIED_TABLE = "unified"
+GRAPH_FALLBACK = "hash"
+MAX_QR_PARTITIONS = 8
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the study: the TableConfig method and options of its compressed tables.
+
+    `mappings` says where GraphHash-style tables get their id -> row maps: "graph" (clustered
+    from the training interactions) or "hashed" (no clusters: every id hashed twice).
+    """
+
+    name: str
+    table_method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    mappings: str | None = None
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("full", "full"),
+        MethodSpec("hash", "hash"),
+        MethodSpec("unified", "unified"),
+        MethodSpec("qr_mult", "qr", {"combine": "mult"}),
+        MethodSpec("qr_add", "qr", {"combine": "add"}),
+        MethodSpec("qr_concat", "qr", {"combine": "concat"}),
+        MethodSpec("collisionless", "collisionless", {"min_count": 1}),
+        MethodSpec("graphhash", "graphhash", {"graphhash_variant": "single"}, "graph"),
+        MethodSpec("double_graphhash", "graphhash", {"graphhash_variant": "double"}, "graph"),
+        MethodSpec("double_hash", "graphhash", {"graphhash_variant": "double"}, "hashed"),
+    )
+}
+# Names that stand for several methods on the command line.
+METHOD_ALIASES = {"qr": ("qr_mult", "qr_add", "qr_concat")}
+
+
+@dataclass(frozen=True)
+class CellTables:
+    """The tables of one cell and what the budget decided for them."""
+
+    tables: tuple[TableConfig, ...]
+    feature_to_table: dict[str, str]
+    compressed: tuple[str, ...]  # the tables compressed to the budget (by name)
+    full_bytes: int  # every table at one row per id: what the budget is a fraction of
+    compressed_full_bytes: int  # the compressed tables' share of full_bytes
+    decisions: dict[str, Any]  # what the method chose per table (qr partitions, capacity, ...)
+
+    @property
+    def graph_tables(self) -> list[TableConfig]:
+        return [table for table in self.tables if table.method == "graphhash"]
+
+
+def expand_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Method names with aliases expanded, in order, without repeats; StudyConfigError for an
+    unknown one (before anything runs)."""
+    expanded: list[str] = []
+    for name in names:
+        for method in METHOD_ALIASES.get(name, (name,)):
+            if method not in METHODS:
+                accepted = ", ".join([*METHODS, *METHOD_ALIASES])
+                raise StudyConfigError(f"unknown method {name!r}; accepted: {accepted}")
+            if method not in expanded:
+                expanded.append(method)
+    return tuple(expanded)
+
+
+def cell_tables(
+    schema: Schema, method: str, budget: float, dim: int, compress_min_rows: int, seed: int = 0
+) -> CellTables:
+    """Tables of every categorical feature of `schema` for `method` at `budget`; `seed` is the
+    hash seed of the compressed tables (each run of a cell draws its own collisions).
+
+    Raises InfeasibleCellError when the method cannot be built at this budget on this schema
+    (full below 1.0, graph methods without user and item ids, qr with no partition count that
+    fits, a budget that leaves a table no row).
+    """
+    spec = METHODS[method]
+    categorical = schema.categorical
+    compressed = [f.name for f in categorical if f.cardinality >= compress_min_rows]
+    if spec.table_method == "full" and budget < 1.0:
+        raise InfeasibleCellError(
+            "full keeps one row per id; it runs at budget 1.0 only (it is the baseline)"
+        )
+    if spec.mappings == "graph":
+        _check_graph(schema, method)
+    if spec.table_method != "full" and not compressed:
+        raise InfeasibleCellError(
+            f"no table has >= {compress_min_rows} ids to compress; lower compress_min_rows"
+        )
+    feature_to_table = {f.name: f.name for f in categorical}
+    feature_to_table.update({f.name: f.shares_ids_with or f.name for f in schema.sequence})
+    full_tables = {
+        f.name: TableConfig(name=f.name, num_embeddings=f.cardinality, dim=dim, pooling="mean")
+        for f in categorical
+    }
+    full_bytes = sum(table.full_bytes for table in full_tables.values())
+    compressed_full_bytes = sum(full_tables[name].full_bytes for name in compressed)
+    decisions: dict[str, Any] = {}
+    if spec.table_method == "full":
+        tables = list(full_tables.values())
+        compressed = []
+    elif spec.table_method == "unified":
+        tables, feature_to_table = _unified(full_tables, feature_to_table, compressed, budget, seed)
+    else:
+        graph_ids = set(schema.id_columns.values()) if spec.mappings == "graph" else None
+        tables = []
+        for name, full in full_tables.items():
+            if name not in compressed:
+                tables.append(full)
+                continue
+            table, decided = _compress(full, spec, budget, seed, graph_ids)
+            tables.append(table)
+            if decided:
+                decisions[name] = decided
+    _check_rows(tables, budget)
+    return CellTables(
+        tables=tuple(tables),
+        feature_to_table=feature_to_table,
+        compressed=tuple(compressed),
+        full_bytes=full_bytes,
+        compressed_full_bytes=compressed_full_bytes,
+        decisions=decisions,
+    )
+
+
+def planned_bytes(tables: CellTables) -> int:
+    """Weight bytes the cell will allocate at most, known before allocating anything: the
+    planned physical tables (graphhash tables at their budget, collisionless at capacity)."""
+    total = 0
+    for table in tables.tables:
+        if table.method == "collisionless":
+            rows = table.capacity or table.budget_rows()
+            total += rows * table.dim * ELEMENT_BYTES[table.dtype]
+        else:
+            total += sum(physical.memory_bytes for physical in plan_table(table).physical)
+    return total
+
+
+def _check_graph(schema: Schema, method: str) -> None:
+    if not {"user", "item"} <= set(schema.id_columns):
+        raise InfeasibleCellError(
+            f"{method} clusters the user-item interaction graph; data set {schema.dataset!r} has "
+            f"no user and item id columns (it names {dict(schema.id_columns) or 'none'})"
+        )
+
+
+def _unified(
+    full_tables: dict[str, TableConfig],
+    feature_to_table: dict[str, str],
+    compressed: list[str],
+    budget: float,
+    seed: int,
+) -> tuple[list[TableConfig], dict[str, str]]:
+    """One shared hashed table for the compressed features, sized to the budget's total."""
+    first = full_tables[compressed[0]]
+    shared = TableConfig(
+        name=UNIFIED_TABLE,
+        num_embeddings=sum(full_tables[name].num_embeddings for name in compressed),
+        dim=first.dim,
+        method="unified",
+        budget=budget,
+        pooling=first.pooling,
+        seed=seed,
+    )
+    tables = [table for name, table in full_tables.items() if name not in compressed]
+    routed = {
+        feature: UNIFIED_TABLE if table in compressed else table
+        for feature, table in feature_to_table.items()
+    }
+    return [*tables, shared], routed
+
+
+def _compress(
+    full: TableConfig, spec: MethodSpec, budget: float, seed: int, graph_ids: set[str] | None
+) -> tuple[TableConfig, dict[str, Any]]:
+    """One compressed table and what was decided for it (empty if nothing beyond the budget)."""
+    if graph_ids is not None and full.name not in graph_ids:
+        table = dataclasses.replace(full, method=GRAPH_FALLBACK, budget=budget, seed=seed)
+        return table, {"method": GRAPH_FALLBACK, "why": "not a user or item id table"}
+    table = dataclasses.replace(
+        full, method=spec.table_method, budget=budget, seed=seed, **spec.options
+    )
+    if spec.table_method == "collisionless":
+        capacity = max(1, table.budget_rows())
+        return dataclasses.replace(table, capacity=capacity), {"capacity": capacity}
+    if spec.table_method == "qr":
+        table = _fewest_partitions(table)
+        return table, {"partitions": table.num_partitions, "radices": plan_table(table).radices}
+    return table, {}
+
+
+def _fewest_partitions(table: TableConfig) -> TableConfig:
+    """The qr table with the fewest partitions whose cover of the ids fits the budget."""
+    most = MAX_QR_PARTITIONS
+    if table.combine == "concat":
+        most = min(most, table.dim // TBE_DIM_MULTIPLE)
+    error: BudgetError | None = None
+    for partitions in range(2, most + 1):
+        candidate = dataclasses.replace(table, num_partitions=partitions)
+        try:
+            plan_table(candidate)
+        except BudgetError as failure:
+            error = failure
+            continue
+        return candidate
+    raise InfeasibleCellError(
+        f"qr ({table.combine}) cannot give each of the {table.num_embeddings} ids of "
+        f"{table.name!r} a unique combination within budget {table.budget} with 2 to {most} "
+        f"partitions; with {most}: {error}"
+    )
+
+
+def _check_rows(tables: list[TableConfig], budget: float) -> None:
+    for table in tables:
+        if table.budget is not None and table.budget_rows() < 1:
+            raise InfeasibleCellError(
+                f"budget {budget} leaves table {table.name!r} ({table.num_embeddings} ids) no "
+                "row at all"
+            )

@@ -1,0 +1,108 @@
+"""The embedded service launchers: start, answer, stop, port collisions, env overrides."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+from embtab import services as services_module
+from embtab.services import KAFKA_CONSUMER_DEFAULTS, embedded_services, start_redis
+
+
+def test_redis_starts_answers_and_stops():
+    server = start_redis()
+    client = redis.Redis(host="127.0.0.1", port=server.port)
+    assert client.ping()
+    client.set("embtab:test", b"value")
+    assert client.get("embtab:test") == b"value"
+    client.close()
+    server.stop()
+    assert not server.alive()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1).ping()
+
+
+def test_redis_with_password_refuses_anonymous_clients():
+    server = start_redis(password="s3cret")
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port).ping()
+        assert redis.Redis(host="127.0.0.1", port=server.port, password="s3cret").ping()
+    finally:
+        server.stop()
+
+
+def test_taken_port_moves_to_another_free_port(monkeypatch):
+    """If the chosen port is taken before the server binds it, the launcher tries another."""
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    real_free_port = services_module.free_port
+    offered = iter([taken])
+    monkeypatch.setattr(
+        services_module, "free_port", lambda: next(offered, None) or real_free_port()
+    )
+    started = time.monotonic()
+    server = start_redis()
+    try:
+        assert server.port != taken
+        assert redis.Redis(host="127.0.0.1", port=server.port).ping()
+        assert time.monotonic() - started < services_module.READY_TIMEOUT_S
+    finally:
+        server.stop()
+        blocker.close()
+
+
+def test_kafka_broker_round_trips_and_a_group_joins_quickly(kafka_service):
+    topic = f"embtab-test-{uuid.uuid4().hex[:8]}"
+    producer = KafkaProducer(bootstrap_servers=kafka_service.kafka_bootstrap)
+    producer.send(topic, b"hello")
+    producer.flush()
+    producer.close()
+    started = time.monotonic()
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_service.kafka_bootstrap,
+        group_id=f"group-{topic}",
+        auto_offset_reset="earliest",
+        **KAFKA_CONSUMER_DEFAULTS,
+    )
+    received = []
+    try:
+        while not received and time.monotonic() - started < 20:
+            for records in consumer.poll(timeout_ms=500).values():
+                received.extend(record.value for record in records)
+    finally:
+        consumer.close()
+    assert received == [b"hello"]
+    assert time.monotonic() - started < 10, "the consumer group should join in about 3 s"
+
+
+def test_embedded_services_start_both_and_stop_them():
+    with embedded_services() as services:
+        assert services.redis is not None and services.kafka is not None
+        assert redis.Redis.from_url(services.redis_url).ping()
+        redis_process, kafka_process = services.redis, services.kafka
+    assert not redis_process.alive()
+    assert not kafka_process.alive()
+
+
+def test_environment_urls_are_used_and_nothing_is_started(monkeypatch, redis_service):
+    monkeypatch.setenv("EMBTAB_REDIS", redis_service.redis_url)
+    monkeypatch.setenv("EMBTAB_KAFKA", "127.0.0.1:9")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing may be started when EMBTAB_REDIS/EMBTAB_KAFKA are set")
+
+    monkeypatch.setattr(services_module, "start_redis", refuse)
+    monkeypatch.setattr(services_module, "start_kafka", refuse)
+    with embedded_services() as services:
+        assert services.redis_url == redis_service.redis_url
+        assert services.kafka_bootstrap == "127.0.0.1:9"
+        assert services.redis is None and services.kafka is None
