@@ -59,7 +59,13 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
-from embedding_tables.errors import ConfigError, EmbeddingTableError, FeatureError, IdError
+from embedding_tables.errors import (
+    ConfigError,
+    EmbeddingTableError,
+    FeatureError,
+    IdError,
+    OffsetsError,
+)
 from embedding_tables.kernels import triton_available
 from embedding_tables.lookup import (
     TORCH_DTYPES,
@@ -621,6 +627,7 @@ class EmbeddingCollection(nn.Module):
         lengths = features.lengths().to(device=self.device, dtype=torch.int64)
         weights = features.weights_or_none()
         weights = None if weights is None else weights.to(self.device, torch.float32)
+        _check_layout(keys, features.stride(), values, lengths, weights)
         counts = features.length_per_key()
         ids = values.split(counts)
         per_key_lengths = lengths.view(len(keys), features.stride())
@@ -810,6 +817,35 @@ def _use_kernels(device: torch.device) -> bool:
     """Whether static tables on `device` go through the fused Triton kernels: on CUDA when
     Triton is installed (else fbgemm's TBE, as on CPU)."""
     return device.type == "cuda" and triton_available()
+
+
+def _check_layout(
+    keys: Sequence[str],
+    stride: int,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None,
+) -> None:
+    """OffsetsError unless the lengths (one per feature and sample) and the per-id weights
+    describe exactly the ids: torch would fail later with a bare RuntimeError."""
+    named = ", ".join(map(repr, keys))
+    if lengths.numel() != len(keys) * stride:
+        raise OffsetsError(
+            f"features {named}: {lengths.numel()} lengths for {len(keys)} features x batch "
+            f"{stride}; one length per feature and sample is accepted"
+        )
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise OffsetsError(f"features {named}: lengths must be >= 0, got {int(lengths.min())}")
+    if int(lengths.sum()) != values.numel():
+        raise OffsetsError(
+            f"features {named}: the lengths add up to {int(lengths.sum())} ids but there are "
+            f"{values.numel()}"
+        )
+    if weights is not None and weights.numel() != values.numel():
+        raise OffsetsError(
+            f"features {named}: {weights.numel()} weights for {values.numel()} ids; one weight "
+            "per id (or none) is accepted"
+        )
 
 
 def _complete_offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ def _parts(rows: torch.Tensor, feature: MultPoolFeature) -> list[torch.Tensor]:
 def _pool(values: torch.Tensor, feature: MultPoolFeature, length: int | None) -> torch.Tensor:
     if length is not None:
         return values.reshape(feature.lengths.numel(), length, -1).sum(dim=1)
+    if feature.lengths.numel() == 0:  # an empty batch: segment_reduce refuses empty lengths
+        return values.new_zeros((0, values.shape[1]))
     return torch.segment_reduce(values, "sum", lengths=feature.lengths)
 
 

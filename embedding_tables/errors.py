@@ -22,5 +22,5 @@ class FeatureError(EmbeddingTableError):
 
 
 class OffsetsError(EmbeddingTableError):
-    """Bag offsets that do not describe the ids: decreasing, not starting at 0, or not ending at
-    the number of ids."""
+    """Bag offsets, lengths or per-id weights that do not describe the ids: decreasing or
+    negative, not starting at 0, not adding up to the number of ids, one weight too many."""
