@@ -4,13 +4,17 @@ The manifest holds what rebuilds the model without the training code: model conf
 configs, feature -> table map, sparse optimizer, the features' schema, table mapping metadata
 (GraphHash maps, collisionless id map statistics; their tensors are in the file with the rest),
 metrics and library versions. Tensors and manifest live in one file so that a write is one
-atomic rename: a crash leaves the previous checkpoint, never half of a new one.
+atomic rename: a crash leaves the previous checkpoint, never half of a new one. safetensors has
+no checksum of its own, so the header also carries a SHA-256 of every tensor's bytes: a file
+corrupted after it was written is refused instead of loading wrong weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from embedding_tables.config import TableConfig
 from embedding_tables.graphhash import GraphHashMapping
@@ -30,11 +34,12 @@ from feature_store.schema import Schema, SchemaError
 from models.base import Model
 from models.build import ModelSpec, build_model
 from models.config import from_dict, model_config_from_dict, to_dict
-from models.errors import CheckpointError, ModelError
+from models.errors import CheckpointError, CheckpointWriteError, ModelError
 
 FORMAT = "embtab.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "embtab.manifest"
+CHECKSUM_KEY = "embtab.tensors_sha256"
 GRAPHHASH_PREFIX = "embeddings.graphhash_mappings."
 LIBRARIES = ("embtab", "torch", "torchrec", "fbgemm-gpu-cpu", "safetensors", "numpy", "pyarrow")
 
@@ -97,28 +102,52 @@ def manifest_of(model: Model, metrics: dict | None = None, extra: dict | None = 
     }
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: str | Path, model: Model, metrics: dict | None = None, extra: dict | None = None
 ) -> Path:
     """Write `model` to `path` atomically (temp file in the same directory, fsync, rename).
 
-    `extra` adds JSON-able entries to the manifest (the run config, training history).
+    `extra` adds JSON-able entries to the manifest (the run config, training history). A write
+    that fails (read-only directory, full disk) raises CheckpointWriteError and leaves the
+    previous file at `path` as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = manifest_of(model, metrics, extra)
     # Table weights are views of one fused buffer; safetensors wants each tensor on its own.
     tensors = {
         key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()
     }
+    metadata = {
+        MANIFEST_KEY: json.dumps(manifest, sort_keys=True),
+        CHECKSUM_KEY: tensors_digest(tensors),
+    }
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, scratch, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, scratch, metadata=metadata)
         with open(scratch, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(scratch, path)
+    except (OSError, SafetensorError) as error:
+        with contextlib.suppress(OSError):
+            scratch.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path} ({error}); the file there, if any, is unchanged: "
+            "check that the directory is writable and the disk has room"
+        ) from error
     except BaseException:
-        scratch.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            scratch.unlink(missing_ok=True)
         raise
     return path
 
@@ -169,10 +198,21 @@ def spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, checked against the checksum in its header (files written
+    before checkpoints carried one are read unchecked)."""
     try:
-        return load_file(Path(path))
+        with safe_open(Path(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(CHECKSUM_KEY)
+            names = handle.keys()  # a safe_open handle is not iterable itself
+            tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: tensors are unreadable (truncated?): {error}") from error
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise CheckpointError(
+            f"{path}: the tensors do not match the checksum in its header: the file was "
+            "corrupted after it was written; use another copy or an earlier checkpoint"
+        )
+    return tensors
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Checkpoint:

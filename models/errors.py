@@ -31,3 +31,8 @@ class NonFiniteLossError(ModelError):
 
 class CheckpointError(ModelError):
     """A checkpoint that is truncated, corrupt, or from an incompatible format version."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint that could not be written (read-only directory, full disk); the previous file
+    at the path is untouched. An OSError too, since the file system is what failed."""
