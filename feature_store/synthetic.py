@@ -4,6 +4,12 @@ The teacher is a hidden factorisation machine whose per-id weights are a hash of
 so it needs no memory even at 1e8 ids per feature, and the label depends on each id's own
 weights: a compressed table that merges popular ids loses measurable AUC. Rows are generated
 in chunks, each from its own seeded generator, so any slice is reproducible on its own.
+
+Criteo's features are anonymous; streaming and serving need a user key and an item key (the
+stream partitions and joins by them, a scoring request names one user and many items), so the
+two features with the most ids play those roles: with the Kaggle cardinalities `cat_2` (10.1M
+ids) is the user and `cat_11` (8.4M) the item. Ids are independent across features, so the
+user-item graph has no community structure for GraphHash to find.
 """
 
 from __future__ import annotations
@@ -102,7 +108,18 @@ class SyntheticCriteo:
             for index, cardinality in enumerate(self.config.cardinalities)
         )
         dense = tuple(FeatureSpec(f"dense_{index}", "dense") for index in range(NUM_DENSE))
-        return Schema(dataset="synthetic-criteo", features=categorical + dense)
+        return Schema(
+            dataset="synthetic-criteo", features=categorical + dense, id_columns=self._roles()
+        )
+
+    def _roles(self) -> dict[str, str]:
+        """The user and item keys: the features with the most ids (the first on ties)."""
+        if len(self.config.cardinalities) < 2:
+            return {}
+        by_size = sorted(
+            range(len(self.config.cardinalities)), key=lambda f: -self.config.cardinalities[f]
+        )
+        return {"user": f"cat_{by_size[0]}", "item": f"cat_{by_size[1]}"}
 
     def _teacher_vectors(self, feature: int, ids: np.ndarray) -> np.ndarray:
         dim = self.config.teacher_dim

@@ -26,7 +26,11 @@ THREADS = "1"  # torch threads per process: the demo's processes share 2 loaded 
 
 def register(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="run the main job end to end on embedded services")
-    demo.add_argument("--dataset", default="movielens-1m", help="data set to run on (movielens-1m)")
+    demo.add_argument(
+        "--dataset",
+        default="movielens-1m",
+        help="data set to run on (movielens-1m, synthetic-criteo)",
+    )
     demo.add_argument(
         "--quick", action="store_true", help="a small slice of every stage (about 2 minutes)"
     )
@@ -53,7 +57,7 @@ def run_demo(arguments: argparse.Namespace) -> int:
     try:
         import torch
 
-        from embtab.demo.pipeline import DemoRun, StageError, run_demo_stages
+        from embtab.demo.pipeline import DemoRun, StageError, check_roles, run_demo_stages
         from embtab.demo.report import headline, write_report
     except ImportError as error:
         print(
@@ -77,6 +81,7 @@ def run_demo(arguments: argparse.Namespace) -> int:
             print(f"services: redis {services.redis_url}, kafka {services.kafka_bootstrap}")
             with run.stage("prepare data"):
                 dataset = load_with_progress(config.dataset, show_progress=not arguments.json)
+                check_roles(dataset)
             run_demo_stages(run, services, dataset, progress=not arguments.json)
     except StageError as error:
         print(f"embtab demo: {error}", file=sys.stderr)

@@ -5,27 +5,69 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_DATASETS = ("movielens-1m",)
+DAY_S = 86_400.0
 
 
 class DemoError(RuntimeError):
     """A demo input that cannot be run (unsupported data set, missing dependency)."""
 
 
-def compressed_tables() -> dict[str, Any]:
-    """qr for items (a tenth of the rows); for users a collisionless table with room for half
-    of them, admission at a second sighting, 30-day expiry and LRU eviction."""
-    return {
-        "overrides": {
-            "item_id": {"method": "qr", "budget": 0.1},
-            "user_id": {
-                "method": "collisionless",
-                "budget": 0.5,
-                "min_count": 2,
-                "ttl_seconds": 30 * 86_400.0,
+@dataclass(frozen=True)
+class CompressedTables:
+    """One data set's compressed demo configuration (`TablesConfig` fields) and how the report
+    describes it."""
+
+    tables: dict[str, Any]
+    summary: str
+
+
+def movielens_tables() -> CompressedTables:
+    return CompressedTables(
+        tables={
+            "overrides": {
+                "item_id": {"method": "qr", "budget": 0.1},
+                "zip_code": {"method": "hash", "budget": 0.1},
+                "user_id": {
+                    "method": "collisionless",
+                    "budget": 0.5,
+                    "min_count": 2,
+                    "ttl_seconds": 30 * DAY_S,
+                },
+            }
+        },
+        summary=(
+            "qr item tables and hashed zip codes (a tenth of the rows each) and a collisionless "
+            "user table (room for half the users, LRU eviction, admission at a second sighting, "
+            "30-day expiry)"
+        ),
+    )
+
+
+def criteo_tables() -> CompressedTables:
+    return CompressedTables(
+        tables={
+            "method": "hash",
+            "budget": 0.05,
+            "compress_min_rows": 10_000,
+            "overrides": {
+                "cat_2": {
+                    "method": "collisionless",
+                    "budget": 0.02,
+                    "min_count": 2,
+                    "ttl_seconds": 3 * DAY_S,
+                },
             },
-        }
-    }
+        },
+        summary=(
+            "every table of >= 10,000 ids hashed to 5% of its rows, and the user-keyed one "
+            "(cat_2, 10.1M ids) collisionless with room for 2% of its ids (admission at a second "
+            "sighting, LRU eviction, 3-day expiry)"
+        ),
+    )
+
+
+TABLES = {"movielens-1m": movielens_tables, "synthetic-criteo": criteo_tables}
+SUPPORTED_DATASETS = tuple(TABLES)
 
 
 @dataclass(frozen=True)
@@ -46,19 +88,21 @@ class DemoConfig:
     load_concurrency: int = 1
     candidates: int = 100
     batch_size: int = 4096
-    tables: dict[str, Any] = field(default_factory=compressed_tables)
+    tables: CompressedTables = field(default_factory=movielens_tables)
 
     @classmethod
     def for_run(cls, dataset: str, quick: bool) -> DemoConfig:
-        if dataset not in SUPPORTED_DATASETS:
+        if dataset not in TABLES:
             raise DemoError(
-                f"data set {dataset!r} is not supported by the demo yet; accepted: "
-                f"{', '.join(SUPPORTED_DATASETS)} (synthetic-criteo: not supported yet)"
+                f"data set {dataset!r} is not supported by the demo; accepted: "
+                f"{', '.join(SUPPORTED_DATASETS)}"
             )
+        tables = TABLES[dataset]()
         if not quick:
-            return cls(dataset=dataset)
+            return cls(dataset=dataset, tables=tables)
         return cls(
             dataset=dataset,
+            tables=tables,
             quick=True,
             train_rows=40_000,
             eval_rows=10_000,

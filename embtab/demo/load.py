@@ -10,16 +10,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from feature_store.offline import Dataset
+
 
 def request_bodies(
-    users: np.ndarray, items: np.ndarray, count: int, candidates: int
+    dataset: Dataset, count: int, candidates: int, with_context: bool
 ) -> list[bytes]:
-    """`count` requests: a known user and `candidates` distinct known items each."""
+    """`count` requests, each for a user of the train split and `candidates` distinct items of
+    it. `with_context`: the request also carries every other feature of a test row (for data
+    sets whose user features no online feature store holds)."""
+    user_column, item_column = dataset.schema.id_columns["user"], dataset.schema.id_columns["item"]
+    train = dataset.read("train", [user_column, item_column])
+    users = np.unique(train.column(user_column).to_numpy())
+    items = np.unique(train.column(item_column).to_numpy())
+    contexts: list[dict] = [{}] * count
+    if with_context:
+        names = [
+            s.name for s in dataset.schema.features if s.name not in (user_column, item_column)
+        ]
+        test = dataset.read("test", names).slice(0, count).to_pylist()
+        contexts = [test[index % len(test)] for index in range(count)]
     rng = np.random.default_rng(0)
     bodies = []
-    for user in rng.choice(users, count):
+    for user, context in zip(rng.choice(users, count), contexts, strict=True):
         chosen = rng.choice(items, min(candidates, len(items)), replace=False)
         body = {"user_id": int(user), "candidates": [{"item_id": int(i)} for i in chosen]}
+        if context:
+            body["context"] = context
         bodies.append(json.dumps(body).encode())
     return bodies
 

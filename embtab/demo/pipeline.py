@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from embtab.demo.config import DemoConfig
+from embtab.demo.config import DemoConfig, DemoError
 from embtab.demo.console import StatusLine
 from embtab.demo.load import LoadClient, request_bodies
 from embtab.services import Services, free_port
 from feature_store.offline import Dataset
-from feature_store.online import OnlineFeatureStore
+from feature_store.online import NoOnlineLayout, OnlineFeatureStore, OnlineLayout
+from feature_store.schema import Schema
 from models.batches import batch_from_columns
 from models.checkpoint import load_checkpoint
 from models.config import run_config_from_dict
@@ -102,6 +103,15 @@ class DemoRun:
         self.stages[name] = {"status": "ok", "seconds": round(time.monotonic() - started, 1)}
 
 
+def has_online_layout(schema: Schema) -> bool:
+    """Whether an online feature store holds this data set's user and item features."""
+    try:
+        OnlineLayout.for_schema(schema)
+    except NoOnlineLayout:
+        return False
+    return True
+
+
 def _memory_per_table(model) -> dict[str, int]:
     return {name: int(size) for name, size in model.embeddings.memory_bytes().items()}
 
@@ -117,7 +127,7 @@ def train_offline(run: DemoRun, dataset: Dataset, scratch: Path, progress: bool)
         "threads": 1,
     }
     paths = {}
-    for variant, tables in (("compressed", config.tables), ("full", {})):
+    for variant, tables in (("compressed", config.tables.tables), ("full", {})):
         raw = {"dataset": config.dataset, "model": {"name": "dcn"}, "train": train_options}
         if tables:
             raw["tables"] = tables
@@ -143,13 +153,14 @@ def publish(run: DemoRun, services: Services, checkpoint: Path, dataset: Dataset
         result = publish_checkpoint(
             ParamPublisher(nodes, MODEL_NAME), str(checkpoint), num_shards=4
         )
-        store = OnlineFeatureStore(nodes.meta, load_checkpoint(checkpoint).model.schema)
         written = 0
-        for batch in dataset.iter_batches("train", 50_000):
-            store.write_events(batch)
-            written += batch.num_rows
-            if run.config.online_store_rows and written >= run.config.online_store_rows:
-                break
+        if has_online_layout(dataset.schema):
+            store = OnlineFeatureStore(nodes.meta, load_checkpoint(checkpoint).model.schema)
+            for batch in dataset.iter_batches("train", 50_000):
+                store.write_events(batch)
+                written += batch.num_rows
+                if run.config.online_store_rows and written >= run.config.online_store_rows:
+                    break
         run.published = {
             "version": result.version,
             "rows": result.rows_written,
@@ -394,6 +405,15 @@ def replay_split(
     )
 
 
+def check_roles(dataset: Dataset) -> None:
+    """The stream and the scoring requests are keyed by the data set's user and item columns."""
+    if not {"user", "item"} <= dataset.schema.id_columns.keys():
+        raise DemoError(
+            f"the prepared {dataset.name} names no user and item id columns (a copy prepared by "
+            f"an older embtab?); prepare it again: embtab data prepare {dataset.name}"
+        )
+
+
 def run_demo_stages(run: DemoRun, services: Services, dataset: Dataset, progress: bool) -> None:
     """Every stage in order; raises StageError at the first failure (recorded in `run`)."""
     config = run.config
@@ -409,12 +429,11 @@ def run_demo_stages(run: DemoRun, services: Services, dataset: Dataset, progress
         try:
             with run.stage("serve"):
                 service.start()
-                train_split = dataset.read("train", ["user_id", "item_id"])
                 bodies = request_bodies(
-                    np.unique(train_split.column("user_id").to_numpy()),
-                    np.unique(train_split.column("item_id").to_numpy()),
+                    dataset,
                     500,
                     config.candidates,
+                    with_context=not has_online_layout(dataset.schema),
                 )
                 client = LoadClient(service.port, bodies)
                 client.start()

@@ -176,13 +176,11 @@ def write_report(run: DemoRun, directory: Path, seconds: float) -> Path:
     if config.cuts():
         lines += ["What --quick cuts:", ""] + [f"- {cut}" for cut in config.cuts()] + [""]
     lines += [
-        "What ran: DCN-v2 trained offline on the train split (the first 80% of events in time "
-        "order; the checkpoint is picked by AUC on a sample of the validation split, which is "
-        "replayed later but never trained on offline) with qr item tables and collisionless "
-        "user tables (room for half the users, LRU eviction, admission at a second sighting, "
-        "30-day expiry), and the same model with full "
-        "tables for comparison; the compressed model published to Redis and served by "
-        "`embtab serve`; then "
+        f"What ran: DCN-v2 trained offline on the {config.dataset} train split (the first 80% "
+        "of events in time order; the checkpoint is picked by AUC on a sample of the validation "
+        "split, which is replayed later but never trained on offline) with "
+        f"{config.tables.summary}, and the same model with full tables for comparison; the "
+        "compressed model published to Redis and served by `embtab serve`; then "
         + " then ".join(config.replay_splits)
         + " replayed in time order through Kafka (producer -> joiner -> online trainer -> "
         "delta sync) while one closed-loop client scored requests against the live service. "
