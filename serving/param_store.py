@@ -35,6 +35,7 @@ import redis
 import safetensors.numpy
 import safetensors.torch
 import torch
+from redis.exceptions import NoPermissionError
 
 from serving.errors import (
     PublishError,
@@ -240,6 +241,11 @@ def _redis_call(what: str) -> Iterator[None]:
         yield
     except redis.AuthenticationError as error:
         raise RedisAuthError(f"{what}: Redis refused the credentials ({error})") from error
+    except NoPermissionError as error:  # the ACL user may not run this command or use this key
+        raise RedisAuthError(
+            f"{what}: the Redis ACL user lacks a permission ({error}); it needs every non-admin "
+            "command on the keys embtab:*"
+        ) from error
     except REDIS_ERRORS as error:
         raise RedisUnavailableError(f"{what}: Redis did not answer ({error})") from error
 
