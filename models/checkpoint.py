@@ -127,6 +127,14 @@ def save_checkpoint(
     tensors = {
         key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()
     }
+    return write_checkpoint_file(path, tensors, manifest)
+
+
+def write_checkpoint_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+) -> Path:
+    """Write `tensors` and `manifest` as a checkpoint at `path`, atomically, as save_checkpoint."""
+    path = Path(path)
     metadata = {
         MANIFEST_KEY: json.dumps(manifest, sort_keys=True),
         CHECKSUM_KEY: tensors_digest(tensors),
