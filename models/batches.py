@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -29,11 +30,13 @@ Columns = pa.RecordBatch | pa.Table | Mapping[str, Any]
 
 @dataclass
 class Batch:
-    """One mini-batch: ids as a KJT, dense features [B, n_dense] float32, labels [B] (or None)."""
+    """One mini-batch: ids as a KJT, dense features [B, n_dense] float32, labels [B] (or None),
+    and the event time of its newest row when the rows carried the schema's time column."""
 
     sparse: KeyedJaggedTensor
     dense: torch.Tensor
     labels: torch.Tensor | None
+    newest_event_time: float | None = None
 
     @property
     def size(self) -> int:
@@ -44,6 +47,7 @@ class Batch:
             sparse=self.sparse.to(device),
             dense=self.dense.to(device),
             labels=None if self.labels is None else self.labels.to(device),
+            newest_event_time=self.newest_event_time,
         )
 
 
@@ -83,7 +87,15 @@ def batch_from_columns(data: Columns, schema: Schema, with_labels: bool = True) 
     labels = None
     if with_labels:
         labels = torch.from_numpy(_floats(_column(data, schema.label, schema), schema.label, rows))
-    return Batch(sparse=sparse, dense=dense, labels=labels)
+    return Batch(sparse=sparse, dense=dense, labels=labels, newest_event_time=_newest(data, schema))
+
+
+def _newest(data: Columns, schema: Schema) -> float | None:
+    """The largest value of the schema's time column, None when the rows do not carry it."""
+    names = data.schema.names if isinstance(data, pa.RecordBatch | pa.Table) else data.keys()
+    if schema.time_column not in names or _num_rows(data) == 0:
+        return None
+    return float(np.max(np.asarray(data[schema.time_column])))
 
 
 def _num_rows(data: Columns) -> int:
@@ -181,6 +193,8 @@ class BatchLoader:
         self.seed = seed
         self.prefetch = prefetch
         self.columns = [spec.name for spec in schema.features] + [schema.label]
+        if schema.time_column in pq.read_schema(dataset.path(split)).names:
+            self.columns.append(schema.time_column)
         available = dataset.info["splits"][split]["rows"]
         self.rows = available if rows is None else min(rows, available)
         self._table: pa.Table | None = None

@@ -31,6 +31,7 @@ from models.build import build_model, graphhash_mappings, plan_model
 from models.checkpoint import load_state, read_tensors, save_checkpoint
 from models.config import RunConfig, TrainConfig, TwoTowerConfig, to_dict
 from models.errors import NonFiniteLossError
+from models.event_clock import EventClock
 from models.metrics import auc, logloss_from_logits
 from models.retrieval import RetrievalEvaluator
 
@@ -196,6 +197,7 @@ def fit(
             steps_per_epoch=len(loader),
             total_steps=total_steps,
         )
+        run.clock.attach(model)
         for epoch in range(config.epochs):
             with contextlib.closing(iter(loader)) as batches:
                 run.epoch(epoch, batches)
@@ -235,6 +237,7 @@ class _Fit:
     best: dict[str, Any] = field(default_factory=dict)
     bad: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    clock: EventClock = field(default_factory=EventClock)
 
     @property
     def finished(self) -> bool:
@@ -245,6 +248,8 @@ class _Fit:
         eval_points = {max(1, round(self.steps_per_epoch * (j + 1) / evals)) for j in range(evals)}
         started = time.perf_counter()
         for index, batch in enumerate(batches, start=1):
+            if batch.newest_event_time is not None:
+                self.clock.advance(batch.newest_event_time)
             loss = train_step(self.model, batch, self.optimizer, self.steps + 1)
             self.steps += 1
             self.examples += batch.size

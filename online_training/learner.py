@@ -23,6 +23,7 @@ from models.base import Model
 from models.batches import batch_from_columns
 from models.config import TrainConfig
 from models.errors import BatchError, MetricError
+from models.event_clock import EventClock
 from models.metrics import auc
 from models.train import dense_optimizer, train_step
 
@@ -98,24 +99,24 @@ class OnlineLearner:
     ) -> None:
         self.model = model
         self.optimizer = dense_optimizer(model, train or TrainConfig())
-        self.event_time = event_time
+        self.clock = EventClock(event_time)
+        self.clock.attach(model)
         self.steps = 0
         self.examples = 0
         self.progressive = WindowedAUC(auc_window)
         self._scores: list[torch.Tensor] = []
         self._label_column = model.schema.label
         self._columns = [spec.name for spec in model.schema.features]
-        for table in model.embeddings.self_managed.values():
-            table.set_clock(self.clock)
 
     @property
     def columns(self) -> list[str]:
         """The columns a batch needs: the model's features, `label` and `event_time`."""
         return [*self._columns, LABEL, EVENT_TIME]
 
-    def clock(self) -> float:
-        """Event time of the newest example trained on (0 before the first one)."""
-        return self.event_time if math.isfinite(self.event_time) else 0.0
+    @property
+    def event_time(self) -> float:
+        """Event time of the newest example trained on (-inf before the first one)."""
+        return self.clock.newest
 
     def apply(self, rows: pa.RecordBatch) -> AppliedBatch:
         """Train on `rows` (examples with the model's feature columns, `label`, `event_time`).
@@ -132,8 +133,7 @@ class OnlineLearner:
         columns = {name: rows.column(name) for name in self._columns}
         columns[self._label_column] = rows.column(LABEL)
         batch = batch_from_columns(columns, self.model.schema)
-        newest = float(pc.max(rows.column(EVENT_TIME)).as_py())
-        self.event_time = max(self.event_time, newest)
+        self.clock.advance(float(pc.max(rows.column(EVENT_TIME)).as_py()))
         self._scores.clear()
         # The hook lives for this step only, so that learners made one after another on the
         # same model (a trainer per replayed split) do not pile hooks up on it.

@@ -96,3 +96,14 @@ def test_bad_configs_fail_before_training_and_say_what_is_accepted(
     with pytest.raises(ModelConfigError, match=message):
         train(run_config_from_dict(raw), tiny_dataset, path, progress=False)
     assert not path.exists()
+
+
+def test_collisionless_tables_expire_by_event_time_offline(tiny_dataset):
+    """Offline training runs collisionless tables on the data's clock (one second per row
+    here), as the online trainer does: a 20-second ttl expires users between their visits
+    (about 60 rows apart), though the whole run takes a few wall-clock seconds (by the wall
+    clock nothing would expire)."""
+    tables = {"overrides": {"user_id": {"method": "collisionless", "ttl_seconds": 20.0}}}
+    result = train(run_config(tables=tables, epochs=1, shuffle=False), tiny_dataset, progress=False)
+    stats = result.model.embeddings.self_managed["user_id"].stats()
+    assert stats["expired"] > 100, stats
