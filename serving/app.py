@@ -6,6 +6,9 @@
     GET  /readyz                 200 once a version is loaded, else 503
     GET  /version                the version being served, its delta and dense revision
     GET  /metrics                Prometheus
+    GET  /openapi.json           the OpenAPI schema of all of these
+
+Limits (ServeConfig): body size and candidate count (413), request time (503).
 
 Errors are JSON `{"error": message, "field": path}` with the status the error carries (400, 404,
 413, 422, 503); nothing a client sends leads to a 500.
@@ -13,6 +16,7 @@ Errors are JSON `{"error": message, "field": path}` with the status the error ca
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -20,6 +24,7 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -31,6 +36,82 @@ from serving.service import ScoringService, ServeConfig
 
 def _error(status: int, message: str, field: str = "") -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "field"],
+    "properties": {
+        "error": {"type": "string", "minLength": 1, "description": "what was wrong"},
+        "field": {"type": "string", "description": "the path of the field at fault, or empty"},
+    },
+}
+SCORE_RESPONSE_SCHEMA = {
+    "type": "object",
+    "required": ["model", "version", "delta", "degraded", "scores"],
+    "properties": {
+        "model": {"type": "string"},
+        "version": {"type": "integer"},
+        "delta": {"type": "integer"},
+        "degraded": {"type": "boolean"},
+        "scores": {"type": "array", "items": {"type": "number"}},
+    },
+}
+SCORE_ERRORS = {
+    400: "malformed JSON, an unknown feature, or an id the model does not accept",
+    404: "a model this service does not serve",
+    413: "a body or a candidate list over the service's limits",
+    422: "a field missing or of the wrong type",
+    503: "no version loaded yet, or not answered within the request timeout",
+}
+
+
+def _json(schema: str, description: str) -> dict:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+
+# The score routes read their body raw (to bound its size before parsing it), so FastAPI cannot
+# infer it: this states it for clients and for schema-driven fuzzing (tests/fuzz).
+SCORE_OPENAPI = {
+    "requestBody": {"required": True, **_json("ScoreRequest", "the candidates to score")},
+    "responses": {
+        "200": _json("ScoreResponse", "one score per candidate, in candidate order"),
+        **{str(code): _json("Error", why) for code, why in SCORE_ERRORS.items()},
+    },
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the components SCORE_OPENAPI refers to."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request.pop("$defs", {}))
+        components.update(
+            ScoreRequest=request, ScoreResponse=SCORE_RESPONSE_SCHEMA, Error=ERROR_SCHEMA
+        )
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit` bytes: from its
+    Content-Length, or while it streams in, so that a chunked upload is never held whole."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLargeError("body", f"{length} bytes; a request may carry at most {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(
+                "body", f"more than {limit} bytes; a request may carry at most {limit}"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(service: ScoringService) -> FastAPI:
@@ -57,21 +138,12 @@ def create_app(service: ScoringService) -> FastAPI:
                 raise UnknownModelError(
                     "path", f"unknown model {model!r}; this service serves {config.model!r}"
                 )
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                raise BodyTooLargeError(
-                    "body", f"{length} bytes; a request may carry at most {config.max_body_bytes}"
-                )
-            body = await request.body()
-            if len(body) > config.max_body_bytes:
-                raise BodyTooLargeError(
-                    "body",
-                    f"{len(body)} bytes; a request may carry at most {config.max_body_bytes}",
-                )
-            parsed: ScoreRequest = parse_request(body, config.max_candidates)
-            columns = service.scorer.prepare(parsed)
-            submitted = True
-            result = await service.batcher.submit(columns)
+            async with asyncio.timeout(config.request_timeout_s):
+                body = await _read_body(request, config.max_body_bytes)
+                parsed: ScoreRequest = parse_request(body, config.max_candidates)
+                columns = service.scorer.prepare(parsed)
+                submitted = True
+                result = await service.batcher.submit(columns)
             payload = {
                 "model": config.model,
                 "version": result.version,
@@ -86,6 +158,13 @@ def create_app(service: ScoringService) -> FastAPI:
         except NotReadyError as error:
             status = 503
             return _error(status, str(error))
+        except TimeoutError:
+            status = 503
+            return _error(
+                status,
+                f"the request was not answered within {config.request_timeout_s} s (the "
+                "service's request timeout); the service is overloaded or Redis is slow, retry",
+            )
         except Exception:  # a bug of ours: FastAPI answers 500; count it as one
             status = 500
             raise
@@ -95,11 +174,11 @@ def create_app(service: ScoringService) -> FastAPI:
             metrics.latency.observe(time.perf_counter() - started)
             metrics.requests.labels(str(status)).inc()
 
-    @app.post("/score")
+    @app.post("/score", openapi_extra=SCORE_OPENAPI)
     async def score_default(request: Request) -> Response:
         return await score(request, None)
 
-    @app.post("/models/{model}/score")
+    @app.post("/models/{model}/score", openapi_extra=SCORE_OPENAPI)
     async def score_named(model: str, request: Request) -> Response:
         return await score(request, model)
 
@@ -147,6 +226,7 @@ def create_app(service: ScoringService) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 

@@ -35,7 +35,9 @@ class ServeConfig:
     `features_redis`: URL of the online feature store; None uses the first parameter URL, ""
     disables online features. Redis timeouts are short on purpose: a request never waits on a
     Redis that does not answer for more than `redis.socket_timeout_s`, once (then the breaker
-    keeps requests off Redis until the watcher sees it answer again).
+    keeps requests off Redis until the watcher sees it answer again). Limits: a request
+    carries at most `max_body_bytes` and `max_candidates` (413) and is answered within
+    `request_timeout_s` (else 503).
     """
 
     model: str
@@ -45,6 +47,7 @@ class ServeConfig:
     port: int = 8000
     max_candidates: int = 1000
     max_body_bytes: int = 8 * 2**20
+    request_timeout_s: float = 5.0
     max_wait_ms: float = 2.0
     max_batch_rows: int = 8192
     cache_bytes: int = 256 * 2**20
@@ -61,6 +64,11 @@ class ServeConfig:
             raise ServingError(f"port must be in [0, 65535], got {self.port}")
         if self.torch_threads < 1 or self.poll_s <= 0 or self.max_body_bytes < 1:
             raise ServingError("torch_threads >= 1, poll_s > 0 and max_body_bytes >= 1 needed")
+        if not self.request_timeout_s > 0 or self.max_candidates < 1:
+            raise ServingError(
+                f"request_timeout_s must be > 0 and max_candidates >= 1, got "
+                f"{self.request_timeout_s} and {self.max_candidates}"
+            )
 
 
 def serving_redis(url: str | list[str], cluster: bool = False) -> RedisConfig:

@@ -55,6 +55,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-candidates", type=int, default=1000, help="candidates one request may carry"
     )
+    serve.add_argument(
+        "--max-body-mb", type=float, default=8.0, help="largest request body, MiB (else 413)"
+    )
+    serve.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=5.0,
+        help="longest a request may take before it is answered 503",
+    )
     serve.add_argument("--json", action="store_true", help="print a JSON result")
     serve.set_defaults(run=run_serve)
 
@@ -132,6 +141,8 @@ def run_serve(arguments: argparse.Namespace) -> int:
         features_redis="" if features == "none" else features,
         port=arguments.port,
         max_candidates=arguments.max_candidates,
+        max_body_bytes=int(arguments.max_body_mb * 2**20),
+        request_timeout_s=arguments.request_timeout_s,
         max_wait_ms=arguments.max_wait_ms,
         cache_bytes=int(arguments.cache_mb * 2**20),
     )
