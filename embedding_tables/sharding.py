@@ -17,7 +17,7 @@ collection:
 
 torchrec module names cannot hold '.', so physical table `item_id.r` is torchrec table
 `item_id__r` (`torchrec_name`). Collisionless tables (a dynamic id map, not a static transform)
-are not here: `embedding_tables.sharded_collisionless` partitions them by owner rank.
+are refused: they are not sharded yet.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ class ShardableEmbeddingCollection(nn.Module):
         if managed:
             raise ConfigError(
                 f"table(s) {managed}: collisionless tables have no static index transform and "
-                "are not sharded by torchrec's planner; shard them by owner rank with "
-                "embedding_tables.sharded_collisionless"
+                "are not sharded yet; accepted methods: full, hash, unified, qr, graphhash"
             )
         self.feature_to_table = dict(feature_to_table)
         self.graphhash_mappings = nn.ModuleDict(

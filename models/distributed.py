@@ -41,7 +41,6 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ShardingPlan
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding_tables.planning import TBE_DIM_MULTIPLE
@@ -57,7 +56,7 @@ from models.build import MODEL_CLASSES, ModelSpec, graphhash_mappings, plan_mode
 from models.config import RunConfig, to_dict
 from models.errors import ModelConfigError, ModelError, NonFiniteLossError
 from models.metrics import auc, logloss_from_logits
-from models.sharded_checkpoint import load_sharded, save_sharded
+from models.sharded_checkpoint import dense_parameters, load_sharded, save_sharded
 from models.train import EVAL_BATCH_SIZE, seed_everything
 
 # Ranking models whose only sparse input is pooled lookups (DIN reads unpooled sequences, the
@@ -299,13 +298,14 @@ def train_rank(
     spec = plan_model(run, dataset.schema)
     mappings = graphhash_mappings(spec, dataset, run.train.seed)
     dmp = build_sharded_model(spec, mappings, config, run.train.seed)
+    optimizer = torch.optim.Adam(
+        dense_parameters(dmp).values(),
+        lr=run.train.dense_lr,
+        weight_decay=run.train.dense_weight_decay,
+    )
     start_step = 0
     if resume and checkpoint is not None and checkpoint.exists():
-        start_step = int(load_sharded(dmp, checkpoint).get("step", 0))
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    optimizer = torch.optim.Adam(
-        dense.values(), lr=run.train.dense_lr, weight_decay=run.train.dense_weight_decay
-    )
+        start_step = int(load_sharded(dmp, checkpoint, optimizer).get("step", 0))
     loader = BatchLoader(
         dataset,
         "train",
@@ -334,10 +334,12 @@ def train_rank(
         examples += batch.size
         losses.append(loss)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and checkpoint:
-            save_sharded(checkpoint, dmp, {**extra, "step": step})
+            save_sharded(checkpoint, dmp, optimizer, {**extra, "step": step})
     valid = _evaluate(dmp, dataset, spec, run)
     if checkpoint is not None:
-        save_sharded(checkpoint, dmp, {**extra, "step": step, "metrics": {"valid": valid}})
+        save_sharded(
+            checkpoint, dmp, optimizer, {**extra, "step": step, "metrics": {"valid": valid}}
+        )
     return RankResult(
         losses=losses,
         examples=examples,
@@ -422,20 +424,26 @@ def _rank_main(
     args: tuple,
     results: str,
 ) -> None:
-    """A spawned rank: join the group (bounded by timeout_s), run target, write its result."""
+    """A spawned rank: join the group (bounded by timeout_s), run target, write its result, or
+    its error for the launcher to report."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
     try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         result = target(*args)
         Path(results, f"rank-{rank}.json").write_text(json.dumps(_jsonable(result)))
+    except BaseException as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        Path(results, f"rank-{rank}.error").write_text(f"{type(error).__name__}: {first_line}")
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _jsonable(result: Any) -> Any:
@@ -445,7 +453,7 @@ def _jsonable(result: Any) -> Any:
 def launch(target: Callable[..., Any], args: tuple, world_size: int, timeout_s: float) -> list[Any]:
     """Run `target(*args)` on `world_size` spawned ranks in one gloo group on loopback; the
     JSON results of every rank, in rank order. A rank that raises or dies stops the others and
-    raises RankFailedError; a run that outlives `timeout_s` past its last progress is killed."""
+    raises RankFailedError naming every failed rank and why, the first to fail first."""
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="embtab-ranks-") as results:
         port = free_port()
@@ -460,7 +468,7 @@ def launch(target: Callable[..., Any], args: tuple, world_size: int, timeout_s: 
         for process in processes:
             process.start()
         try:
-            _wait(processes, timeout_s)
+            _wait(processes, timeout_s, Path(results))
         finally:
             for process in processes:
                 if process.is_alive():
@@ -471,36 +479,58 @@ def launch(target: Callable[..., Any], args: tuple, world_size: int, timeout_s: 
         ]
 
 
-def _wait(processes: list[mp.Process], timeout_s: float) -> None:
-    """Until all exit 0; the first failure (or a collective timeout's worth of silence after a
-    rank exited) raises RankFailedError after stopping the rest."""
+# How long the other ranks get to fail by themselves (and say why) once one rank has failed.
+SETTLE_SECONDS = 3.0
+
+
+def _wait(processes: list[mp.Process], timeout_s: float, results: Path) -> None:
+    """Until all exit 0. On the first failure the others get SETTLE_SECONDS to stop (gloo
+    fails their pending collectives at once), then are killed; RankFailedError says why each
+    failed. Ranks still running timeout_s + SETTLE_SECONDS after another finished are killed."""
     first_exit: float | None = None
     while True:
         codes = [process.exitcode for process in processes]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
+        if any(code not in (None, 0) for code in codes):
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
+                time.sleep(0.05)
             for process in processes:
                 if process.is_alive():
-                    process.terminate()
-            rank, code = failed[0]
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            raise RankFailedError(
-                f"rank {rank} of {len(processes)} {how}; the other ranks were stopped (their "
-                "error, if any, is in the log above)"
-            )
+                    process.kill()
+                process.join(5)
+            raise RankFailedError(_failure_report(processes, results))
         if all(code == 0 for code in codes):
             return
         if any(code == 0 for code in codes):
             first_exit = first_exit or time.monotonic()
-            if time.monotonic() - first_exit > timeout_s + 10:
+            if time.monotonic() - first_exit > timeout_s + SETTLE_SECONDS:
                 stuck = [rank for rank, code in enumerate(codes) if code is None]
                 for process in processes:
                     process.kill()
                 raise RankFailedError(
-                    f"rank(s) {stuck} still running {timeout_s + 10:.0f} s after the others "
-                    "finished; killed"
+                    f"rank(s) {stuck} of {len(processes)} still running "
+                    f"{timeout_s + SETTLE_SECONDS:.0f} s after the others finished; killed"
                 )
         time.sleep(0.1)
+
+
+def _failure_report(processes: list[mp.Process], results: Path) -> str:
+    """Every failed rank and why; a rank killed by a signal (it could write nothing) or the
+    earliest written error first, since the others' errors follow from it."""
+    failures = []
+    for rank, process in enumerate(processes):
+        error = results / f"rank-{rank}.error"
+        if error.exists():
+            failures.append((error.stat().st_mtime, f"rank {rank}: {error.read_text()}"))
+        elif process.exitcode is not None and process.exitcode < 0:
+            failures.append((0.0, f"rank {rank}: killed by signal {-process.exitcode}"))
+        elif process.exitcode not in (None, 0):
+            failures.append((0.0, f"rank {rank}: exited with status {process.exitcode}"))
+    failures.sort()
+    return (
+        f"{len(failures)} of {len(processes)} ranks failed; the others were stopped: "
+        + "; ".join(text for _, text in failures)
+    )
 
 
 def train_distributed(

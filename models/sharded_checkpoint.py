@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from embedding_tables.sharding import torchrec_name
 from models.checkpoint import MANIFEST_KEY, manifest_of, read_manifest, write_checkpoint_file
@@ -34,6 +35,7 @@ MOMENTUM_SUFFIX = ".momentum"
 # Where the sharded collection's modules keep their tables, and their names in the plain model.
 SHARDED_PREFIXES = ("embeddings.pooled.embedding_bags.", "embeddings.rows.embeddings.")
 PLAIN_PREFIX = "embeddings.tables."
+DENSE_OPTIMIZER_PREFIX = "dense_optimizer."
 
 
 @dataclass(frozen=True)
@@ -56,18 +58,44 @@ def local_regions(value: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tens
     return [((0,) * value.dim(), value)]
 
 
-def sharded_state(dmp: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Model and fused-optimizer state of a DistributedModelParallel model, keyed as saved:
-    the state_dict's keys, and `<table key>.momentum` for each table's row-wise accumulator."""
+def sharded_state(
+    dmp: torch.nn.Module, dense_optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, torch.Tensor]:
+    """Model and optimizer state of a DistributedModelParallel model, keyed as saved: the
+    state_dict's keys, `<table key>.momentum` for each table's row-wise accumulator, and
+    `dense_optimizer.<parameter>.<state>` for the dense optimizer's state (created if absent,
+    so that a fresh optimizer can be loaded into)."""
     state = dict(dmp.state_dict())
     for key, entries in dmp.fused_optimizer.state_dict()["state"].items():
         for name, value in entries.items():
             if name.endswith(".momentum1"):
                 state[key.removesuffix(".weight") + MOMENTUM_SUFFIX] = value
+    if dense_optimizer is not None:
+        for name, parameter in dense_parameters(dmp).items():
+            entries = dense_optimizer.state[parameter]
+            if not entries:
+                entries.update(
+                    step=torch.zeros(()),
+                    exp_avg=torch.zeros_like(parameter),
+                    exp_avg_sq=torch.zeros_like(parameter),
+                )
+            for kind, value in entries.items():
+                state[f"{DENSE_OPTIMIZER_PREFIX}{name}.{kind}"] = value
     return state
 
 
-def save_sharded(path: str | Path, dmp: torch.nn.Module, extra: dict | None = None) -> Path:
+def dense_parameters(dmp: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters the dense optimizer trains (not the fused tables), by their names in the
+    unwrapped model (the same for every world size)."""
+    return dict(in_backward_optimizer_filter(dmp.module.named_parameters()))
+
+
+def save_sharded(
+    path: str | Path,
+    dmp: torch.nn.Module,
+    dense_optimizer: torch.optim.Optimizer | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Every rank writes its shards; rank 0 the replicated tensors and the manifest. Collective:
     every rank must call it."""
     path = Path(path)
@@ -79,7 +107,7 @@ def save_sharded(path: str | Path, dmp: torch.nn.Module, extra: dict | None = No
     dist.barrier()
     tensors: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[str, Any]] = {}
-    for key, value in sharded_state(dmp).items():
+    for key, value in sharded_state(dmp, dense_optimizer).items():
         if not isinstance(value, ShardedTensor) and rank != 0:
             continue
         for offsets, tensor in local_regions(value):
@@ -191,11 +219,16 @@ class ShardedCheckpoint:
         return self.region(key, (0,) * len(shape), shape)
 
 
-def load_sharded(dmp: torch.nn.Module, path: str | Path) -> dict[str, Any]:
-    """Fill this rank's shards (and replicated tensors) from a checkpoint written by any number
-    of ranks; every tensor is checked before any is written. Returns the manifest."""
+def load_sharded(
+    dmp: torch.nn.Module,
+    path: str | Path,
+    dense_optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
+    """Fill this rank's shards (and replicated tensors, and the dense optimizer's state) from a
+    checkpoint written by any number of ranks; every tensor is checked before any is written.
+    Returns the manifest."""
     checkpoint = ShardedCheckpoint(path)
-    state = sharded_state(dmp)
+    state = sharded_state(dmp, dense_optimizer)
     problems = [
         f"{key}: {checkpoint.shapes.get(key, 'missing')} in the "
         f"checkpoint, {tuple(value.shape)} here"
@@ -230,6 +263,8 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     names = checkpoint.manifest["sharding"]["torchrec_tables"]
     tensors: dict[str, torch.Tensor] = {}
     for key in checkpoint.shapes:
+        if key.startswith(DENSE_OPTIMIZER_PREFIX):
+            continue  # the plain checkpoint holds no optimizer state but the tables'
         prefix = next((p for p in SHARDED_PREFIXES if key.startswith(p)), None)
         if prefix is None:
             tensors[key] = checkpoint.full(key)

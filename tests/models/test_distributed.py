@@ -1,0 +1,152 @@
+"""Distributed training on one machine: gloo ranks on CPU under torchrec's DistributedModelParallel.
+
+The tolerance of the loss-curve comparison: one rank and two ranks run the same float32 math
+on the same seeded rows and batches; what differs is the order of float32 sums (DDP's
+all-reduce of dense gradients, torchrec's all-to-all of pooled rows and of their gradients, the
+loss average). Over 8 steps of Adam and row-wise Adagrad that moves losses by ~1e-7 (measured);
+1e-5 absolute leaves two orders of margin, while any real mistake (a wrong shard, a gradient
+not divided by the world size, a rank training on the wrong slice) moves losses by >1e-3.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from embedding_tables.sharding import ShardableEmbeddingCollection
+from feature_store.offline import Dataset
+from models.batches import BatchLoader
+from models.build import plan_model
+from models.checkpoint import load_checkpoint
+from models.config import DCNConfig, RunConfig, TablesConfig, TrainConfig
+from models.distributed import (
+    DistributedConfig,
+    RankFailedError,
+    ShardingPlanError,
+    launch,
+    plan_sharding,
+    sharded_model_shell,
+    train_distributed,
+)
+from models.errors import ModelConfigError
+from models.sharded_checkpoint import ShardedCheckpoint, export_checkpoint
+from models.train import evaluate
+
+STEPS = 8
+LOSS_TOLERANCE = 1e-5
+# qr mult on user_id (an unpooled torchrec EmbeddingCollection) and full tables elsewhere: every
+# sharding type torchrec offers on CPU, pinned so that one 2-rank run exercises them all.
+SHARDING = {
+    "user_id.r": "row_wise",
+    "user_id.q": "table_wise",
+    "item_id": "row_wise",
+    "age": "column_wise",
+    "genres": "table_wise",
+}
+
+
+def tiny_run(max_steps: int = STEPS) -> RunConfig:
+    return RunConfig(
+        model=DCNConfig(),
+        tables=TablesConfig(method="qr", compress_min_rows=50, budget=0.5, dim=8),
+        train=TrainConfig(batch_size=128, epochs=1, max_steps=max_steps, eval_rows=500),
+    )
+
+
+def test_two_ranks_follow_one_rank_and_reshard_to_one(tiny_dataset: Dataset, tmp_path: Path):
+    run = tiny_run()
+    one = train_distributed(
+        run, tiny_dataset, DistributedConfig(world_size=1, sharding=SHARDING, timeout_s=60)
+    )
+    two = train_distributed(
+        run,
+        tiny_dataset,
+        DistributedConfig(world_size=2, sharding=SHARDING, timeout_s=60),
+        checkpoint=tmp_path / "two",
+    )
+    assert len(one.losses) == len(two.losses) == STEPS
+    assert max(abs(a - b) for a, b in zip(one.losses, two.losses, strict=True)) < LOSS_TOLERANCE
+    assert min(two.losses[-3:]) < two.losses[0]  # it trains
+    kinds = {table: plan["sharding_type"] for table, plan in two.plan.items()}
+    assert kinds == {
+        "user_id__r": "row_wise",
+        "user_id__q": "table_wise",
+        "item_id": "row_wise",
+        "age": "column_wise",
+        "genres": "table_wise",
+    }
+    assert {shard["rank"] for shard in two.plan["item_id"]["shards"]} == {0, 1}
+
+    # 2 ranks -> 1 process: the plain model (embtab's own lookups) scores as the sharded one did.
+    assert ShardedCheckpoint(tmp_path / "two").world_size == 2
+    plain = load_checkpoint(export_checkpoint(tmp_path / "two", tmp_path / "plain.safetensors"))
+    loader = BatchLoader(tiny_dataset, "valid", plain.model.schema, 16384, rows=500)
+    metrics = evaluate(plain.model, loader)
+    assert metrics["logloss"] == pytest.approx(two.valid["logloss"], abs=1e-6)
+    assert metrics["auc"] == pytest.approx(two.valid["auc"], abs=1e-9)
+
+    # 2 ranks -> 1 rank under DMP, resuming at the saved step as if never interrupted.
+    resumed = train_distributed(
+        tiny_run(STEPS + 2),
+        tiny_dataset,
+        DistributedConfig(world_size=1, sharding=SHARDING, timeout_s=60),
+        checkpoint=tmp_path / "two",
+        resume=True,
+    )
+    assert resumed.start_step == STEPS and len(resumed.losses) == 2
+    longer = train_distributed(
+        tiny_run(STEPS + 2), tiny_dataset, DistributedConfig(world_size=1, sharding=SHARDING)
+    )
+    assert resumed.losses == pytest.approx(longer.losses[STEPS:], abs=LOSS_TOLERANCE)
+
+
+def test_planner_choice_or_clear_error_for_tables_it_cannot_split(tiny_dataset: Dataset):
+    spec = plan_model(tiny_run(), tiny_dataset.schema)
+    shell = sharded_model_shell(spec, {})
+    assert isinstance(shell.embeddings, ShardableEmbeddingCollection)
+    # 8 columns cannot go to 3 ranks in column shards of >= 4: the planner makes what it can.
+    plan = plan_sharding(shell, 3, {"age": "column_wise"}, spec)
+    age = plan.plan["embeddings.pooled"]["age"]
+    assert age.sharding_type == "column_wise"
+    assert len(age.sharding_spec.shards) <= 2
+    # 7 rows over 16 ranks row-wise: torchrec leaves ranks empty rather than failing.
+    plan = plan_sharding(shell, 16, {"age": "row_wise"}, spec)
+    sizes = [
+        shard.shard_sizes[0] for shard in plan.plan["embeddings.pooled"]["age"].sharding_spec.shards
+    ]
+    assert sum(sizes) == 7
+    with pytest.raises(ShardingPlanError, match="unknown physical table"):
+        plan_sharding(shell, 2, {"user_id": "row_wise"}, spec)
+    with pytest.raises(ModelConfigError, match="accepted: table_wise"):
+        DistributedConfig(sharding={"age": "grid"})
+    with pytest.raises(ModelConfigError, match="not divisible by 3 ranks"):
+        train_distributed(tiny_run(), tiny_dataset, DistributedConfig(world_size=3))
+
+
+def _die_on_rank_one(how: str) -> None:
+    """Rank 1 dies after the group is up; rank 0 then waits in a collective for it."""
+    dist.barrier()
+    if dist.get_rank() == 1:
+        if how == "kill":
+            os.kill(os.getpid(), 9)
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.all_reduce(torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [
+        ("raise", "rank 1: RuntimeError: rank 1 failed on purpose"),
+        ("kill", "rank 1: killed by signal 9"),
+    ],
+)
+def test_a_dead_rank_stops_the_others_with_a_clear_error(how: str, why: str):
+    started = time.monotonic()
+    with pytest.raises(RankFailedError, match="the others were stopped: " + why):
+        launch(_die_on_rank_one, (how,), world_size=2, timeout_s=60)
+    assert time.monotonic() - started < 30  # well inside the collectives' 60 s timeout
