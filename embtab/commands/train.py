@@ -14,7 +14,9 @@ from feature_store.offline import SPLITS
 from models.build import plan_model
 from models.checkpoint import load_checkpoint
 from models.config import MODEL_CONFIGS, RunConfig, TrainConfig, to_dict
+from models.distributed import DistributedConfig, train_distributed
 from models.errors import ModelConfigError
+from models.sharded_checkpoint import export_checkpoint
 from models.train import split_evaluator, train
 
 CHECKPOINT_DIR = Path("runs")
@@ -61,6 +63,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, help="checkpoint path (default runs/<name>.safetensors)"
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N local ranks (gloo) with torchrec's sharded tables; --out is then a "
+        "directory of per-rank shards",
+    )
+    parser.add_argument(
+        "--sharding",
+        action="append",
+        default=[],
+        metavar="TABLE=TYPE",
+        help="with --nproc: pin a physical table to table_wise, row_wise, column_wise, "
+        "table_column_wise or data_parallel (repeatable; default: the planner's choice)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="with --nproc: continue from the --out checkpoint"
+    )
+    parser.add_argument(
+        "--export", type=Path, help="with --nproc: also write a one-file checkpoint here"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON result")
     parser.set_defaults(run=run_train)
 
@@ -100,6 +122,8 @@ def run_train(arguments: argparse.Namespace) -> int:
     started = time.monotonic()
     dataset = load_with_progress(run.dataset, show_progress=not arguments.json)
     plan_model(run, dataset.schema)  # every feature and table error before any training
+    if arguments.nproc is not None:
+        return run_distributed_train(arguments, run, dataset)
     out = arguments.out or CHECKPOINT_DIR / (
         f"{run.dataset}-{run.model.name}-{run.tables.method}.safetensors"
     )
@@ -131,6 +155,49 @@ def run_train(arguments: argparse.Namespace) -> int:
     )
     emit(output, summary, arguments.json)
     return 0
+
+
+def run_distributed_train(arguments: argparse.Namespace, run: RunConfig, dataset: Any) -> int:
+    """`embtab train --nproc N`: N local ranks, tables sharded by torchrec's planner."""
+    sharding = dict(_pair(text) for text in arguments.sharding)
+    config = DistributedConfig(
+        world_size=arguments.nproc, threads=run.train.threads or 1, sharding=sharding
+    )
+    out = arguments.out or CHECKPOINT_DIR / (
+        f"{run.dataset}-{run.model.name}-{run.tables.method}-{arguments.nproc}ranks"
+    )
+    result = train_distributed(run, dataset, config, out, resume=arguments.resume)
+    exported = export_checkpoint(out, arguments.export) if arguments.export else None
+    output: dict[str, Any] = {
+        "dataset": run.dataset,
+        "model": run.model.name,
+        "method": run.tables.method,
+        "world_size": result.world_size,
+        "config": to_dict(run),
+        "steps": result.start_step + len(result.losses),
+        "resumed_at_step": result.start_step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "examples_per_s": round(result.examples_per_second, 1),
+        "valid": result.valid,
+        "plan": result.plan,
+        "checkpoint": str(out),
+        "exported": None if exported is None else str(exported),
+    }
+    kinds = ", ".join(f"{table} {plan['sharding_type']}" for table, plan in result.plan.items())
+    summary = (
+        f"{run.model.name} on {run.dataset} over {result.world_size} ranks ({kinds}): "
+        f"{_metrics(result.valid, 'valid')}; {output['steps']} steps, "
+        f"{result.examples_per_second:,.0f} examples/s; checkpoint {out}"
+    )
+    emit(output, summary, arguments.json)
+    return 0
+
+
+def _pair(text: str) -> tuple[str, str]:
+    table, sep, kind = text.partition("=")
+    if not sep or not table or not kind:
+        raise ModelConfigError(f"--sharding takes TABLE=TYPE, got {text!r}")
+    return table, kind
 
 
 def run_eval(arguments: argparse.Namespace) -> int:
