@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -49,17 +49,18 @@ class KafkaConfigError(ValueError):
 
 @dataclass(frozen=True)
 class KafkaSettings:
-    """Where the brokers are and how to reach them; passed through to every kafka-python client."""
+    """Where the brokers are and how to reach them; passed through to every kafka-python client.
+    Passwords are left out of the repr, so settings can be logged."""
 
     bootstrap_servers: str
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    ssl_password: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)
     client_id: str = "embtab"
 
     def __post_init__(self) -> None:

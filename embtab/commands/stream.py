@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -38,7 +39,13 @@ from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
 from models.train import seed_everything
 from online_training.batching import DeliveryError
 from online_training.joiner import Joiner, JoinerConfig
-from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
+from online_training.kafka import (
+    ENVIRONMENT,
+    KafkaSettings,
+    Topics,
+    ensure_topics,
+    stream_topic_partitions,
+)
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerError
@@ -179,8 +186,23 @@ def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Kafka security flags, by KafkaSettings field. Passwords have no flag: a command line is
+# visible to every local user, so they come from EMBTAB_KAFKA_SASL_PASSWORD and
+# EMBTAB_KAFKA_SSL_PASSWORD only.
+KAFKA_SECURITY_FLAGS = {
+    "security_protocol": "--kafka-security-protocol",
+    "sasl_mechanism": "--kafka-sasl-mechanism",
+    "sasl_plain_username": "--kafka-sasl-username",
+    "ssl_cafile": "--kafka-ssl-cafile",
+    "ssl_certfile": "--kafka-ssl-certfile",
+    "ssl_keyfile": "--kafka-ssl-keyfile",
+}
+
+
 def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kafka", help="bootstrap servers (default: EMBTAB_KAFKA or embedded)")
+    for name, flag in KAFKA_SECURITY_FLAGS.items():
+        parser.add_argument(flag, dest=f"kafka_{name}", help=f"default: ${ENVIRONMENT[name]}")
     parser.add_argument("--topic-prefix", default="", help="prefix of the topic names")
     parser.add_argument(
         "--partitions", type=int, default=4, help="partitions of topics created here"
@@ -197,8 +219,15 @@ def _services(kafka: str | None, redis: str | None, need_redis: bool) -> Iterato
         yield services
 
 
+def kafka_settings(arguments: argparse.Namespace, bootstrap: str) -> KafkaSettings:
+    """EMBTAB_KAFKA* settings, overridden by the security flags given."""
+    given = {name: getattr(arguments, f"kafka_{name}", None) for name in KAFKA_SECURITY_FLAGS}
+    settings = KafkaSettings.from_env(bootstrap)
+    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
+
+
 def _prepare_topics(arguments: argparse.Namespace, services: Services):
-    settings = KafkaSettings.from_env(services.kafka_bootstrap)
+    settings = kafka_settings(arguments, services.kafka_bootstrap)
     topics = Topics(prefix=arguments.topic_prefix)
     ensure_topics(settings, stream_topic_partitions(topics, arguments.partitions))
     return settings, topics
