@@ -328,7 +328,8 @@ class Joiner:
         kind = messages.FEATURE_LOG if is_log else messages.ACTIONS
         try:
             batch = messages.decode(record.value, kind)
-            if is_log and batch.num_rows:
+            # A heartbeat carries no features; a zero-row batch with some must have the right ones.
+            if is_log and (batch.num_rows or batch.feature_names):
                 self._check_features(batch)
         except messages.MessageError as error:
             self._dead_letter(tp, record, error)

@@ -460,7 +460,8 @@ class Trainer:
         try:
             batch = messages.decode(record.value, messages.EXAMPLES)
             missing = [name for name in self._columns if name not in batch.rows.schema.names]
-            if missing and batch.num_rows:
+            # A heartbeat carries no features; a zero-row batch with some must have them all.
+            if missing and (batch.num_rows or batch.feature_names):
                 raise messages.MessageError(
                     "schema-mismatch",
                     f"examples lack column(s) {', '.join(missing)}; this model reads "
