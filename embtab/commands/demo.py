@@ -20,6 +20,7 @@ from embtab.commands.data import load_with_progress
 from embtab.demo.config import DemoConfig, DemoError
 from embtab.output import emit
 from embtab.services import embedded_services
+from serving.redis_nodes import redact_url
 
 THREADS = "1"  # torch threads per process: the demo's processes share 2 loaded cores
 
@@ -78,7 +79,8 @@ def run_demo(arguments: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             with run.stage("services"):
                 services = stack.enter_context(embedded_services())
-            print(f"services: redis {services.redis_url}, kafka {services.kafka_bootstrap}")
+            redis_url = redact_url(services.redis_url)
+            print(f"services: redis {redis_url}, kafka {services.kafka_bootstrap}")
             with run.stage("prepare data"):
                 dataset = load_with_progress(config.dataset, show_progress=not arguments.json)
                 check_roles(dataset)

@@ -7,6 +7,7 @@ import time
 
 from embtab.output import emit
 from embtab.services import embedded_services
+from serving.redis_nodes import redact_url
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -22,10 +23,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_up(arguments: argparse.Namespace) -> int:
     with embedded_services() as services:
-        result = {"redis": services.redis_url, "kafka": services.kafka_bootstrap}
+        redis_url = redact_url(services.redis_url)  # EMBTAB_REDIS may carry a password
+        result = {"redis": redis_url, "kafka": services.kafka_bootstrap}
         emit(
             result,
-            f"redis {services.redis_url}  kafka {services.kafka_bootstrap}  (Ctrl-C stops them)",
+            f"redis {redis_url}  kafka {services.kafka_bootstrap}  (Ctrl-C stops them)",
             arguments.json,
         )
         deadline = None if arguments.seconds is None else time.monotonic() + arguments.seconds

@@ -219,3 +219,12 @@ def test_cli_publish_and_serve_take_credentials_from_flag_and_env(secured, tmp_p
         output, _ = server.communicate(timeout=15)
     assert f"serving {name}" in output and "***" in output
     assert_no_secret(output, health)
+
+
+def test_services_up_shows_the_redis_url_without_its_password(secured, monkeypatch, capsys):
+    monkeypatch.setenv("EMBTAB_REDIS", secured["acl"])
+    monkeypatch.setenv("EMBTAB_KAFKA", "127.0.0.1:9")  # given, so nothing is started
+    assert main(["services", "up", "--seconds", "0", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["redis"] == secured["acl"].replace(ACL_PASSWORD, "***")
+    assert_no_secret(printed.out, printed.err)
