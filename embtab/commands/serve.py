@@ -64,6 +64,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=5.0,
         help="longest a request may take before it is answered 503",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="scoring processes behind the one port (uvicorn workers sharing only Redis)",
+    )
     serve.add_argument("--json", action="store_true", help="print a JSON result")
     serve.set_defaults(run=run_serve)
 
@@ -151,10 +157,16 @@ def run_serve(arguments: argparse.Namespace) -> int:
             "model": config.model,
             "url": f"http://{config.host}:{config.port}",
             "redis": config.redis.redacted(),
+            "workers": arguments.workers,
         },
         f"serving {config.model} on http://{config.host}:{config.port} "
         f"(redis {', '.join(config.redis.redacted())}; Ctrl-C stops)",
         arguments.json,
     )
-    serve(config)
+    if arguments.workers == 1:
+        serve(config)
+    else:
+        from serving.workers import serve_workers
+
+        serve_workers(config, arguments.workers)
     return 0
