@@ -61,6 +61,7 @@ def secured() -> Iterator[dict[str, str]]:
             "anonymous": f"redis://{base}",
             "wrong": f"redis://embtab:not-{ACL_PASSWORD}@{base}",
             "outsider": f"redis://outsider:outsider-pw@{base}",
+            "command_line": " ".join(map(str, server.process.args)),
         }
     finally:
         server.stop()
@@ -95,6 +96,7 @@ def captured_logs() -> Iterator[list[str]]:
 
 def test_the_acl_user_may_use_embtab_keys_only(secured):
     assert ACL_RULES[1] == "~embtab:*" and "-@dangerous" in ACL_RULES
+    assert_no_secret(secured["command_line"])  # what `ps` shows any local user
     nodes = RedisNodes(RedisConfig.parse(secured["acl"], socket_timeout_s=2.0, retries=0))
     try:
         with pytest.raises(NoPermissionError):
