@@ -37,6 +37,7 @@ from tests.online_training.example_stream import (
 EXAMPLES = 2  # per pipeline (joiner, trainer); each runs the pipeline once, ~5-10 s
 POISON_PER_EXAMPLE = 60
 GOOD_EVENTS = 200
+IDLE_S = 30.0  # a run whose end marker never comes stops (and fails) instead of hanging
 
 ARROW_TYPES = {
     "int64": pa.int64(),
@@ -181,7 +182,12 @@ def test_poison_for_the_joiner_all_ends_in_the_dead_letter_topics(kafka, moviele
     joiner = Joiner(
         kafka,
         topics,
-        JoinerConfig(group_id=f"fuzz-{uuid.uuid4().hex[:8]}", window_s=60, features=features),
+        JoinerConfig(
+            group_id=f"fuzz-{uuid.uuid4().hex[:8]}",
+            window_s=60,
+            features=features,
+            idle_timeout_s=IDLE_S,
+        ),
     )
     joiner.run()
     assert joiner.report.examples == GOOD_EVENTS
@@ -213,7 +219,9 @@ def test_poison_for_the_trainer_all_ends_in_the_dead_letter_topic(
         StartingPoint(small_model(movielens)),
         publisher_for(redis_service.redis_url, unique_model_name("fuzz")),
         TrainerConfig(
-            group_id=f"fuzz-{uuid.uuid4().hex[:8]}", sync=SyncConfig(interval_s=60, dense_every=1)
+            group_id=f"fuzz-{uuid.uuid4().hex[:8]}",
+            sync=SyncConfig(interval_s=60, dense_every=1),
+            idle_timeout_s=IDLE_S,
         ),
     )
     report = trainer.run()
