@@ -76,7 +76,12 @@ class TrainerConfig:
     """The consumer group, micro-batching, backpressure, stopping and state-keeping settings.
 
     `state_path`: where the model is checkpointed after every sync (and resumed from, see
-    `StartingPoint.resume`); None keeps no state. `train` gives the dense optimizer (Adam, its
+    `StartingPoint.resume`); None keeps no state. A micro-batch waits up to `max_batch_wait_s`
+    for `min_batch_rows` examples: a slow stream otherwise trains on batches of a few dozen rows,
+    whose mean-loss gradients are far larger per row than the offline batches' that filled the
+    tables' Adagrad accumulators, and each such step moves the rows too far (on synthetic
+    Criteo, 80-row batches lost 0.01-0.04 AUC against the frozen model where 1,000-row batches
+    matched it). `train` gives the dense optimizer (Adam, its
     learning rate); the tables keep their checkpoint's sparse optimizer. `max_queued_rows`:
     examples read but not trained before reading pauses. Offsets are committed right after
     each sync; `commit_retry_s` is the wait before trying again after a failed commit.
@@ -84,6 +89,8 @@ class TrainerConfig:
 
     group_id: str = "embtab-trainer"
     batch_size: int = 4096
+    min_batch_rows: int = 1024
+    max_batch_wait_s: float = 1.0
     max_poll_records: int = 16
     poll_timeout_ms: int = 100
     max_queued_rows: int = 65_536
@@ -99,13 +106,17 @@ class TrainerConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_poll_records", "max_queued_rows", "auc_window"):
+        for name in ("batch_size", "min_batch_rows", "max_poll_records", "max_queued_rows"):
             if getattr(self, name) < 1:
                 raise TrainerConfigError(f"trainer {name} must be >= 1, got {getattr(self, name)}")
         if self.idle_timeout_s is not None and self.idle_timeout_s <= 0:
             raise TrainerConfigError(f"idle timeout must be > 0 seconds, got {self.idle_timeout_s}")
         if self.commit_retry_s < 0:
             raise TrainerConfigError(f"commit_retry_s must be >= 0, got {self.commit_retry_s}")
+        if self.auc_window < 1:
+            raise TrainerConfigError(f"trainer auc_window must be >= 1, got {self.auc_window}")
+        if self.max_batch_wait_s < 0:
+            raise TrainerConfigError(f"max_batch_wait_s must be >= 0, got {self.max_batch_wait_s}")
         for name in ("commit_timeout_s", "final_sync_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise TrainerConfigError(f"trainer {name} must be > 0, got {getattr(self, name)}")
@@ -574,21 +585,29 @@ class Trainer:
             log.exception("the training thread failed")
 
     def _take(self) -> list[_Message]:
-        """Queued messages up to `batch_size` rows (at least one message; none after 0.1 s)."""
+        """Queued messages for one micro-batch: the first (none after 0.1 s), then more up to
+        `batch_size` rows; while fewer than `min_batch_rows`, waiting for more up to
+        `max_batch_wait_s` after the first (not when finishing or stopping)."""
         try:
             taken = [self._queue.get(timeout=0.1)]
         except queue.Empty:
             return []
-        rows = taken[0].rows.num_rows if taken[0].rows is not None else 0
+        rows = _num_rows(taken[0])
+        deadline = time.monotonic() + self.config.max_batch_wait_s
         while rows < self.config.batch_size:
             try:
                 message = self._queue.get_nowait()
             except queue.Empty:
-                break
+                wait = deadline - time.monotonic()
+                enough = rows >= self.config.min_batch_rows or wait <= 0
+                if enough or self._finishing.is_set() or self._stop.is_set():
+                    break
+                try:
+                    message = self._queue.get(timeout=min(wait, 0.05))
+                except queue.Empty:
+                    continue
             taken.append(message)
-            rows += message.rows.num_rows if message.rows is not None else 0
-            if rows >= self.config.batch_size:
-                break
+            rows += _num_rows(message)
         return taken
 
     def _apply(self, taken: list[_Message]) -> None:
@@ -711,3 +730,7 @@ class Trainer:
             "offsets": by_topic,
         }
         save_checkpoint(self.config.state_path, self.model, extra={STATE_KEY: online})
+
+
+def _num_rows(message: _Message) -> int:
+    return message.rows.num_rows if message.rows is not None else 0

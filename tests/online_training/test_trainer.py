@@ -165,3 +165,36 @@ def test_offsets_wait_while_redis_is_down_and_the_sync_retries(
     assert _committed(kafka, group, topics.examples) == sent + sent_later
     reader = ParamReader(trainer.sync.publisher.nodes, trainer.sync.publisher.model)
     assert_redis_holds(reader, trainer.model)
+
+
+def test_a_slow_stream_is_trained_in_batches_of_at_least_min_batch_rows(
+    kafka, topics, movielens, redis_service
+):
+    """Eight messages of 100 rows, 0.2 s apart: the trainer waits for 500 rows before a step
+    rather than training on each message as it comes (the last batch may be short)."""
+    applied: list = []
+    trainer = _trainer(
+        kafka,
+        topics,
+        movielens,
+        redis_service.redis_url,
+        applied,
+        min_batch_rows=500,
+        max_batch_wait_s=60.0,
+    )
+    reports: list = []
+    running = threading.Thread(target=lambda: reports.append(trainer.run()), daemon=True)
+    running.start()
+    deadline = time.monotonic() + 60
+    while trainer.status().version is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rows = example_rows(movielens, 800)
+    for start in range(0, 800, 100):
+        send_examples(kafka, topics.examples, rows.slice(start, 100), PARTITIONS, end=False)
+        time.sleep(0.2)
+    send_examples(kafka, topics.examples, rows.slice(0, 0), PARTITIONS)
+    running.join(timeout=120)
+    assert reports and reports[0].examples == 800
+    sizes = [len(batch) for batch in applied]
+    assert sum(sizes) == 800 and all(size >= 500 for size in sizes[:-1]), sizes
+    assert sizes[0] >= 500, sizes
