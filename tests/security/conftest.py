@@ -1,3 +1,3 @@
-"""The streaming tests' data set fixture, for the delta sync checks here."""
+"""The streaming tests' broker, topics and data set fixtures, for the checks here."""
 
-from tests.online_training.conftest import movielens  # noqa: F401
+from tests.online_training.conftest import kafka, movielens, topics  # noqa: F401

@@ -29,7 +29,13 @@ from online_training.sync import ParamSync, SyncConfig
 from serving.errors import RedisAuthError
 from serving.param_store import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
-from tests.online_training.example_stream import example_rows, publisher_for, small_model
+from tests.online_training.conftest import PARTITIONS
+from tests.online_training.example_stream import (
+    example_rows,
+    publisher_for,
+    send_examples,
+    small_model,
+)
 from tests.serving.serving_helpers import (
     SCHEMA,
     publish,
@@ -230,3 +236,27 @@ def test_services_up_shows_the_redis_url_without_its_password(secured, monkeypat
     printed = capsys.readouterr()
     assert json.loads(printed.out)["redis"] == secured["acl"].replace(ACL_PASSWORD, "***")
     assert_no_secret(printed.out, printed.err)
+
+
+def test_cli_stream_train_syncs_with_an_acl_user_and_prints_no_secret(
+    secured, kafka, topics, kafka_service, movielens, tmp_path, capsys
+):
+    checkpoint = save_checkpoint(tmp_path / "offline.safetensors", small_model(movielens))
+    send_examples(kafka, topics.examples, example_rows(movielens, 300), PARTITIONS)
+    name = unique_name("stream")
+    arguments = ["stream", "train", "--checkpoint", str(checkpoint), "--name", name, "--json"]
+    arguments += ["--kafka", kafka_service.kafka_bootstrap, "--redis", secured["acl"]]
+    arguments += ["--topic-prefix", topics.prefix, "--group", unique_name("group")]
+    with captured_logs() as logs:
+        assert main(arguments) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
+    assert result["examples"] == 300 and result["redis"] == secured["acl"].replace(
+        ACL_PASSWORD, "***"
+    )
+    nodes = RedisNodes(RedisConfig.parse(secured["acl"]))
+    try:
+        assert ParamReader(nodes, name).live_version() == result["version"]
+    finally:
+        nodes.close()
+    assert_no_secret(printed.out, printed.err, *logs)
