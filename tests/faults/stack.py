@@ -97,6 +97,16 @@ class Load:
     def between(self, start: float, end: float) -> list[LoadSlice]:
         return [piece for piece in self.slices if start <= piece.started < end]
 
+    def describe(self) -> str:
+        """Answers, degraded answers, errors and the slowest answer, for the test's log."""
+        answered = sum(piece.answered for piece in self.slices)
+        degraded = sum(piece.degraded for piece in self.slices)
+        errors = sum(piece.errors for piece in self.slices)
+        slowest = max((piece.max_ms for piece in self.slices), default=0.0)
+        return (
+            f"{answered} answers ({degraded} degraded, {errors} errors), slowest {slowest:.0f} ms"
+        )
+
     def assert_answered_throughout(self, max_ms: float) -> None:
         """Every slice got answers, all of them 200, none slower than `max_ms`."""
         assert self.slices, "no load ran"

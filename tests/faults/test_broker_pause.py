@@ -98,7 +98,8 @@ def test_producer_joiner_trainer_and_service_ride_out_a_broker_frozen_for_10_sec
     copies = sum(len(seen) - 1 for seen in applied.values())
     print(
         f"frozen broker: {copies} examples applied twice, trainer rebalances "
-        f"{trainer.report.rebalances}, commit failures {trainer.report.commit_failures}"
+        f"{trainer.report.rebalances}, commit failures {trainer.report.commit_failures}; "
+        f"load: {load.describe()}"
     )
     reader = ParamReader(trainer.sync.publisher.nodes, name)
     assert reader.live_version() == trainer.report.version

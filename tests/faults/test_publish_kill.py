@@ -59,5 +59,6 @@ def test_a_publish_killed_halfway_leaves_the_old_version_serving(
         assert published > half > live
         wait_for(lambda: client.get("/version").json()["version"] == published, 10, "the switch")
         assert_serves_what_redis_holds(client, url, name, bodies)
+    print(f"publish killed halfway (v{half}): load: {load.describe()}")
     load.assert_answered_throughout(max_ms=2000)
     assert not any(piece.degraded for piece in load.slices)

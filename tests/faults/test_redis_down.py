@@ -113,7 +113,8 @@ def test_redis_stopped_for_20_s_under_load_degrades_then_recovers_without_restar
 
         print(
             f"Redis down {resumed_at - paused_at:.1f} s: degraded after {took:.2f} s, healthy "
-            f"{recovered:.2f} s after it came back; sync failures {trainer.sync.failures}"
+            f"{recovered:.2f} s after it came back; sync failures {trainer.sync.failures}; "
+            f"load: {load.describe()}"
         )
         # Never an error, never a request left waiting on Redis; degraded only while it was away.
         load.assert_answered_throughout(max_ms=2000)

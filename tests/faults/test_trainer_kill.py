@@ -86,6 +86,29 @@ def _head(meta, name: str, version: int) -> tuple[int, int, int]:
     return int(reserved or 0), int(committed or 0), int(dense)
 
 
+def _rows_ahead_of(reader: ParamReader, state: Path) -> int:
+    """Rows in Redis that differ from the trainer's last committed state: what the killed
+    delta had written in place before it died."""
+    model = load_checkpoint(state).model
+    manifest = reader.manifest(reader.live_version())
+    ahead = 0
+    for layout in manifest.tables:
+        exported = list(model.embeddings.export_rows(layout.name))
+        want = dict(
+            zip(
+                np.concatenate([ids.numpy() for ids, _ in exported]).tolist(),
+                np.concatenate([rows.float().numpy() for _, rows in exported]),
+                strict=True,
+            )
+        )
+        ids, rows = reader.scan_table(manifest, layout.name)
+        ahead += sum(
+            not np.array_equal(row, want[i]) if i in want else True
+            for i, row in zip(ids.tolist(), rows, strict=True)
+        )
+    return ahead
+
+
 def test_a_trainer_killed_inside_a_sync_restarts_and_no_half_applied_delta_is_served(
     kafka, topics, movielens, redis_service, tmp_path
 ):
@@ -131,6 +154,7 @@ def test_a_trainer_killed_inside_a_sync_restarts_and_no_half_applied_delta_is_se
                 assert (shown["version"], shown["dense_revision"]) == (version, dense)
                 assert shown["delta"] <= committed
                 time.sleep(0.1)
+            exposed = _rows_ahead_of(ParamReader(publisher.nodes, name), state)
             before_restart = len(_applied_ids(applied))
             later = example_rows(movielens, 2000, start=4000)
             sent += send_examples(kafka, topics.examples, later, PARTITIONS, batch_rows=50)
@@ -148,7 +172,8 @@ def test_a_trainer_killed_inside_a_sync_restarts_and_no_half_applied_delta_is_se
     copies = len(ids) - 6000
     print(
         f"kill -9 inside delta {reserved} (committed {committed}) after {before_restart} "
-        f"applied: {copies} examples applied twice"
+        f"applied: {copies} examples applied twice; {exposed} rows of the killed delta were "
+        f"readable in place until the restart's deltas; load: {load.describe()}"
     )
     assert report["full_publishes"] == 0, "the restart continues the same version"
     reader = ParamReader(publisher.nodes, name)
