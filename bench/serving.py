@@ -329,7 +329,7 @@ def measured(case: str, port: int, concurrency: int, bodies, seconds, count) -> 
 class Service:
     """`embtab serve` in its own process."""
 
-    def __init__(self, url: str, cache_mb: float) -> None:
+    def __init__(self, url: str, cache_mb: float, model: str = MODEL_NAME) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
             [
@@ -338,7 +338,7 @@ class Service:
                 "embtab.cli",
                 "serve",
                 "--model",
-                MODEL_NAME,
+                model,
                 "--redis",
                 url,
                 "--port",
