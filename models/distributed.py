@@ -65,6 +65,7 @@ DISTRIBUTED_MODELS = ("lr", "dlrm", "dcn", "deepfm")
 # Data parallel is left out unless asked for: its tables would be trained by the dense
 # optimizer, not by the fused row-wise Adagrad every other path uses.
 DEFAULT_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise")
+MAX_COLUMN_SHARD = 128
 
 
 class DistributedError(ModelError):
@@ -122,7 +123,7 @@ def plan_sharding(
 ) -> ShardingPlan:
     """torchrec's plan for `model`'s tables; with `group`, planned on rank 0 and broadcast."""
     collection: ShardableEmbeddingCollection = model.embeddings
-    physical = [table.name for table in collection.physical_tables()]
+    physical = {table.name: table for table in collection.physical_tables()}
     unknown = sorted(set(sharding) - set(physical))
     if unknown:
         raise ShardingPlanError(
@@ -131,9 +132,9 @@ def plan_sharding(
     constraints = {
         torchrec_name(name): ParameterConstraints(
             sharding_types=[sharding[name]] if name in sharding else list(DEFAULT_SHARDING_TYPES),
-            min_partition=TBE_DIM_MULTIPLE,
+            min_partition=column_shard_width(table.dim),
         )
-        for name in physical
+        for name, table in physical.items()
     }
     planner = EmbeddingShardingPlanner(
         topology=topology or Topology(world_size=world_size, compute_device=compute_device),
@@ -145,11 +146,16 @@ def plan_sharding(
             return planner.plan(model, table_sharders)
         return planner.collective_plan(model, table_sharders, group)
     except (PlannerError, RuntimeError, ValueError) as error:
-        pinned = {name: kind for name, kind in sharding.items()}
         raise ShardingPlanError(
-            f"torchrec's planner cannot shard tables {physical} over {world_size} rank(s) with "
-            f"sharding {pinned or 'of its choice'}: {str(error).splitlines()[0]}"
+            f"torchrec's planner cannot shard tables {list(physical)} over {world_size} rank(s) "
+            f"with sharding {dict(sharding) or 'of its choice'}: {str(error).splitlines()[0]}"
         ) from error
+
+
+def column_shard_width(dim: int) -> int:
+    """The narrowest column shard the planner may cut: half a row (so small test tables can
+    be split in two) but at least TBE's 4 columns and at most torchrec's usual 128."""
+    return min(MAX_COLUMN_SHARD, max(TBE_DIM_MULTIPLE, dim // 2))
 
 
 def sharded_model_shell(spec: ModelSpec, mappings: Mapping[str, nn.Module]) -> nn.Module:
