@@ -16,9 +16,15 @@ switched keep reading whole rows.
 Deltas (touched rows, deleted ids, optionally new dense parameters) are written in place into
 the live namespace by one writer per model (the streaming sync): the delta number is reserved,
 the changed row ids are logged (so every server can invalidate its cache, even one that missed
-the pub/sub message), rows are written, and only then the version's head moves to the new delta
-(and dense revision) in one atomic step. A dense revision is a whole blob under its own key, so a
-reader never mixes two dense revisions.
+the pub/sub message), then the rows, deletions and head move go to each node as one MULTI/EXEC
+transaction. Redis runs a transaction whole or, if its writer dies before EXEC arrives, not at
+all, so a writer killed mid-delta leaves no row of it readable. The meta node's transaction
+also writes the dense blob and moves the head, and runs last: with one node a delta goes live
+at once or not at all; with several, a writer that dies between two nodes' EXECs leaves the
+earlier nodes' rows ahead of the head until the next delta rewrites them. (In a Redis Cluster,
+where shards are in different slots, delta rows are written in plain pipelines.) A delta is
+what one sync interval touched, so a transaction stays small. A dense revision is a whole blob
+under its own key, so a reader never mixes two dense revisions.
 """
 
 from __future__ import annotations
@@ -270,37 +276,58 @@ class _ShardedWriter:
     def write(
         self, manifest: VersionManifest, table: str, ids: np.ndarray, encoded: np.ndarray
     ) -> None:
-        chunk = self.options.chunk_fields
+        """Write rows in pipelined batches of `batch_rows` (each batch as it is sent)."""
         for begin in range(0, len(ids), self.options.batch_rows):
-            batch_ids = ids[begin : begin + self.options.batch_rows]
-            batch_rows = encoded[begin : begin + self.options.batch_rows]
             pipes: dict[int, Any] = {}
-            for shard, positions in self._by_shard(batch_ids, manifest.num_shards):
-                node = self.nodes.node_of_shard(shard)
-                pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
-                key = self.keys.rows(manifest.version, table, shard)
-                fields = encode_ids(batch_ids[positions])
-                values = batch_rows[positions]
-                for start in range(0, len(fields), chunk):
-                    arguments: list[bytes] = []
-                    for field_bytes, value in zip(
-                        fields[start : start + chunk], values[start : start + chunk], strict=True
-                    ):
-                        arguments += (field_bytes, value.tobytes())
-                    pipe.execute_command("HSET", key, *arguments)
+            end = begin + self.options.batch_rows
+            self.queue_write(pipes, manifest, table, ids[begin:end], encoded[begin:end])
             self.nodes.execute(pipes)
 
-    def delete(self, manifest: VersionManifest, table: str, ids: np.ndarray) -> None:
+    def queue_write(
+        self,
+        pipes: dict[int, Any],
+        manifest: VersionManifest,
+        table: str,
+        ids: np.ndarray,
+        encoded: np.ndarray,
+        transaction: bool = False,
+    ) -> None:
+        """Add HSETs of rows to the per-node pipelines in `pipes` (made as needed)."""
         chunk = self.options.chunk_fields
-        pipes: dict[int, Any] = {}
         for shard, positions in self._by_shard(ids, manifest.num_shards):
-            node = self.nodes.node_of_shard(shard)
-            pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
+            pipe = self._pipe(pipes, self.nodes.node_of_shard(shard), transaction)
+            key = self.keys.rows(manifest.version, table, shard)
+            fields = encode_ids(ids[positions])
+            values = encoded[positions]
+            for start in range(0, len(fields), chunk):
+                arguments: list[bytes] = []
+                for field_bytes, value in zip(
+                    fields[start : start + chunk], values[start : start + chunk], strict=True
+                ):
+                    arguments += (field_bytes, value.tobytes())
+                pipe.execute_command("HSET", key, *arguments)
+
+    def queue_delete(
+        self,
+        pipes: dict[int, Any],
+        manifest: VersionManifest,
+        table: str,
+        ids: np.ndarray,
+        transaction: bool = False,
+    ) -> None:
+        """Add HDELs of ids to the per-node pipelines in `pipes` (made as needed)."""
+        chunk = self.options.chunk_fields
+        for shard, positions in self._by_shard(ids, manifest.num_shards):
+            pipe = self._pipe(pipes, self.nodes.node_of_shard(shard), transaction)
             key = self.keys.rows(manifest.version, table, shard)
             fields = encode_ids(ids[positions])
             for start in range(0, len(fields), chunk):
                 pipe.execute_command("HDEL", key, *fields[start : start + chunk])
-        self.nodes.execute(pipes)
+
+    def _pipe(self, pipes: dict[int, Any], node: int, transaction: bool) -> Any:
+        if node not in pipes:
+            pipes[node] = self.nodes.pipeline(node, transaction=transaction)
+        return pipes[node]
 
 
 def dense_blob(tensors: Mapping[str, torch.Tensor], default_rows: Mapping[str, Any]) -> bytes:
@@ -542,6 +569,8 @@ class ParamPublisher:
                 parts.append(prepared[table][0])
             changed[table] = np.unique(np.concatenate(parts))
         meta = self.nodes.meta
+        # Shards of a Redis Cluster are in different slots: no transaction can span them.
+        atomic = not self.nodes.config.cluster
         with _redis_call(f"apply a delta to {self.model!r} v{target}"):
             delta = int(meta.hincrby(self.keys.head(target), "delta_seq", 1))
             meta.set(
@@ -549,23 +578,32 @@ class ParamPublisher:
                 safetensors.numpy.save(changed) if changed else b"",
                 px=int(self.options.delta_log_ttl_s * 1000),
             )
-            for table, (ids, encoded) in prepared.items():
-                self._writer.write(manifest, table, ids, encoded)
-            for table, ids in removed.items():
-                self._writer.delete(manifest, table, ids)
-            dense_revision = None
+            blob = None
             if dense is not None or default_rows:
                 current = self._dense_now(target)
                 tensors = current.tensors if dense is None else dense
                 defaults = {**current.default_rows, **(default_rows or {})}
-                meta.set(self.keys.dense(target, delta), dense_blob(tensors, defaults))
-                dense_revision = delta
-            replaced = int(
-                self._commit_delta(
-                    keys=[self.keys.head(target)],
-                    args=[delta, "" if dense_revision is None else dense_revision],
-                )
-            )
+                blob = dense_blob(tensors, defaults)
+            pipes: dict[int, Any] = {}
+            for table, (ids, encoded) in prepared.items():
+                self._writer.queue_write(pipes, manifest, table, ids, encoded, atomic)
+            for table, ids in removed.items():
+                self._writer.queue_delete(pipes, manifest, table, ids, atomic)
+            head = pipes.pop(0, None) or self.nodes.pipeline(0, transaction=atomic)
+            self.nodes.execute(pipes)
+            if blob is not None:
+                head.set(self.keys.dense(target, delta), blob)
+            dense_revision = None if blob is None else delta
+            commit = {
+                "keys": [self.keys.head(target)],
+                "args": [delta, "" if dense_revision is None else dense_revision],
+            }
+            if atomic:
+                self._commit_delta(**commit, client=head)
+                replaced = int(head.execute()[-1])
+            else:  # a cluster pipeline cannot carry a script
+                head.execute()
+                replaced = int(self._commit_delta(**commit))
             if replaced >= 0:
                 meta.pexpire(self.keys.dense(target, replaced), int(self.options.grace_s * 1000))
             self._announce(

@@ -41,12 +41,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A trainer in its own process, so that it can be killed. It resumes from its state if there
 # is one, else starts from the checkpoint; it appends the request ids it applies to a file.
-# Its publisher writes one row per round trip: a delta takes long enough to be killed in.
+# Its Redis link is slow (a pause before each packet it sends), so that a push lasts long
+# enough to be killed halfway through sending.
 TRAINER_PROCESS = """
-import json, logging, os, sys
+import json, logging, os, sys, time
 from online_training.kafka import KafkaSettings, Topics
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from redis.connection import AbstractConnection
 from serving.param_store import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes
 kafka, prefix, group, redis_url, name, checkpoint, state, applied_path = sys.argv[1:9]
@@ -58,8 +60,16 @@ def on_applied(batch):
     ids = batch.rows.column("request_id").to_pylist()
     os.write(applied, "".join(f"{i}\\n" for i in ids).encode())
 
+send = AbstractConnection.send_packed_command
+
+def slow_link(self, command, check_health=True):  # 50 ms per packet of a few KB
+    for packet in [command] if isinstance(command, (bytes, str)) else command:
+        time.sleep(0.05)
+        send(self, [packet], check_health)
+
+AbstractConnection.send_packed_command = slow_link
 nodes = RedisNodes(RedisConfig.parse(redis_url, socket_timeout_s=0.5, retries=0))
-publisher = ParamPublisher(nodes, name, StoreOptions(grace_s=5.0, batch_rows=1))
+publisher = ParamPublisher(nodes, name, StoreOptions(grace_s=5.0))
 config = TrainerConfig(
     group_id=group, batch_size=200, max_poll_records=2, state_path=state,
     sync=SyncConfig(interval_s=1.0, dense_every=3),
@@ -141,7 +151,9 @@ def test_a_trainer_killed_inside_a_sync_restarts_and_no_half_applied_delta_is_se
                     and state.exists()
                     and len(_applied_ids(applied)) >= 1000
                 ):
-                    break
+                    time.sleep(0.15)  # into the push: part of it sent
+                    if _head(meta, name, version)[0] > _head(meta, name, version)[1]:
+                        break
                 time.sleep(0.002)
             first.send_signal(signal.SIGKILL)
             assert first.wait(timeout=10) == -signal.SIGKILL, "killed before the stream's end"
@@ -155,6 +167,7 @@ def test_a_trainer_killed_inside_a_sync_restarts_and_no_half_applied_delta_is_se
                 assert shown["delta"] <= committed
                 time.sleep(0.1)
             exposed = _rows_ahead_of(ParamReader(publisher.nodes, name), state)
+            assert exposed == 0, f"{exposed} rows of the killed delta are readable"
             before_restart = len(_applied_ids(applied))
             later = example_rows(movielens, 2000, start=4000)
             sent += send_examples(kafka, topics.examples, later, PARTITIONS, batch_rows=50)
