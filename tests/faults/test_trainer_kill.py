@@ -1,11 +1,11 @@
-"""The streaming trainer killed (-9) in the middle of pushing a delta, and restarted, while the
+"""The streaming trainer killed (-9) in the middle of sending a delta, and restarted, while the
 service scores under load (moved here from tests/online_training/test_trainer_faults.py and
 extended: the kill now lands inside a sync, with a service watching).
 
-The trainer writes its delta rows one per round trip, so that a push lasts long enough for the
-kill to land between "delta number reserved, rows being written" and "head moved". It must end
-with every example applied at least once (by request id: copies allowed), the service never
-showing the killed delta (its version, delta and dense revision stay on the last committed
+The trainer's Redis link is slow (a pause before every packet it sends), so that the kill lands
+after the delta's number is reserved and part of it is sent. It must end with every example
+applied at least once (by request id: copies allowed), no row of the killed delta readable and
+the service never showing it (its version, delta and dense revision stay on the last committed
 one), and, after the restart, Redis and the service holding exactly the trainer's final state.
 """
 
