@@ -129,34 +129,41 @@ class OwnedCollisionlessTable(nn.Module):
 
     def restore(self, parts: list[dict[str, torch.Tensor]]) -> None:
         """Take the entries this rank owns from every old owner's `entries()`."""
-        keep = [owner_of(part["ids"], self.world_size) == self.rank for part in parts]
-        chosen = {
-            key: torch.cat([part[key][mask] for part, mask in zip(parts, keep, strict=True)])
-            for key in ENTRY_KEYS
-        }
-        admitted = chosen["has_row"]
-        num_rows = int(admitted.sum())
-        entry_row = torch.full_like(chosen["ids"], -1)
-        entry_row[admitted] = torch.arange(1, num_rows + 1)
-        default = torch.stack([part["default_row"] for part in parts]).mean(dim=0)
-        default_momentum = torch.cat([part["default_momentum"] for part in parts]).mean()
-        stats = torch.stack([part["stats"] for part in parts]).sum(dim=0)
-        state = {
-            "version": torch.tensor([CHECKPOINT_VERSION], dtype=torch.int64),
-            "weight": torch.cat([default.unsqueeze(0), chosen["rows"][admitted]]),
-            "momentum": torch.cat([default_momentum.reshape(1), chosen["momentum"][admitted]]),
-            "touched": torch.zeros(num_rows + 1, dtype=torch.bool),
-            "free_rows": torch.empty(0, dtype=torch.int64),
-            "entry_ids": chosen["ids"],
-            "free_entries": torch.empty(0, dtype=torch.int64),
-            "entry_count": chosen["count"],
-            "entry_last_seen_us": chosen["last_seen_us"],
-            "entry_row": entry_row,
-            "evicted_ids": torch.empty(0, dtype=torch.int64),
-            # Counters are summed onto rank 0, so that their total over ranks is kept.
-            "stats": stats if self.rank == 0 else torch.zeros(len(STAT_NAMES), dtype=torch.int64),
-        }
-        self.local.load_state_dict(state)
+        self.local.load_state_dict(state_from_entries(parts, self.world_size, self.rank))
+
+
+def state_from_entries(
+    parts: list[dict[str, torch.Tensor]], world_size: int, rank: int
+) -> dict[str, torch.Tensor]:
+    """The CollisionlessTable state_dict of owner `rank` of `world_size`, from the entries of
+    every old owner (world_size 1: the one-process table)."""
+    keep = [owner_of(part["ids"], world_size) == rank for part in parts]
+    chosen = {
+        key: torch.cat([part[key][mask] for part, mask in zip(parts, keep, strict=True)])
+        for key in ENTRY_KEYS
+    }
+    admitted = chosen["has_row"]
+    num_rows = int(admitted.sum())
+    entry_row = torch.full_like(chosen["ids"], -1)
+    entry_row[admitted] = torch.arange(1, num_rows + 1)
+    default = torch.stack([part["default_row"] for part in parts]).mean(dim=0)
+    default_momentum = torch.cat([part["default_momentum"] for part in parts]).mean()
+    stats = torch.stack([part["stats"] for part in parts]).sum(dim=0)
+    return {
+        "version": torch.tensor([CHECKPOINT_VERSION], dtype=torch.int64),
+        "weight": torch.cat([default.unsqueeze(0), chosen["rows"][admitted]]),
+        "momentum": torch.cat([default_momentum.reshape(1), chosen["momentum"][admitted]]),
+        "touched": torch.zeros(num_rows + 1, dtype=torch.bool),
+        "free_rows": torch.empty(0, dtype=torch.int64),
+        "entry_ids": chosen["ids"],
+        "free_entries": torch.empty(0, dtype=torch.int64),
+        "entry_count": chosen["count"],
+        "entry_last_seen_us": chosen["last_seen_us"],
+        "entry_row": entry_row,
+        "evicted_ids": torch.empty(0, dtype=torch.int64),
+        # Counters are summed onto rank 0, so that their total over ranks is kept.
+        "stats": stats if rank == 0 else torch.zeros(len(STAT_NAMES), dtype=torch.int64),
+    }
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -187,8 +194,8 @@ def save_owned(path: str | Path, table: OwnedCollisionlessTable) -> Path:
     return path
 
 
-def load_owned(path: str | Path, table: OwnedCollisionlessTable) -> None:
-    """Restore `table` from the files of any number of old owners."""
+def read_owned(path: str | Path, config: TableConfig) -> list[dict[str, torch.Tensor]]:
+    """The entries of every old owner of table `config` saved under `path`."""
     files = sorted(Path(path).glob("owner-*-of-*.safetensors"))
     if not files:
         raise CheckpointError(f"no collisionless owner files at {path}")
@@ -201,10 +208,15 @@ def load_owned(path: str | Path, table: OwnedCollisionlessTable) -> None:
     for file in files:
         with safe_open(file, framework="pt") as handle:
             saved = json.loads((handle.metadata() or {}).get("table", "{}"))
-            if saved.get("name") != table.config.name or saved.get("dim") != table.config.dim:
+            if saved.get("name") != config.name or saved.get("dim") != config.dim:
                 raise CheckpointError(
                     f"{file} holds table {saved.get('name')!r} of dim {saved.get('dim')}, not "
-                    f"{table.config.name!r} of dim {table.config.dim}"
+                    f"{config.name!r} of dim {config.dim}"
                 )
             parts.append({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
-    table.restore(parts)
+    return parts
+
+
+def load_owned(path: str | Path, table: OwnedCollisionlessTable) -> None:
+    """Restore `table` from the files of any number of old owners."""
+    table.restore(read_owned(path, table.config))

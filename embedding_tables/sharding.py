@@ -17,7 +17,9 @@ collection:
 
 torchrec module names cannot hold '.', so physical table `item_id.r` is torchrec table
 `item_id__r` (`torchrec_name`). Collisionless tables (a dynamic id map, not a static transform)
-are refused: they are not sharded yet.
+are not torchrec's: each is an `embedding_tables.sharded_collisionless.OwnedCollisionlessTable`,
+ids owned by rank by hash, built when the collection is given the process group (`group=`);
+without one (planning only) they are left out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -44,6 +47,7 @@ from embedding_tables.errors import ConfigError, FeatureError, IdError
 from embedding_tables.lookup import TORCH_DTYPES, init_bound
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import SELF_MANAGED_METHODS, PhysicalTable, plan_table
+from embedding_tables.sharded_collisionless import OwnedCollisionlessTable
 from embedding_tables.transforms import GraphHashMappingLike, IndexTransform, transform_for
 
 SLOT_SEPARATOR = "@"
@@ -70,6 +74,8 @@ class ShardableEmbeddingCollection(nn.Module):
 
     `tables`, `feature_to_table` and `mappings` as for `EmbeddingCollection`. `device="meta"`
     allocates nothing (DistributedModelParallel then allocates each rank's shards only).
+    `group`: the process group whose ranks own the collisionless tables' ids, trained with
+    `optimizer` (None: planning only, without collisionless lookups).
     KJTs with per-id weights are refused (the pooled modules are unweighted).
     """
 
@@ -79,17 +85,20 @@ class ShardableEmbeddingCollection(nn.Module):
         feature_to_table: Mapping[str, str],
         mappings: Mapping[str, GraphHashMappingLike] | None = None,
         device: torch.device | str | None = None,
+        optimizer: SparseOptimizerConfig | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         mappings = dict(mappings or {})
         self.configs = _check_tables(tables, feature_to_table, mappings)
-        managed = [n for n, c in self.configs.items() if c.method in SELF_MANAGED_METHODS]
-        if managed:
-            raise ConfigError(
-                f"table(s) {managed}: collisionless tables have no static index transform and "
-                "are not sharded yet; accepted methods: full, hash, unified, qr, graphhash"
-            )
+        managed = {n: c for n, c in self.configs.items() if c.method in SELF_MANAGED_METHODS}
+        self.owned = nn.ModuleDict(
+            {}
+            if group is None
+            else {name: OwnedCollisionlessTable(c, optimizer, group) for name, c in managed.items()}
+        )
         self.feature_to_table = dict(feature_to_table)
+        static = {f: t for f, t in self.feature_to_table.items() if t not in managed}
         self.graphhash_mappings = nn.ModuleDict(
             {name: m for name, m in mappings.items() if isinstance(m, nn.Module)}
         )
@@ -97,12 +106,13 @@ class ShardableEmbeddingCollection(nn.Module):
         self.plans = {
             name: plan_table(config, mappings[name].num_rows if name in mappings else None)
             for name, config in self.configs.items()
+            if name not in managed
         }
         self.transforms: dict[str, IndexTransform] = {
             feature: transform_for(
                 self.configs[table], feature, mappings.get(table), self.plans[table]
             )
-            for feature, table in self.feature_to_table.items()
+            for feature, table in static.items()
         }
         self._physical = {
             physical.name: physical for plan in self.plans.values() for physical in plan.physical
@@ -158,6 +168,8 @@ class ShardableEmbeddingCollection(nn.Module):
         batch = features.stride()
         slots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for feature, (ids, lengths) in per_feature.items():
+            if feature not in self.transforms:
+                continue
             for j, rows in enumerate(self.transforms[feature](ids)):
                 slots[slot_key(feature, j)] = (rows, lengths)
         pooled = (
@@ -165,7 +177,16 @@ class ShardableEmbeddingCollection(nn.Module):
         )
         unpooled = self.rows(_slot_kjt(self._row_keys, slots, batch)) if self.rows else {}
         pieces = []
-        for feature, (_, lengths) in per_feature.items():
+        for feature, (ids, lengths) in per_feature.items():
+            table = self.feature_to_table[feature]
+            if feature not in self.transforms:
+                if table not in self.owned:
+                    raise ConfigError(
+                        f"feature {feature!r}: collisionless table {table!r} is built only with "
+                        "the process group that owns its ids (group=); this collection has none"
+                    )
+                pieces.append(self.owned[table].pooled(ids, lengths))
+                continue
             lookups = len(self.transforms[feature].tables)
             keys = [slot_key(feature, j) for j in range(lookups)]
             combine = self._combine(feature)
@@ -184,21 +205,31 @@ class ShardableEmbeddingCollection(nn.Module):
     # ---- what checkpoints and planning use ----------------------------------------------------
 
     def physical_tables(self) -> list[PhysicalTable]:
+        """The static physical tables (what torchrec shards)."""
         return list(self._physical.values())
 
+    @property
+    def self_managed(self) -> dict[str, nn.Module]:
+        """This rank's part of each collisionless table (what checkpoint manifests report)."""
+        return {name: owned.local for name, owned in self.owned.items()}
+
     def num_parameters(self) -> dict[str, int]:
-        """Weights (rows * dim) per logical table, and their sum under "total"."""
+        """Weights (rows * dim) per logical table (collisionless: this rank's), and the sum."""
         counts = dict.fromkeys(self.configs, 0)
         for table in self._physical.values():
             counts[table.logical_table] += table.num_parameters
+        for name, table in self.self_managed.items():
+            counts[name] = table.num_parameters()
         counts[TOTAL_KEY] = sum(counts.values())
         return counts
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of weights per logical table (all ranks together), and their sum."""
+        """Bytes of weights per logical table (static: all ranks; collisionless: this rank's)."""
         sizes = dict.fromkeys(self.configs, 0)
         for table in self._physical.values():
             sizes[table.logical_table] += table.memory_bytes
+        for name, table in self.self_managed.items():
+            sizes[name] = table.memory_bytes()
         sizes[TOTAL_KEY] = sum(sizes.values())
         return sizes
 

@@ -158,15 +158,25 @@ def column_shard_width(dim: int) -> int:
     return min(MAX_COLUMN_SHARD, max(TBE_DIM_MULTIPLE, dim // 2))
 
 
-def sharded_model_shell(spec: ModelSpec, mappings: Mapping[str, nn.Module]) -> nn.Module:
-    """The model with its tables on the meta device (nothing allocated), ready to be planned."""
+def sharded_model_shell(
+    spec: ModelSpec,
+    mappings: Mapping[str, nn.Module],
+    group: dist.ProcessGroup | None = None,
+) -> nn.Module:
+    """The model with its tables on the meta device (nothing allocated), ready to be planned;
+    with `group`, its collisionless tables are built, owned by the group's ranks."""
     if spec.model.name not in DISTRIBUTED_MODELS:
         raise ModelConfigError(
             f"model {spec.model.name!r} is not trained distributed; accepted: "
             f"{', '.join(DISTRIBUTED_MODELS)}"
         )
     embeddings = ShardableEmbeddingCollection(
-        list(spec.tables), spec.feature_to_table, mappings, device="meta"
+        list(spec.tables),
+        spec.feature_to_table,
+        mappings,
+        device="meta",
+        optimizer=spec.sparse_optimizer,
+        group=group,
     )
     model = MODEL_CLASSES[spec.model.name](spec.model, spec.schema, embeddings)
     model.spec = spec
@@ -181,7 +191,7 @@ def build_sharded_model(
 ) -> DistributedModelParallel:
     """The model sharded over the default process group, tables at their seeded initial rows."""
     seed_everything(seed)
-    model = sharded_model_shell(spec, mappings)
+    model = sharded_model_shell(spec, mappings, dist.GroupMember.WORLD)
     plan = plan_sharding(
         model, dist.get_world_size(), config.sharding, spec, group=dist.GroupMember.WORLD
     )

@@ -6,7 +6,9 @@ shard's offsets, sizes and the tensor's global shape in the file's metadata; ran
 the replicated tensors (dense parameters) whole and the model manifest. Reading assembles any
 region of any tensor from the shards that overlap it, so a checkpoint written by n ranks loads
 onto m ranks under another plan (`load_sharded`), or into the plain one-process model as an
-ordinary checkpoint (`export_checkpoint`). The directory is written to `<dir>.partial` and
+ordinary checkpoint (`export_checkpoint`). Collisionless tables are saved per owner under
+`collisionless/<table>/` (`embedding_tables.sharded_collisionless`) and restored by id owner. The
+directory is written to `<dir>.partial` and
 renamed when every rank has written, so a crash leaves the previous checkpoint.
 """
 
@@ -26,8 +28,16 @@ from safetensors.torch import save_file
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from embedding_tables.config import TableConfig
+from embedding_tables.sharded_collisionless import (
+    load_owned,
+    read_owned,
+    save_owned,
+    state_from_entries,
+)
 from embedding_tables.sharding import torchrec_name
 from models.checkpoint import MANIFEST_KEY, manifest_of, read_manifest, write_checkpoint_file
+from models.config import from_dict
 from models.errors import CheckpointError
 
 SHARDS_KEY = "embtab.shards"
@@ -36,6 +46,9 @@ MOMENTUM_SUFFIX = ".momentum"
 SHARDED_PREFIXES = ("embeddings.pooled.embedding_bags.", "embeddings.rows.embeddings.")
 PLAIN_PREFIX = "embeddings.tables."
 DENSE_OPTIMIZER_PREFIX = "dense_optimizer."
+OWNED_PREFIX = "embeddings.owned."
+COLLISIONLESS_DIR = "collisionless"
+PLAIN_SELF_MANAGED_PREFIX = "embeddings.self_managed."
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,11 @@ def sharded_state(
     state_dict's keys, `<table key>.momentum` for each table's row-wise accumulator, and
     `dense_optimizer.<parameter>.<state>` for the dense optimizer's state (created if absent,
     so that a fresh optimizer can be loaded into)."""
-    state = dict(dmp.state_dict())
+    state = {
+        key: value
+        for key, value in dmp.state_dict().items()
+        if not key.startswith(OWNED_PREFIX)  # per-owner entries, saved by save_owned
+    }
     for key, entries in dmp.fused_optimizer.state_dict()["state"].items():
         for name, value in entries.items():
             if name.endswith(".momentum1"):
@@ -129,6 +146,8 @@ def save_sharded(
         }
         metadata[MANIFEST_KEY] = json.dumps(manifest, sort_keys=True)
     save_file(tensors, staging / rank_file(rank, world), metadata=metadata)
+    for name, owned in dmp.module.embeddings.owned.items():
+        save_owned(staging / COLLISIONLESS_DIR / name, owned)
     dist.barrier()
     if rank == 0:
         previous = path.with_name(path.name + ".previous")
@@ -249,6 +268,8 @@ def load_sharded(
     with torch.no_grad():
         for tensor, part in parts:
             tensor.copy_(part)
+    for name, owned in dmp.module.embeddings.owned.items():
+        load_owned(checkpoint.path / COLLISIONLESS_DIR / name, owned)
     return checkpoint.manifest
 
 
@@ -275,6 +296,13 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
             tensors[plain] = checkpoint.full(key)
         else:
             tensors[plain] = _row_accumulator(checkpoint, key, prefix + table + ".weight")
+    for fields in checkpoint.manifest["tables"]:
+        directory = checkpoint.path / COLLISIONLESS_DIR / fields["name"]
+        if directory.is_dir():
+            config = from_dict(TableConfig, fields, "manifest.tables")
+            state = state_from_entries(read_owned(directory, config), 1, 0)
+            for key, value in state.items():
+                tensors[f"{PLAIN_SELF_MANAGED_PREFIX}{config.name}.{key}"] = value
     return write_checkpoint_file(out, tensors, checkpoint.manifest)
 
 
