@@ -11,7 +11,7 @@ summary takes the median per world size. The loss gap is the largest difference 
 batch loss at the same step between the 1-rank and the 2-rank run of the first round.
 
 The script also runs torchrec's planner (nothing allocated: tables on the meta device) for the
-Criteo-1TB tables of MLPerf DLRM (26 tables, ids capped at 40M, dim 128: 244M rows, 125 GB of
+Criteo-1TB tables of MLPerf DLRM (26 tables, ids capped at 40M, dim 128: 204M rows, 104.5 GB of
 fp32) on the topologies docs/scale.md discusses, and records each plan; and it measures what one
 embedded Redis node serves: pipelined HMGETs of 100 rows of 64 bytes over 16 shard hashes, from
 2 client processes, for --redis-seconds, and the memory one stored row takes.
