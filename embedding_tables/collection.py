@@ -834,12 +834,14 @@ def _check_layout(
             f"features {named}: {lengths.numel()} lengths for {len(keys)} features x batch "
             f"{stride}; one length per feature and sample is accepted"
         )
-    if lengths.numel() and int(lengths.min()) < 0:
-        raise OffsetsError(f"features {named}: lengths must be >= 0, got {int(lengths.min())}")
-    if int(lengths.sum()) != values.numel():
+    smallest, total = 0, 0
+    if lengths.numel():  # one device-to-host copy for both
+        smallest, total = torch.stack([lengths.min(), lengths.sum()]).tolist()
+    if smallest < 0:
+        raise OffsetsError(f"features {named}: lengths must be >= 0, got {smallest}")
+    if total != values.numel():
         raise OffsetsError(
-            f"features {named}: the lengths add up to {int(lengths.sum())} ids but there are "
-            f"{values.numel()}"
+            f"features {named}: the lengths add up to {total} ids but there are {values.numel()}"
         )
     if weights is not None and weights.numel() != values.numel():
         raise OffsetsError(
