@@ -5,6 +5,7 @@ The physical tables of every static method sit in torchrec modules
 (table-wise, row-wise, column-wise, table-column-wise) and DistributedModelParallel replaces by
 their sharded versions; the dense part is wrapped in DistributedDataParallel. The index
 transforms run in embtab before the sharded lookup, so a model never knows it is sharded.
+Collisionless tables are owned by rank by hash (`embedding_tables.sharded_collisionless`).
 
 Data: every rank reads the same global batches (same shuffle seed) and trains on its 1/N slice;
 losses are the mean over the global batch, so N ranks follow the loss curve of one rank on the
@@ -56,7 +57,12 @@ from models.build import MODEL_CLASSES, ModelSpec, graphhash_mappings, plan_mode
 from models.config import RunConfig, to_dict
 from models.errors import ModelConfigError, ModelError, NonFiniteLossError
 from models.metrics import auc, logloss_from_logits
-from models.sharded_checkpoint import dense_parameters, load_sharded, save_sharded
+from models.sharded_checkpoint import (
+    SHARDED_PREFIXES,
+    dense_parameters,
+    load_sharded,
+    save_sharded,
+)
 from models.train import EVAL_BATCH_SIZE, seed_everything
 
 # Ranking models whose only sparse input is pooled lookups (DIN reads unpooled sequences, the
@@ -214,7 +220,7 @@ def build_sharded_model(
 
 def _table_of(key: str) -> str | None:
     """The torchrec table name of a state_dict key of a table weight, else None."""
-    for prefix in ("embeddings.pooled.embedding_bags.", "embeddings.rows.embeddings."):
+    for prefix in SHARDED_PREFIXES:
         if key.startswith(prefix) and key.endswith(".weight"):
             return key[len(prefix) : -len(".weight")]
     return None
