@@ -562,8 +562,11 @@ def train_distributed(
     checkpoint: str | Path | None = None,
     resume: bool = False,
 ) -> RankResult:
-    """Train on `config.world_size` local ranks; rank 0's result (every rank saw the same
-    global losses). Config errors surface here, before any process starts."""
+    """Train on `config.world_size` ranks; this rank's result (every rank sees the same global
+    losses). Config errors surface here, before any process starts.
+
+    Started by torchrun (one process per rank, on one host or many), this process is one rank
+    of torchrun's group (env:// rendezvous); otherwise it spawns `world_size` local ranks."""
     spec = plan_model(run, dataset.schema)
     shell = sharded_model_shell(spec, graphhash_mappings(spec, dataset, run.train.seed))
     plan_sharding(shell, config.world_size, config.sharding, spec)
@@ -573,7 +576,36 @@ def train_distributed(
             "ranks; accepted: a multiple of the world size"
         )
     path = None if checkpoint is None else Path(checkpoint)
+    if launched_by_torchrun():
+        return _train_torchrun_rank(run, dataset, config, path, resume)
     results = launch(
         train_rank, (run, dataset, config, path, resume), config.world_size, config.timeout_s
     )
     return RankResult(**results[0])
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a rank started by torchrun (torch.distributed.run)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _train_torchrun_rank(
+    run: RunConfig,
+    dataset: Dataset,
+    config: DistributedConfig,
+    checkpoint: Path | None,
+    resume: bool,
+) -> RankResult:
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.world_size:
+        raise ModelConfigError(
+            f"torchrun started {world} ranks but {config.world_size} were asked for; accepted: "
+            "the same number (--nproc equal to torchrun's nnodes x nproc-per-node)"
+        )
+    dist.init_process_group(
+        "gloo", init_method="env://", timeout=datetime.timedelta(seconds=config.timeout_s)
+    )
+    try:
+        return train_rank(run, dataset, config, checkpoint, resume)
+    finally:
+        dist.destroy_process_group()

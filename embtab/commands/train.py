@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from feature_store.offline import SPLITS
 from models.build import plan_model
 from models.checkpoint import load_checkpoint
 from models.config import MODEL_CONFIGS, RunConfig, TrainConfig, to_dict
-from models.distributed import DistributedConfig, train_distributed
+from models.distributed import DistributedConfig, launched_by_torchrun, train_distributed
 from models.errors import ModelConfigError
 from models.sharded_checkpoint import export_checkpoint
 from models.train import split_evaluator, train
@@ -66,8 +67,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--nproc",
         type=int,
-        help="train on N local ranks (gloo) with torchrec's sharded tables; --out is then a "
-        "directory of per-rank shards",
+        help="train on N ranks (gloo) with torchrec's sharded tables: N local processes, or, "
+        "under torchrun, torchrun's N ranks; --out is then a directory of per-rank shards",
     )
     parser.add_argument(
         "--sharding",
@@ -122,7 +123,7 @@ def run_train(arguments: argparse.Namespace) -> int:
     started = time.monotonic()
     dataset = load_with_progress(run.dataset, show_progress=not arguments.json)
     plan_model(run, dataset.schema)  # every feature and table error before any training
-    if arguments.nproc is not None:
+    if arguments.nproc is not None or launched_by_torchrun():
         return run_distributed_train(arguments, run, dataset)
     out = arguments.out or CHECKPOINT_DIR / (
         f"{run.dataset}-{run.model.name}-{run.tables.method}.safetensors"
@@ -158,15 +159,18 @@ def run_train(arguments: argparse.Namespace) -> int:
 
 
 def run_distributed_train(arguments: argparse.Namespace, run: RunConfig, dataset: Any) -> int:
-    """`embtab train --nproc N`: N local ranks, tables sharded by torchrec's planner."""
+    """`embtab train --nproc N`: N local ranks, tables sharded by torchrec's planner; under
+    torchrun (where `--nproc` would clash with torchrun's own `--nproc-per-node`), torchrun's
+    ranks."""
     sharding = dict(_pair(text) for text in arguments.sharding)
-    config = DistributedConfig(
-        world_size=arguments.nproc, threads=run.train.threads or 1, sharding=sharding
-    )
+    world = arguments.nproc or int(os.environ["WORLD_SIZE"])
+    config = DistributedConfig(world_size=world, threads=run.train.threads or 1, sharding=sharding)
     out = arguments.out or CHECKPOINT_DIR / (
-        f"{run.dataset}-{run.model.name}-{run.tables.method}-{arguments.nproc}ranks"
+        f"{run.dataset}-{run.model.name}-{run.tables.method}-{world}ranks"
     )
     result = train_distributed(run, dataset, config, out, resume=arguments.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 exports and reports for all
     exported = export_checkpoint(out, arguments.export) if arguments.export else None
     output: dict[str, Any] = {
         "dataset": run.dataset,

@@ -1,8 +1,11 @@
-"""`embtab train --nproc 2`: sharded training from the command line, then `embtab eval`."""
+"""`embtab train --nproc 2`: sharded training from the command line (local ranks, and ranks
+started by torchrun), then `embtab eval`."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +41,17 @@ def test_train_on_two_ranks_then_eval_the_export(tiny, tmp_path, capsys):
 
     assert main(["train", "--nproc", "2", "--sharding", "item_id", "--out", str(out)]) == 2
     assert "--sharding takes TABLE=TYPE" in capsys.readouterr().err
+
+    # The same run with its ranks started by torchrun instead (what a multi-host run uses); the
+    # world size is torchrun's (an --nproc here would be read by torchrun as --nproc-per-node).
+    del argv[argv.index("--nproc") : argv.index("--nproc") + 2]
+    argv[argv.index(str(out))] = str(tmp_path / "torchrun")
+    argv[argv.index(str(export))] = str(tmp_path / "torchrun.safetensors")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "embtab.cli", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun = json.loads(done.stdout[done.stdout.index("{") :])
+    assert torchrun["world_size"] == 2 and torchrun["steps"] == 4
+    assert torchrun["final_loss"] == pytest.approx(result["final_loss"], abs=1e-6)
+    assert torchrun["valid"]["logloss"] == pytest.approx(result["valid"]["logloss"], abs=1e-6)
