@@ -2,7 +2,10 @@
 
 Admission windows, expiry and LRU order are then in the data's own time, the same offline and
 online: a table trained offline on last year's events and continued on today's stream compares
-last-seen times of one clock, and a replay at any speed expires the same ids.
+last-seen times of one clock, and a replay at any speed expires the same ids. Under shuffled
+offline training the clock jumps to the newest event time of the first batches, so within an
+epoch every id looks equally recent: time-based admission, expiry and LRU order mean something
+on time-ordered data (the stream, or `shuffle: false`).
 """
 
 from __future__ import annotations

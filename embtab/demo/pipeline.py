@@ -9,6 +9,7 @@ stopped in a `finally`.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -184,10 +185,17 @@ class ScoringService:
         for _ in range(SERVE_START_ATTEMPTS):
             self.port = free_port()
             command = [sys.executable, "-m", "embtab.cli", "serve", "--model", MODEL_NAME]
-            command += ["--redis", self.redis_url, "--port", str(self.port)]
+            command += ["--port", str(self.port)]
+            # The URL may hold a password: in the environment, not on a command line that
+            # every local user can read.
+            environment = {**os.environ, "EMBTAB_REDIS": self.redis_url}
             with self.log_path.open("ab") as log:
                 self.process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=environment,
                 )
             if self._wait_ready():
                 return
