@@ -25,9 +25,8 @@ def request_bodies(
     items = np.unique(train.column(item_column).to_numpy())
     contexts: list[dict] = [{}] * count
     if with_context:
-        names = [
-            s.name for s in dataset.schema.features if s.name not in (user_column, item_column)
-        ]
+        ids = (user_column, item_column)
+        names = [spec.name for spec in dataset.schema.features if spec.name not in ids]
         test = dataset.read("test", names).slice(0, count).to_pylist()
         contexts = [test[index % len(test)] for index in range(count)]
     rng = np.random.default_rng(0)
