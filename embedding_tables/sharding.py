@@ -102,7 +102,6 @@ class ShardableEmbeddingCollection(nn.Module):
         self.graphhash_mappings = nn.ModuleDict(
             {name: m for name, m in mappings.items() if isinstance(m, nn.Module)}
         )
-        self.self_managed = nn.ModuleDict()  # none: kept so checkpoint manifests read alike
         self.plans = {
             name: plan_table(config, mappings[name].num_rows if name in mappings else None)
             for name, config in self.configs.items()

@@ -56,6 +56,7 @@ from models.batches import Batch, BatchLoader
 from models.build import MODEL_CLASSES, ModelSpec, graphhash_mappings, plan_model
 from models.config import RunConfig, to_dict
 from models.errors import ModelConfigError, ModelError, NonFiniteLossError
+from models.event_clock import EventClock
 from models.metrics import auc, logloss_from_logits
 from models.sharded_checkpoint import (
     SHARDED_PREFIXES,
@@ -320,6 +321,8 @@ def train_rank(
     spec = plan_model(run, dataset.schema)
     mappings = graphhash_mappings(spec, dataset, run.train.seed)
     dmp = build_sharded_model(spec, mappings, config, run.train.seed)
+    clock = EventClock()  # every rank advances it by the same global batches
+    clock.attach(dmp.module)
     optimizer = torch.optim.Adam(
         dense_parameters(dmp).values(),
         lr=run.train.dense_lr,
@@ -348,6 +351,8 @@ def train_rank(
         if step >= total:
             break
         step += 1
+        if batch.newest_event_time is not None:
+            clock.advance(batch.newest_event_time)
         if step <= start_step:
             continue  # replayed to the checkpoint's position: same order, no update
         started = time.perf_counter()
