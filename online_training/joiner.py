@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from online_training import messages
@@ -38,6 +38,7 @@ from online_training.batching import PartitionBatcher, Sender
 from online_training.kafka import (
     KafkaConfigError,
     KafkaSettings,
+    RebalanceEvents,
     Topics,
     make_consumer,
     make_producer,
@@ -179,22 +180,6 @@ class _PartitionState:
         return min(self.impression_clock, self.action_clock)
 
 
-class _RebalanceEvents(ConsumerRebalanceListener):
-    """Hands rebalance callbacks (made on kafka-python's IO thread) to the joiner's loop."""
-
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[str, set[TopicPartition]]] = queue.SimpleQueue()
-
-    def on_partitions_revoked(self, revoked) -> None:
-        self.events.put(("revoked", set(revoked)))
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.events.put(("assigned", set(assigned)))
-
-    def on_partitions_lost(self, lost) -> None:
-        self.events.put(("revoked", set(lost)))
-
-
 class Joiner:
     """Reads the feature-log and actions topics, writes labelled examples (see the module doc)."""
 
@@ -217,7 +202,7 @@ class Joiner:
         self.feature_schema: pa.Schema | None = None
         self._to_emit: dict[int, _Segment] = {}
         self._ended: set[int] = set()
-        self._rebalance = _RebalanceEvents()
+        self._rebalance = RebalanceEvents()
         self._dlq = Counter()
         self._last_input = 0.0
         self._first_input: float | None = None

@@ -7,11 +7,18 @@ settings and the consumer-group timings apply to all of them alike.
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    TopicPartition,
+)
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 
@@ -127,6 +134,23 @@ class Topics:
     def all(self) -> list[str]:
         streams = [self.feature_log, self.actions, self.examples]
         return streams + [self.dlq(topic) for topic in streams]
+
+
+class RebalanceEvents(ConsumerRebalanceListener):
+    """Hands rebalance callbacks (made on kafka-python's IO thread) to the consumer's loop,
+    which applies them between polls: `events` holds ("revoked" | "assigned", partitions)."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[tuple[str, set[TopicPartition]]] = queue.SimpleQueue()
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.events.put(("revoked", set(revoked)))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.events.put(("assigned", set(assigned)))
+
+    def on_partitions_lost(self, lost) -> None:
+        self.events.put(("revoked", set(lost)))
 
 
 def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:

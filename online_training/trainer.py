@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from embedding_tables.errors import EmbeddingTableError
@@ -49,7 +49,13 @@ from models.errors import ModelError, NonFiniteLossError
 from online_training import messages
 from online_training.batching import DeliveryError
 from online_training.dead_letters import DeadLetters
-from online_training.kafka import KafkaSettings, Topics, make_consumer, make_producer
+from online_training.kafka import (
+    KafkaSettings,
+    RebalanceEvents,
+    Topics,
+    make_consumer,
+    make_producer,
+)
 from online_training.learner import AppliedBatch, OnlineLearner
 from online_training.sync import ParamSync, SyncConfig, SyncError, SyncPoint, SyncRecord
 from serving.param_store import ParamPublisher
@@ -273,22 +279,6 @@ class _Message:
     value: bytes | None = None
 
 
-class _RebalanceEvents(ConsumerRebalanceListener):
-    """Hands rebalance callbacks (made on kafka-python's IO thread) to the consumer loop."""
-
-    def __init__(self) -> None:
-        self.events: queue.SimpleQueue[tuple[str, set[TopicPartition]]] = queue.SimpleQueue()
-
-    def on_partitions_revoked(self, revoked) -> None:
-        self.events.put(("revoked", set(revoked)))
-
-    def on_partitions_assigned(self, assigned) -> None:
-        self.events.put(("assigned", set(assigned)))
-
-    def on_partitions_lost(self, lost) -> None:
-        self.events.put(("revoked", set(lost)))
-
-
 class Trainer:
     """Trains a model on the examples topic and keeps its published version fresh."""
 
@@ -320,7 +310,7 @@ class Trainer:
         self._queue: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._queued_rows = 0
         self._lock = threading.Lock()
-        self._rebalance = _RebalanceEvents()
+        self._rebalance = RebalanceEvents()
         self._epoch = 0
         self._ended: set[int] = set()
         self._read: dict[TopicPartition, int] = {}
