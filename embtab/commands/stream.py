@@ -58,6 +58,19 @@ from serving.row_encoding import ENCODINGS
 ERRORS = (OnlineFeatureError, KafkaError, DeliveryError, TrainerError)
 
 
+def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `produce` and `run` replay, and how fast."""
+    parser.add_argument("--dataset", default="movielens-1m", help="data set to replay")
+    parser.add_argument("--split", default="test", help="train, valid or test")
+    parser.add_argument(
+        "--speedup", type=float, default=0.0, help="event seconds per second (0: at once)"
+    )
+    parser.add_argument(
+        "--label-delay", type=float, default=0.0, help="event seconds from impression to click"
+    )
+    parser.add_argument("--limit", type=int, help="replay only the first N events")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     stream = commands.add_parser("stream", help="streaming: replay traffic, join clicks")
     actions = stream.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -65,15 +78,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce = actions.add_parser(
         "produce", help="replay a data set as live traffic (and its online features to Redis)"
     )
-    produce.add_argument("--dataset", default="movielens-1m", help="data set to replay")
-    produce.add_argument("--split", default="test", help="train, valid or test")
-    produce.add_argument(
-        "--speedup", type=float, default=0.0, help="event seconds per second (0: at once)"
-    )
-    produce.add_argument(
-        "--label-delay", type=float, default=0.0, help="event seconds from impression to click"
-    )
-    produce.add_argument("--limit", type=int, help="replay only the first N events")
+    _add_replay_arguments(produce)
     produce.add_argument("--batch-rows", type=int, default=2048, help="rows per Kafka message")
     produce.add_argument("--run-id", type=int, help="request ids start at run_id << 32")
     produce.add_argument(
@@ -125,15 +130,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run = actions.add_parser(
         "run", help="produce, join and train at once (embedded services), with live counters"
     )
-    run.add_argument("--dataset", default="movielens-1m", help="data set to replay")
-    run.add_argument("--split", default="test", help="train, valid or test")
-    run.add_argument(
-        "--speedup", type=float, default=0.0, help="event seconds per second (0: at once)"
-    )
-    run.add_argument(
-        "--label-delay", type=float, default=0.0, help="event seconds from impression to click"
-    )
-    run.add_argument("--limit", type=int, help="replay only the first N events")
+    _add_replay_arguments(run)
     run.add_argument(
         "--window", type=float, default=60.0, help="event seconds an impression waits for a click"
     )
