@@ -147,6 +147,8 @@ class ShardableEmbeddingCollection(nn.Module):
         )
         self._pooled_keys = [key for keys in pooled_slots.values() for key in keys]
         self._row_keys = [key for keys in row_slots.values() for key in keys]
+        self.track_touched = False
+        self._touched: dict[str, list[torch.Tensor]] = {}
 
     # ---- what a model uses ----------------------------------------------------------------
 
@@ -165,12 +167,11 @@ class ShardableEmbeddingCollection(nn.Module):
         """Pooled rows of every feature: KeyedTensor [B, sum of output dims]."""
         per_feature = self._check(features)
         batch = features.stride()
-        slots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for feature, (ids, lengths) in per_feature.items():
-            if feature not in self.transforms:
-                continue
-            for j, rows in enumerate(self.transforms[feature](ids)):
-                slots[slot_key(feature, j)] = (rows, lengths)
+        slots = self._transform(per_feature)
+        if self.track_touched and self.training and torch.is_grad_enabled():
+            for feature, transform in self.transforms.items():
+                for j, physical in enumerate(transform.tables):
+                    self._touched.setdefault(physical, []).append(slots[slot_key(feature, j)][0])
         pooled = (
             self.pooled(_slot_kjt(self._pooled_keys, slots, batch)).to_dict() if self.pooled else {}
         )
@@ -200,6 +201,20 @@ class ShardableEmbeddingCollection(nn.Module):
             length_per_key=[self.output_dim(feature) for feature in self.feature_names],
             values=torch.cat(pieces, dim=1),
         )
+
+    def check(self, features: KeyedJaggedTensor) -> None:
+        """Raise the errors `forward` would raise for `features` (unknown features, ids out of
+        range), without any lookup: a rank checks its batch before the collective step, which
+        one rank alone cannot leave."""
+        self._transform(self._check(features))
+
+    def take_touched(self) -> dict[str, torch.Tensor]:
+        """The static physical rows this rank's training lookups read since the last call (with
+        `track_touched` on; off, nothing is kept), unique per physical table; resets. A row's
+        owner may be another rank: the union over ranks is what changed."""
+        touched = {name: torch.unique(torch.cat(rows)) for name, rows in self._touched.items()}
+        self._touched = {}
+        return touched
 
     # ---- what checkpoints and planning use ----------------------------------------------------
 
@@ -276,6 +291,18 @@ class ShardableEmbeddingCollection(nn.Module):
         if self.configs[self.feature_to_table[feature]].pooling != "mean":
             return summed
         return summed / lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
+
+    def _transform(
+        self, per_feature: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(physical rows, lengths) of every static lookup slot."""
+        slots = {}
+        for feature, (ids, lengths) in per_feature.items():
+            if feature not in self.transforms:
+                continue
+            for j, rows in enumerate(self.transforms[feature](ids)):
+                slots[slot_key(feature, j)] = (rows, lengths)
+        return slots
 
     def _check(self, features: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(ids, lengths) per configured feature; typed errors for anything else."""

@@ -90,6 +90,21 @@ def batch_from_columns(data: Columns, schema: Schema, with_labels: bool = True) 
     return Batch(sparse=sparse, dense=dense, labels=labels, newest_event_time=_newest(data, schema))
 
 
+def empty_batch(schema: Schema) -> Batch:
+    """A batch of no rows with the schema's features and label."""
+    keys = [spec.name for spec in sparse_features(schema)]
+    return Batch(
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=torch.zeros(0, dtype=torch.int64),
+            lengths=torch.zeros(0, dtype=torch.int32),
+            stride=0,
+        ),
+        dense=torch.zeros(0, len(schema.dense), dtype=torch.float32),
+        labels=torch.zeros(0, dtype=torch.float32),
+    )
+
+
 def _newest(data: Columns, schema: Schema) -> float | None:
     """The largest value of the schema's time column, None when the rows do not carry it."""
     names = data.schema.names if isinstance(data, pa.RecordBatch | pa.Table) else data.keys()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -228,6 +229,20 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None) 
     manifest = read_manifest(path)
     spec = spec_from_manifest(manifest)
     tensors = read_tensors(path)
+    mappings = graphhash_from_tensors(manifest, tensors, str(path))
+    try:
+        model = build_model(spec, mappings, device)
+    except ModelError as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model: {error}") from error
+    load_state(model, tensors, str(path))
+    model.eval()
+    return Checkpoint(model=model, manifest=manifest)
+
+
+def graphhash_from_tensors(
+    manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, GraphHashMapping]:
+    """The GraphHash mappings a manifest names, rebuilt from a checkpoint's tensors."""
     mappings = {}
     for table, metadata in manifest.get("mappings", {}).get("graphhash", {}).items():
         prefix = f"{GRAPHHASH_PREFIX}{table}."
@@ -237,14 +252,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str | None = None) 
         try:
             mappings[table] = GraphHashMapping.from_tensors(parts, metadata)
         except ValueError as error:
-            raise CheckpointError(f"{path}: GraphHash mapping of {table!r}: {error}") from error
-    try:
-        model = build_model(spec, mappings, device)
-    except ModelError as error:
-        raise CheckpointError(f"{path}: cannot rebuild the model: {error}") from error
-    load_state(model, tensors, str(path))
-    model.eval()
-    return Checkpoint(model=model, manifest=manifest)
+            raise CheckpointError(f"{source}: GraphHash mapping of {table!r}: {error}") from error
+    return mappings
 
 
 def load_state(model: Model, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -54,12 +54,14 @@ from embedding_tables.sharding import (
 from feature_store.offline import Dataset
 from models.batches import Batch, BatchLoader
 from models.build import MODEL_CLASSES, ModelSpec, graphhash_mappings, plan_model
+from models.checkpoint import GRAPHHASH_PREFIX, graphhash_from_tensors, spec_from_manifest
 from models.config import RunConfig, to_dict
 from models.errors import ModelConfigError, ModelError, NonFiniteLossError
 from models.event_clock import EventClock
 from models.metrics import auc, logloss_from_logits
 from models.sharded_checkpoint import (
     SHARDED_PREFIXES,
+    ShardedCheckpoint,
     dense_parameters,
     load_sharded,
     save_sharded,
@@ -209,7 +211,7 @@ def build_sharded_model(
     names = {torchrec_name(table.name): table.name for table in collection.physical_tables()}
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
-            table = _table_of(key)
+            table = table_key(key)
             if table is None:
                 continue
             rows = collection.initial_rows(names[table], seed)
@@ -219,7 +221,24 @@ def build_sharded_model(
     return dmp
 
 
-def _table_of(key: str) -> str | None:
+def load_sharded_model(
+    path: str | Path, config: DistributedConfig
+) -> tuple[DistributedModelParallel, dict[str, Any]]:
+    """A sharded checkpoint written by any number of ranks, as the model sharded over the
+    default process group (collective); and the checkpoint's manifest."""
+    checkpoint = ShardedCheckpoint(path)
+    manifest = checkpoint.manifest
+    spec = spec_from_manifest(manifest)
+    mapping_tensors = {
+        key: checkpoint.full(key) for key in checkpoint.shapes if key.startswith(GRAPHHASH_PREFIX)
+    }
+    mappings = graphhash_from_tensors(manifest, mapping_tensors, str(path))
+    dmp = build_sharded_model(spec, mappings, config, seed=0)
+    load_sharded(dmp, path)
+    return dmp, manifest
+
+
+def table_key(key: str) -> str | None:
     """The torchrec table name of a state_dict key of a table weight, else None."""
     for prefix in SHARDED_PREFIXES:
         if key.startswith(prefix) and key.endswith(".weight"):
@@ -263,6 +282,31 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
         sparse=_slice_kjt(batch.sparse, start, stop),
         dense=batch.dense[start:stop],
         labels=None if batch.labels is None else batch.labels[start:stop],
+    )
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """`batch` followed by rows that read nothing (empty bags, zero dense features, label 0) up
+    to `size` rows: ranks with fewer rows than others take part in a step of the same shape, and
+    leave the padding out of their loss."""
+    extra = size - batch.size
+    if extra < 0:
+        raise ModelConfigError(f"cannot pad a batch of {batch.size} rows to {size}")
+    keys = batch.sparse.keys()
+    lengths = batch.sparse.lengths().view(len(keys), -1)
+    padding = torch.zeros(len(keys), extra, dtype=lengths.dtype)
+    return Batch(
+        sparse=KeyedJaggedTensor(
+            keys=keys,
+            values=batch.sparse.values(),
+            lengths=torch.cat([lengths, padding], dim=1).flatten(),
+            stride=size,
+        ),
+        dense=torch.cat([batch.dense, batch.dense.new_zeros(extra, batch.dense.shape[1])]),
+        labels=None
+        if batch.labels is None
+        else torch.cat([batch.labels, batch.labels.new_zeros(extra)]),
+        newest_event_time=batch.newest_event_time,
     )
 
 
@@ -582,7 +626,7 @@ def train_distributed(
         )
     path = None if checkpoint is None else Path(checkpoint)
     if launched_by_torchrun():
-        return _train_torchrun_rank(run, dataset, config, path, resume)
+        return torchrun_rank(train_rank, (run, dataset, config, path, resume), config)
     results = launch(
         train_rank, (run, dataset, config, path, resume), config.world_size, config.timeout_s
     )
@@ -594,13 +638,8 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _train_torchrun_rank(
-    run: RunConfig,
-    dataset: Dataset,
-    config: DistributedConfig,
-    checkpoint: Path | None,
-    resume: bool,
-) -> RankResult:
+def torchrun_rank(target: Callable[..., Any], args: tuple, config: DistributedConfig) -> Any:
+    """Run `target(*args)` as this process's rank of torchrun's group (env:// rendezvous)."""
     world = int(os.environ["WORLD_SIZE"])
     if world != config.world_size:
         raise ModelConfigError(
@@ -611,6 +650,6 @@ def _train_torchrun_rank(
         "gloo", init_method="env://", timeout=datetime.timedelta(seconds=config.timeout_s)
     )
     try:
-        return train_rank(run, dataset, config, checkpoint, resume)
+        return target(*args)
     finally:
         dist.destroy_process_group()
