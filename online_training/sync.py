@@ -15,7 +15,6 @@ caller cancels, or a deadline passes; errors that retrying cannot fix are raised
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -33,7 +32,7 @@ from embedding_tables.idmap import EMPTY
 from models.base import Model
 from models.checkpoint import manifest_of
 from serving.errors import RedisUnavailableError, VersionNotFoundError
-from serving.param_store import ParamPublisher, ParamReader
+from serving.param_store import ParamPublisher, ParamReader, PublishResult, TableLayout
 from serving.published_model import default_rows, dense_state, publish_model, table_layouts
 from serving.row_encoding import ENCODINGS
 
@@ -144,7 +143,6 @@ class ParamSync:
         self.clock = clock
         self.point: SyncPoint | None = None
         self.failures = 0
-        self._reader = ParamReader(publisher.nodes, publisher.model)
         self._rows: dict[str, np.ndarray] = {}
         self._deleted: dict[str, np.ndarray] = {}
         self._deltas_since_dense = 0
@@ -174,11 +172,14 @@ class ParamSync:
         (`origin_manifest` equal to the published model manifest, no delta applied yet).
         Returns the full publish's record, or None when deltas continue the live version.
         """
-        point, _ = self._retrying(
-            "read the live version",
-            lambda: self._continues(origin_manifest, resumed),
-            cancel,
-            deadline,
+        layouts = self._layouts()
+        point, _ = self._at_store(
+            lambda: self._retrying(
+                "read the live version",
+                lambda: continuing_point(self.publisher, layouts, origin_manifest, resumed),
+                cancel,
+                deadline,
+            )
         )
         if point is None:
             return self.publish_full(cancel=cancel, deadline=deadline)
@@ -194,17 +195,9 @@ class ParamSync:
         started = self.clock()
         self._drain()
         self._rows, self._deleted = {}, {}
-        result, attempts = self._retrying(
-            "publish a full version",
-            lambda: publish_model(
-                self.publisher,
-                self.model,
-                manifest_of(self.model),
-                encoding=self.config.encoding,
-                num_shards=self.config.num_shards,
-            ),
-            cancel,
-            deadline,
+        publish = self._full_publish()
+        result, attempts = self._at_store(
+            lambda: self._retrying("publish a full version", publish, cancel, deadline)
         )
         self.point = SyncPoint(result.version, 0)
         self._deltas_since_dense = 0
@@ -223,27 +216,15 @@ class ParamSync:
 
     def collect(self) -> None:
         """Take the rows touched and the ids evicted since the last call into the pending delta."""
-        embeddings = self.model.embeddings
-        evicted = {
-            name: table.evicted_ids().cpu().numpy()
-            for name, table in embeddings.self_managed.items()
-        }
-        for name, rows in embeddings.touched_rows().items():
-            if name in embeddings.self_managed:
-                table = embeddings.self_managed[name]
-                ids = table.ids_of_rows(rows[rows != DEFAULT_ROW]).cpu().numpy()
-                ids = ids[ids != EMPTY]
-            else:
-                ids = rows.cpu().numpy()
+        for name, (ids, evicted) in self._changes():
             if len(ids):
                 self._rows[name] = np.union1d(self._rows.get(name, ids[:0]), ids)
                 if name in self._deleted:
                     self._deleted[name] = np.setdiff1d(self._deleted[name], ids)
-        for name, ids in evicted.items():
-            if len(ids):
-                self._deleted[name] = np.union1d(self._deleted.get(name, ids[:0]), ids)
+            if len(evicted):
+                self._deleted[name] = np.union1d(self._deleted.get(name, evicted[:0]), evicted)
                 if name in self._rows:
-                    self._rows[name] = np.setdiff1d(self._rows[name], ids)
+                    self._rows[name] = np.setdiff1d(self._rows[name], evicted)
 
     def sync(
         self,
@@ -262,24 +243,28 @@ class ParamSync:
             self._last_push = self.clock()
             return None
         started = self.clock()
-        try:
-            record, attempts = self._retrying(
-                "push a delta", lambda: self._push(with_dense, started), cancel, deadline
-            )
-            return dataclasses.replace(record, attempts=attempts)
-        except VersionNotFoundError:
-            log.warning("version %d is gone; publishing a full version", self.point.version)
-            return self.publish_full(cancel=cancel, deadline=deadline)
-
-    def _push(self, with_dense: bool, started: float) -> SyncRecord:
         rows, deleted = self._values()
-        result = self.publisher.publish_delta(
-            rows=rows,
-            deleted=deleted,
-            dense=dense_state(self.model) if with_dense else None,
-            default_rows=default_rows(self.model) if with_dense else None,
-            version=self.point.version,
-        )
+        parameters = self._dense_state() if with_dense else None
+        defaults = self._default_rows() if with_dense else None
+        version = self.point.version
+        try:
+            result, attempts = self._at_store(
+                lambda: self._retrying(
+                    "push a delta",
+                    lambda: self.publisher.publish_delta(
+                        rows=rows,
+                        deleted=deleted,
+                        dense=parameters,
+                        default_rows=defaults,
+                        version=version,
+                    ),
+                    cancel,
+                    deadline,
+                )
+            )
+        except VersionNotFoundError:
+            log.warning("version %d is gone; publishing a full version", version)
+            return self.publish_full(cancel=cancel, deadline=deadline)
         self.point = SyncPoint(result.version, result.delta)
         self._rows, self._deleted = {}, {}
         self._deltas_since_dense = 0 if with_dense else self._deltas_since_dense + 1
@@ -291,10 +276,53 @@ class ParamSync:
             rows=sum(result.rows_written.values()),
             deleted=sum(result.ids_deleted.values()),
             dense=with_dense,
-            attempts=0,
+            attempts=attempts,
             seconds=self.clock() - started,
             published_at=time.time(),
         )
+
+    # ---- where the model's rows and parameters come from ------------------------------------
+
+    def _layouts(self) -> list[TableLayout]:
+        return table_layouts(self.model)
+
+    def _changes(self) -> list[tuple[str, tuple[np.ndarray, np.ndarray]]]:
+        """(table, (ids touched, ids evicted)) since the last call."""
+        embeddings = self.model.embeddings
+        evicted = {
+            name: table.evicted_ids().cpu().numpy()
+            for name, table in embeddings.self_managed.items()
+        }
+        changes = []
+        for name, rows in embeddings.touched_rows().items():
+            if name in embeddings.self_managed:
+                table = embeddings.self_managed[name]
+                ids = table.ids_of_rows(rows[rows != DEFAULT_ROW]).cpu().numpy()
+                ids = ids[ids != EMPTY]
+            else:
+                ids = rows.cpu().numpy()
+            changes.append((name, (ids, evicted.pop(name, ids[:0]))))
+        return changes + [(name, (ids[:0], ids)) for name, ids in evicted.items()]
+
+    def _full_publish(self) -> Callable[[], PublishResult]:
+        """What publishes the whole model (retried as one attempt)."""
+        return lambda: publish_model(
+            self.publisher,
+            self.model,
+            manifest_of(self.model),
+            encoding=self.config.encoding,
+            num_shards=self.config.num_shards,
+        )
+
+    def _dense_state(self) -> dict[str, torch.Tensor]:
+        return dense_state(self.model)
+
+    def _default_rows(self) -> dict[str, np.ndarray]:
+        return default_rows(self.model)
+
+    def _at_store(self, action: Callable[[], Result]) -> Result:
+        """Run what talks to Redis (one process: here)."""
+        return action()
 
     def _values(self) -> tuple[dict[str, tuple[np.ndarray, torch.Tensor]], dict[str, np.ndarray]]:
         """The pending rows as (ids, current values) and the ids to delete, per table."""
@@ -322,27 +350,6 @@ class ParamSync:
         for table in self.model.embeddings.self_managed.values():
             table.evicted_ids()
 
-    def _continues(
-        self, origin_manifest: Mapping[str, Any] | None, resumed: SyncPoint | None
-    ) -> SyncPoint | None:
-        """The live version and its head delta if deltas may continue it, else None."""
-        live = self.publisher.live_version()
-        if live is None:
-            return None
-        manifest = self.publisher.manifest(live)
-        if list(manifest.tables) != table_layouts(self.model):
-            return None
-        head = self._reader.head(live)
-        if resumed is not None:
-            return SyncPoint(live, head.delta) if resumed.version == live else None
-        if (
-            origin_manifest is not None
-            and head.delta == 0
-            and manifest.model_manifest == json.loads(json.dumps(dict(origin_manifest)))
-        ):
-            return SyncPoint(live, 0)
-        return None
-
     def _retrying(
         self,
         what: str,
@@ -350,24 +357,71 @@ class ParamSync:
         cancel: threading.Event | None,
         deadline: float | None,
     ) -> tuple[Result, int]:
-        """(action's result, attempts), retrying Redis failures with capped backoff."""
-        wait = self.config.retry_initial_s
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                return action(), attempts
-            except _FATAL:
-                raise
-            except _RETRYABLE as error:
-                self.failures += 1
-                if deadline is not None and self.clock() + wait > deadline:
-                    raise SyncError(
-                        f"could not {what} in {attempts} attempts before the deadline: {error}"
-                    ) from error
-                log.warning("could not %s (attempt %d, retrying): %s", what, attempts, error)
-            if cancel is None:
-                time.sleep(wait)
-            elif cancel.wait(wait):
-                raise SyncError(f"cancelled while trying to {what}")
-            wait = min(wait * 2, self.config.retry_max_s)
+        def failed() -> None:
+            self.failures += 1
+
+        return retrying(what, action, self.config, cancel, deadline, failed, self.clock)
+
+
+def continuing_point(
+    publisher: ParamPublisher,
+    layouts: list[TableLayout],
+    origin_manifest: Mapping[str, Any] | None,
+    resumed: SyncPoint | None,
+) -> SyncPoint | None:
+    """The live version and its head delta if deltas of a model with tables `layouts` may
+    continue it, else None: the version is the trainer's own (`resumed`), or the unchanged
+    publish of the checkpoint the model was loaded from (`origin_manifest`, no delta yet)."""
+    live = publisher.live_version()
+    if live is None:
+        return None
+    manifest = publisher.manifest(live)
+    if sorted(manifest.tables, key=_name) != sorted(layouts, key=_name):
+        return None
+    head = ParamReader(publisher.nodes, publisher.model).head(live)
+    if resumed is not None:
+        return SyncPoint(live, head.delta) if resumed.version == live else None
+    if (
+        origin_manifest is not None
+        and head.delta == 0
+        and manifest.model_manifest == json.loads(json.dumps(dict(origin_manifest)))
+    ):
+        return SyncPoint(live, 0)
+    return None
+
+
+def _name(layout: TableLayout) -> str:
+    return layout.name
+
+
+def retrying(
+    what: str,
+    action: Callable[[], Result],
+    config: SyncConfig,
+    cancel: threading.Event | None,
+    deadline: float | None,
+    failed: Callable[[], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Result, int]:
+    """(action's result, attempts), retrying Redis failures with capped backoff; `failed` is
+    called on each failure. Raises SyncError at the deadline or on cancel."""
+    wait = config.retry_initial_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return action(), attempts
+        except _FATAL:
+            raise
+        except _RETRYABLE as error:
+            failed()
+            if deadline is not None and clock() + wait > deadline:
+                raise SyncError(
+                    f"could not {what} in {attempts} attempts before the deadline: {error}"
+                ) from error
+            log.warning("could not %s (attempt %d, retrying): %s", what, attempts, error)
+        if cancel is None:
+            time.sleep(wait)
+        elif cancel.wait(wait):
+            raise SyncError(f"cancelled while trying to {what}")
+        wait = min(wait * 2, config.retry_max_s)

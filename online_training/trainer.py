@@ -161,21 +161,15 @@ class StartingPoint:
         path = Path(state_path)
         if not path.exists():
             return None
-        online = read_manifest(path).get(STATE_KEY)
-        if not isinstance(online, dict) or "version" not in online:
-            raise TrainerConfigError(
-                f"{path} is a checkpoint but not a streaming trainer's state (no {STATE_KEY!r} "
-                "entry); give --state a path of its own"
-            )
-        if online.get("redis_model") != redis_model:
-            raise TrainerConfigError(
-                f"{path} is the state of published model {online.get('redis_model')!r}, not "
-                f"{redis_model!r}; use another state path for this model"
-            )
-        checkpoint = load_checkpoint(path)
+        online = state_entry(read_manifest(path), path, redis_model)
+        return cls.from_state(load_checkpoint(path).model, online)
+
+    @classmethod
+    def from_state(cls, model: Model, online: dict[str, Any]) -> StartingPoint:
+        """A model restored from a trainer's state, and that state's `online` entry."""
         event_time = online.get("event_time")
         return cls(
-            model=checkpoint.model,
+            model=model,
             origin_manifest=None,
             resumed=SyncPoint(int(online["version"]), int(online["delta"])),
             event_time=-math.inf if event_time is None else float(event_time),
@@ -186,6 +180,22 @@ class StartingPoint:
                 for partition, offset in partitions.items()
             },
         )
+
+
+def state_entry(manifest: dict[str, Any], path: Path, redis_model: str) -> dict[str, Any]:
+    """The `online` entry of a trainer's state checkpoint, checked to belong to `redis_model`."""
+    online = manifest.get(STATE_KEY)
+    if not isinstance(online, dict) or "version" not in online:
+        raise TrainerConfigError(
+            f"{path} is a checkpoint but not a streaming trainer's state (no {STATE_KEY!r} "
+            "entry); give --state a path of its own"
+        )
+    if online.get("redis_model") != redis_model:
+        raise TrainerConfigError(
+            f"{path} is the state of published model {online.get('redis_model')!r}, not "
+            f"{redis_model!r}; use another state path for this model"
+        )
+    return online
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,21 @@ class TrainerStatus:
     sync_failures: int
 
 
+@dataclass(frozen=True)
+class Turn:
+    """What the training thread does in one turn of its loop: train (`rows`: a batch with rows
+    was taken), then push a last delta and stop (`finished`: the stream is done and nothing is
+    left), or push a delta (`sync_due` and `unsynced`, unless `stopping`). One process decides
+    alone; ranks training one sharded model decide together (`online_training.sharded_trainer`).
+    """
+
+    rows: bool
+    finished: bool
+    sync_due: bool
+    unsynced: bool
+    stopping: bool
+
+
 @dataclass
 class _Message:
     """One consumed message on its way to the training thread."""
@@ -297,13 +322,8 @@ class Trainer:
         self.config = config or TrainerConfig()
         self.hooks = hooks or TrainerHooks()
         self.model = start.model
-        self.learner = OnlineLearner(
-            start.model,
-            self.config.train,
-            auc_window=self.config.auc_window,
-            event_time=start.event_time,
-        )
-        self.sync = ParamSync(publisher, start.model, self.config.sync)
+        self.learner = self._make_learner()
+        self.sync = self._make_sync(publisher)
         self.report = TrainerReport(redis_model=publisher.model)
         self.dead_letters: DeadLetters | None = None
         self._columns = [*self.learner.columns, *PASSTHROUGH_COLUMNS]
@@ -328,6 +348,17 @@ class Trainer:
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self._lag: int | None = None
         self._first_input: float | None = None
+
+    def _make_learner(self) -> OnlineLearner:
+        return OnlineLearner(
+            self.model,
+            self.config.train,
+            auc_window=self.config.auc_window,
+            event_time=self.start.event_time,
+        )
+
+    def _make_sync(self, publisher: ParamPublisher) -> ParamSync:
+        return ParamSync(publisher, self.model, self.config.sync)
 
     # Running.
 
@@ -397,12 +428,16 @@ class Trainer:
         )
         worker = threading.Thread(target=self._train_loop, name="embtab-trainer", daemon=True)
         try:
-            consumer.subscribe([self.topics.examples], listener=self._rebalance)
+            self._join(consumer)
             worker.start()
             self._consume(consumer)
             self._finish(consumer, worker)
         finally:
             consumer.close(autocommit=False)
+
+    def _join(self, consumer: KafkaConsumer) -> None:
+        """Join the consumer group on the examples topic: the group spreads its partitions."""
+        consumer.subscribe([self.topics.examples], listener=self._rebalance)
 
     # The consumer thread.
 
@@ -561,18 +596,28 @@ class Trainer:
     def _train_loop(self) -> None:
         try:
             while True:
-                batch = self._take()
-                if batch:
-                    self._apply(batch)
-                if self._finishing.is_set() and self._queue.empty():
-                    if self._unsynced:
+                taken = self._take()
+                turn = self._turn(taken)
+                if taken or turn.rows:
+                    self._apply(taken, turn)
+                if turn.finished:
+                    if turn.unsynced:
                         self._sync(final=True)
                     return
-                if self._unsynced and self.sync.due() and not self._stop.is_set():
+                if turn.unsynced and turn.sync_due and not turn.stopping:
                     self._sync(final=False)
         except BaseException as error:  # handed to the consumer thread, which raises it
             self._failure = error
             log.exception("the training thread failed")
+
+    def _turn(self, taken: list[_Message]) -> Turn:
+        return Turn(
+            rows=any(message.rows is not None for message in taken),
+            finished=self._finishing.is_set() and self._queue.empty(),
+            sync_due=self.sync.due(),
+            unsynced=self._unsynced or bool(taken),
+            stopping=self._stop.is_set(),
+        )
 
     def _take(self) -> list[_Message]:
         """Queued messages for one micro-batch: the first (none after 0.1 s), then more up to
@@ -600,9 +645,9 @@ class Trainer:
             rows += _num_rows(message)
         return taken
 
-    def _apply(self, taken: list[_Message]) -> None:
+    def _apply(self, taken: list[_Message], turn: Turn) -> None:
         with_rows = [message for message in taken if message.rows is not None]
-        if with_rows:
+        if turn.rows:
             started = time.perf_counter()
             self._train(with_rows)
             self.report.train_seconds += time.perf_counter() - started
@@ -635,6 +680,8 @@ class Trainer:
         except NonFiniteLossError as error:
             self.report.skipped_batches += 1
             log.warning("skipped a batch of %d examples: %s", rows.num_rows, error)
+            return
+        if not applied.size:  # a rank's share of a sharded step that held none of its rows
             return
         self.report.examples += applied.size
         self.report.positives += int(applied.labels.sum())
@@ -707,19 +754,23 @@ class Trainer:
         offsets that sync covers."""
         if self.config.state_path is None or self.sync.point is None:
             return
+        online = self._state_entry(offsets, self.start.examples + self.report.examples)
+        save_checkpoint(self.config.state_path, self.model, extra={STATE_KEY: online})
+
+    def _state_entry(self, offsets: dict[TopicPartition, int], examples: int) -> dict[str, Any]:
+        """The state checkpoint's `online` entry (see `StartingPoint.resume`)."""
         event_time = self.learner.event_time
         by_topic: dict[str, dict[str, int]] = {}
         for tp, offset in offsets.items():
             by_topic.setdefault(tp.topic, {})[str(tp.partition)] = offset
-        online = {
+        return {
             "redis_model": self.report.redis_model,
             "version": self.sync.point.version,
             "delta": self.sync.point.delta,
             "event_time": event_time if math.isfinite(event_time) else None,
-            "examples": self.start.examples + self.report.examples,
+            "examples": examples,
             "offsets": by_topic,
         }
-        save_checkpoint(self.config.state_path, self.model, extra={STATE_KEY: online})
 
 
 def _num_rows(message: _Message) -> int:
