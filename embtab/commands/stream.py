@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,8 @@ from feature_store.online import (
 )
 from models.build import build_model, graphhash_mappings, plan_model
 from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
+from models.distributed import DistributedConfig
+from models.sharded_checkpoint import ShardedCheckpoint
 from models.train import seed_everything
 from online_training.batching import DeliveryError
 from online_training.joiner import Joiner, JoinerConfig
@@ -47,6 +50,7 @@ from online_training.kafka import (
     stream_topic_partitions,
 )
 from online_training.producer import ProducerConfig, ReplayProducer
+from online_training.sharded_trainer import ShardedStreamJob, train_stream_distributed
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerError
 from serving.keys import check_name
@@ -124,6 +128,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--follow", action="store_true", help="keep training after the stream's end markers"
     )
     train.add_argument("--redis", help="Redis URL(s) of the parameter shards (default: embedded)")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        help="train one sharded model on N ranks, each reading its own partitions (from a "
+        "sharded checkpoint of `embtab train --nproc`, or --state)",
+    )
+    train.add_argument("--threads", type=int, default=1, help="torch threads per rank (--nproc)")
     _add_kafka_arguments(train)
     train.set_defaults(run=run_train)
 
@@ -321,6 +332,8 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
 
 
 def run_train(arguments: argparse.Namespace) -> int:
+    if arguments.nproc is not None:
+        return run_sharded_train(arguments)
     with _services(arguments.kafka, arguments.redis, need_redis=True) as services:
         settings, topics = _prepare_topics(arguments, services)
         trainer = _build_trainer(arguments, services, settings, topics, dataset=None)
@@ -454,7 +467,12 @@ def _build_trainer(
     # Bounded waits, no client retries: the sync retries a failed push itself, and a full
     # publish of a large model needs more than the default second per pipeline.
     nodes = RedisNodes(RedisConfig.parse(services.redis_url, socket_timeout_s=5.0, retries=0))
-    config = TrainerConfig(
+    config = _trainer_config(arguments, train)
+    return Trainer(settings, topics, start, ParamPublisher(nodes, name), config)
+
+
+def _trainer_config(arguments: argparse.Namespace, train: TrainConfig) -> TrainerConfig:
+    return TrainerConfig(
         group_id=arguments.group,
         batch_size=arguments.batch_size,
         stop_at_end=not getattr(arguments, "follow", False),
@@ -467,7 +485,64 @@ def _build_trainer(
             encoding=arguments.encoding,
         ),
     )
-    return Trainer(settings, topics, start, ParamPublisher(nodes, name), config)
+
+
+def run_sharded_train(arguments: argparse.Namespace) -> int:
+    """`embtab stream train --nproc N`: the sharded streaming trainer on N local ranks (or, under
+    torchrun, this process's rank)."""
+    if arguments.config or arguments.model or arguments.set:
+        raise ValueError(
+            "--nproc continues a sharded checkpoint (embtab train --nproc N --checkpoint DIR) "
+            "or its own --state; a fresh model's --config/--model/--set are not accepted"
+        )
+    source = arguments.checkpoint or arguments.state
+    if source is None:
+        raise ValueError("--nproc needs --checkpoint (a sharded checkpoint) or --state")
+    name = check_name("model", arguments.name or source.stem)
+    train = TrainConfig()
+    if arguments.checkpoint is not None:
+        manifest = ShardedCheckpoint(arguments.checkpoint).manifest
+        if "run" in manifest:
+            train = run_config_from_dict(manifest["run"]).train
+    with contextlib.ExitStack() as stack:
+        staging = (
+            arguments.state.with_name(arguments.state.name + ".staging")
+            if arguments.state is not None
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="embtab-staging-")))
+        )
+        services = stack.enter_context(_services(arguments.kafka, arguments.redis, True))
+        settings, topics = _prepare_topics(arguments, services)
+        job = ShardedStreamJob(
+            kafka=settings,
+            topics=topics,
+            redis=services.redis_url,
+            redis_model=name,
+            trainer=_trainer_config(arguments, train),
+            distributed=DistributedConfig(world_size=arguments.nproc, threads=arguments.threads),
+            staging=str(staging),
+            checkpoint=None if arguments.checkpoint is None else str(arguments.checkpoint),
+        )
+        stack.enter_context(_stop_on_interrupt())  # the ranks stop themselves on Ctrl-C
+        reports = train_stream_distributed(job)
+    examples = sum(report["examples"] for report in reports)
+    last = reports[0]
+    result = {
+        "ranks": reports,
+        "examples": examples,
+        "version": last["version"],
+        "delta": last["delta"],
+        "redis_model": name,
+        "kafka": services.kafka_bootstrap,
+        "redis": redact_url(services.redis_url),
+        "examples_topic": topics.examples,
+    }
+    partitions = "; ".join(f"rank {r['rank']}: {r['partitions']}" for r in reports)
+    summary = (
+        f"trained {examples:,} examples of {topics.examples} on {len(reports)} rank(s) "
+        f"(partitions {partitions}); {name} v{last['version']} at delta {last['delta']}"
+    )
+    emit(result, summary, arguments.json)
+    return 0
 
 
 def _run_threads(
