@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from feature_store.schema import Schema
 from models.base import Model
-from models.batches import batch_from_columns
+from models.batches import Batch, batch_from_columns
 from models.config import TrainConfig
 from models.errors import BatchError, MetricError
 from models.event_clock import EventClock
@@ -86,6 +87,19 @@ class WindowedAUC:
         self._labels, self._scores, self._count = [], [], 0
 
 
+def examples_batch(rows: pa.RecordBatch, schema: Schema) -> Batch:
+    """The model batch of example rows (the schema's features, `label`, `event_time`)."""
+    needed = [*(spec.name for spec in schema.features), LABEL, EVENT_TIME]
+    missing = [name for name in needed if name not in rows.schema.names]
+    if missing:
+        raise BatchError(
+            f"examples lack column(s) {', '.join(missing)}; this model reads {', '.join(needed)}"
+        )
+    columns = {spec.name: rows.column(spec.name) for spec in schema.features}
+    columns[schema.label] = rows.column(LABEL)
+    return batch_from_columns(columns, schema)
+
+
 class OnlineLearner:
     """Applies example batches to a model: event clock, train step, progressive scores."""
 
@@ -105,7 +119,6 @@ class OnlineLearner:
         self.examples = 0
         self.progressive = WindowedAUC(auc_window)
         self._scores: list[torch.Tensor] = []
-        self._label_column = model.schema.label
         self._columns = [spec.name for spec in model.schema.features]
 
     @property
@@ -124,15 +137,7 @@ class OnlineLearner:
         Raises models' BatchError or embedding_tables' errors for rows the model cannot read
         (before any update), NonFiniteLossError for a step it refused to take.
         """
-        missing = [name for name in self.columns if name not in rows.schema.names]
-        if missing:
-            raise BatchError(
-                f"examples lack column(s) {', '.join(missing)}; this model reads "
-                f"{', '.join(self.columns)}"
-            )
-        columns = {name: rows.column(name) for name in self._columns}
-        columns[self._label_column] = rows.column(LABEL)
-        batch = batch_from_columns(columns, self.model.schema)
+        batch = examples_batch(rows, self.model.schema)
         self.clock.advance(float(pc.max(rows.column(EVENT_TIME)).as_py()))
         self._scores.clear()
         # The hook lives for this step only, so that learners made one after another on the

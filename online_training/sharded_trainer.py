@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from kafka import KafkaConsumer, TopicPartition
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from models.batches import Batch, batch_from_columns, empty_batch
+from models.batches import empty_batch
 from models.config import TrainConfig
 from models.distributed import (
     DistributedConfig,
@@ -46,12 +46,12 @@ from models.distributed import (
     pad_batch,
     torchrun_rank,
 )
-from models.errors import BatchError, NonFiniteLossError
+from models.errors import NonFiniteLossError
 from models.event_clock import EventClock
 from models.sharded_checkpoint import dense_parameters, save_sharded
 from online_training import messages
 from online_training.kafka import KafkaSettings, Topics, make_consumer
-from online_training.learner import EVENT_TIME, LABEL, AppliedBatch, WindowedAUC
+from online_training.learner import EVENT_TIME, LABEL, AppliedBatch, WindowedAUC, examples_batch
 from online_training.sharded_sync import ShardedParamSync
 from online_training.trainer import (
     STATE_KEY,
@@ -105,12 +105,12 @@ class ShardedLearner:
     def check(self, rows: pa.RecordBatch) -> None:
         """Raise what a step on `rows` would (missing columns, ids out of range), before the
         step: one rank cannot leave a collective step half-way."""
-        self.dmp.module.embeddings.check(self._batch(rows).sparse)
+        self.dmp.module.embeddings.check(examples_batch(rows, self.schema).sparse)
 
     def apply(self, rows: pa.RecordBatch) -> AppliedBatch:
         """One step of every rank; `rows` (checked) may be empty on some ranks. Raises
         NonFiniteLossError on every rank alike, before any update."""
-        batch = self._batch(rows) if rows.num_rows else empty_batch(self.schema)
+        batch = examples_batch(rows, self.schema) if rows.num_rows else empty_batch(self.schema)
         newest = float(pc.max(rows.column(EVENT_TIME)).as_py()) if rows.num_rows else -math.inf
         shapes = [torch.zeros(2, dtype=torch.float64) for _ in range(dist.get_world_size())]
         dist.all_gather(shapes, torch.tensor([batch.size, newest], dtype=torch.float64))
@@ -136,23 +136,14 @@ class ShardedLearner:
         self.progressive.add(labels, scores)
         return AppliedBatch(rows=rows, labels=labels, scores=scores, loss=mean)
 
-    def _batch(self, rows: pa.RecordBatch) -> Batch:
-        missing = [name for name in self.columns if name not in rows.schema.names]
-        if missing:
-            raise BatchError(
-                f"examples lack column(s) {', '.join(missing)}; this model reads "
-                f"{', '.join(self.columns)}"
-            )
-        columns = {name: rows.column(name) for name in self._features}
-        columns[self.schema.label] = rows.column(LABEL)
-        return batch_from_columns(columns, self.schema)
-
 
 class ShardedTrainer(Trainer):
     """One rank of the streaming trainer of a sharded model (see the module's docstring).
 
     `staging`: a directory every rank can write, for full publishes (`ShardedParamSync`).
     """
+
+    learner_class = ShardedLearner
 
     def __init__(
         self,
@@ -167,14 +158,6 @@ class ShardedTrainer(Trainer):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.partitions: list[int] = []
         super().__init__(kafka, topics, start, publisher, config)
-
-    def _make_learner(self) -> ShardedLearner:
-        return ShardedLearner(
-            self.model,
-            self.config.train,
-            auc_window=self.config.auc_window,
-            event_time=self.start.event_time,
-        )
 
     def _make_sync(self, publisher: ParamPublisher) -> ShardedParamSync:
         return ShardedParamSync(publisher, self.model, self.config.sync, self.staging)

@@ -307,6 +307,8 @@ class _Message:
 class Trainer:
     """Trains a model on the examples topic and keeps its published version fresh."""
 
+    learner_class = OnlineLearner
+
     def __init__(
         self,
         kafka: KafkaSettings,
@@ -350,7 +352,7 @@ class Trainer:
         self._first_input: float | None = None
 
     def _make_learner(self) -> OnlineLearner:
-        return OnlineLearner(
+        return self.learner_class(
             self.model,
             self.config.train,
             auc_window=self.config.auc_window,
