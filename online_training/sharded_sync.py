@@ -202,8 +202,11 @@ class ShardedParamSync(ParamSync):
         }
 
     def _dense_state(self) -> dict[str, torch.Tensor]:
-        """The dense blob's tensors (rank 0, whose replicas are every rank's): the state_dict
-        without the tables, keyed as in the one-process model."""
+        """On rank 0 (empty elsewhere: only rank 0 pushes, and every rank holds the same
+        replicas), the dense blob's tensors: the state_dict without the tables, keyed as in
+        the one-process model."""
+        if self.rank != 0:
+            return {}
         return {
             key: value.detach().cpu().contiguous().clone()
             for key, value in self.dmp.state_dict().items()

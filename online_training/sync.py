@@ -143,6 +143,7 @@ class ParamSync:
         self.clock = clock
         self.point: SyncPoint | None = None
         self.failures = 0
+        self._reader = ParamReader(publisher.nodes, publisher.model)
         self._rows: dict[str, np.ndarray] = {}
         self._deleted: dict[str, np.ndarray] = {}
         self._deltas_since_dense = 0
@@ -176,7 +177,7 @@ class ParamSync:
         point, _ = self._at_store(
             lambda: self._retrying(
                 "read the live version",
-                lambda: continuing_point(self.publisher, layouts, origin_manifest, resumed),
+                lambda: self._continues(layouts, origin_manifest, resumed),
                 cancel,
                 deadline,
             )
@@ -350,6 +351,31 @@ class ParamSync:
         for table in self.model.embeddings.self_managed.values():
             table.evicted_ids()
 
+    def _continues(
+        self,
+        layouts: list[TableLayout],
+        origin_manifest: Mapping[str, Any] | None,
+        resumed: SyncPoint | None,
+    ) -> SyncPoint | None:
+        """The live version and its head delta if deltas may continue it, else None. Tables
+        are compared by name, whatever order the model lists them in."""
+        live = self.publisher.live_version()
+        if live is None:
+            return None
+        manifest = self.publisher.manifest(live)
+        if sorted(manifest.tables, key=_name) != sorted(layouts, key=_name):
+            return None
+        head = self._reader.head(live)
+        if resumed is not None:
+            return SyncPoint(live, head.delta) if resumed.version == live else None
+        if (
+            origin_manifest is not None
+            and head.delta == 0
+            and manifest.model_manifest == json.loads(json.dumps(dict(origin_manifest)))
+        ):
+            return SyncPoint(live, 0)
+        return None
+
     def _retrying(
         self,
         what: str,
@@ -357,71 +383,28 @@ class ParamSync:
         cancel: threading.Event | None,
         deadline: float | None,
     ) -> tuple[Result, int]:
-        def failed() -> None:
-            self.failures += 1
-
-        return retrying(what, action, self.config, cancel, deadline, failed, self.clock)
-
-
-def continuing_point(
-    publisher: ParamPublisher,
-    layouts: list[TableLayout],
-    origin_manifest: Mapping[str, Any] | None,
-    resumed: SyncPoint | None,
-) -> SyncPoint | None:
-    """The live version and its head delta if deltas of a model with tables `layouts` may
-    continue it, else None: the version is the trainer's own (`resumed`), or the unchanged
-    publish of the checkpoint the model was loaded from (`origin_manifest`, no delta yet)."""
-    live = publisher.live_version()
-    if live is None:
-        return None
-    manifest = publisher.manifest(live)
-    if sorted(manifest.tables, key=_name) != sorted(layouts, key=_name):
-        return None
-    head = ParamReader(publisher.nodes, publisher.model).head(live)
-    if resumed is not None:
-        return SyncPoint(live, head.delta) if resumed.version == live else None
-    if (
-        origin_manifest is not None
-        and head.delta == 0
-        and manifest.model_manifest == json.loads(json.dumps(dict(origin_manifest)))
-    ):
-        return SyncPoint(live, 0)
-    return None
+        """(action's result, attempts), retrying Redis failures with capped backoff."""
+        wait = self.config.retry_initial_s
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return action(), attempts
+            except _FATAL:
+                raise
+            except _RETRYABLE as error:
+                self.failures += 1
+                if deadline is not None and self.clock() + wait > deadline:
+                    raise SyncError(
+                        f"could not {what} in {attempts} attempts before the deadline: {error}"
+                    ) from error
+                log.warning("could not %s (attempt %d, retrying): %s", what, attempts, error)
+            if cancel is None:
+                time.sleep(wait)
+            elif cancel.wait(wait):
+                raise SyncError(f"cancelled while trying to {what}")
+            wait = min(wait * 2, self.config.retry_max_s)
 
 
 def _name(layout: TableLayout) -> str:
     return layout.name
-
-
-def retrying(
-    what: str,
-    action: Callable[[], Result],
-    config: SyncConfig,
-    cancel: threading.Event | None,
-    deadline: float | None,
-    failed: Callable[[], None],
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[Result, int]:
-    """(action's result, attempts), retrying Redis failures with capped backoff; `failed` is
-    called on each failure. Raises SyncError at the deadline or on cancel."""
-    wait = config.retry_initial_s
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return action(), attempts
-        except _FATAL:
-            raise
-        except _RETRYABLE as error:
-            failed()
-            if deadline is not None and clock() + wait > deadline:
-                raise SyncError(
-                    f"could not {what} in {attempts} attempts before the deadline: {error}"
-                ) from error
-            log.warning("could not %s (attempt %d, retrying): %s", what, attempts, error)
-        if cancel is None:
-            time.sleep(wait)
-        elif cancel.wait(wait):
-            raise SyncError(f"cancelled while trying to {what}")
-        wait = min(wait * 2, config.retry_max_s)

@@ -324,7 +324,12 @@ class Trainer:
         self.config = config or TrainerConfig()
         self.hooks = hooks or TrainerHooks()
         self.model = start.model
-        self.learner = self._make_learner()
+        self.learner = self.learner_class(
+            start.model,
+            self.config.train,
+            auc_window=self.config.auc_window,
+            event_time=start.event_time,
+        )
         self.sync = self._make_sync(publisher)
         self.report = TrainerReport(redis_model=publisher.model)
         self.dead_letters: DeadLetters | None = None
@@ -350,14 +355,6 @@ class Trainer:
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self._lag: int | None = None
         self._first_input: float | None = None
-
-    def _make_learner(self) -> OnlineLearner:
-        return self.learner_class(
-            self.model,
-            self.config.train,
-            auc_window=self.config.auc_window,
-            event_time=self.start.event_time,
-        )
 
     def _make_sync(self, publisher: ParamPublisher) -> ParamSync:
         return ParamSync(publisher, self.model, self.config.sync)
