@@ -14,13 +14,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from feature_store.movielens import encode
 from feature_store.offline import PreparedTables, time_split
 from feature_store.schema import FeatureSpec, Schema
 from feature_store.wheels import OBP, open_member
 
 POLICIES = ("random", "bts")
 USER_FEATURES = tuple(f"user_feature_{index}" for index in range(4))
+
+
+def encode(values: pa.Array) -> tuple[np.ndarray, int]:
+    """Dense codes 0..n-1 in sorted order of the distinct values (deterministic), and n."""
+    vocabulary = pc.unique(values).sort()
+    return pc.index_in(values, value_set=vocabulary).to_numpy().astype(np.int64), len(vocabulary)
 
 
 def read_policy(policy: str) -> pa.Table:

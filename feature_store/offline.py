@@ -1,8 +1,10 @@
 """Offline data sets: each prepared once into Parquet splits plus a schema, then read by trainers.
 
 Layout under `<cache>/prepared/<name>/`: `train.parquet`, `valid.parquet`, `test.parquet`,
-`schema.json` and `info.json` (row counts, positive rate, cardinalities). Preparation writes
-into a temporary dir and renames it into place, so a half-prepared data set is never read.
+`schema.json`, `info.json` (row counts, positive rate, cardinalities) and, for a data set
+prepared from a spec, `artifact/` (the preprocessing artifact: how raw values become these
+columns). Preparation writes into a temporary dir and renames it into place, so a
+half-prepared data set is never read.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ class Dataset:
     root: Path
     schema: Schema
     info: dict
+
+    @property
+    def artifact_dir(self) -> Path | None:
+        """The preprocessing artifact's directory, None for a data set prepared without one."""
+        path = self.root / "artifact"
+        return path if path.is_dir() else None
 
     def path(self, split: str) -> Path:
         if split not in SPLITS:
@@ -105,11 +113,39 @@ def write_prepared(name: str, tables: PreparedTables) -> Dataset:
                 "cardinality": spec.cardinality,
                 "max_length": spec.max_length,
             }
-        (scratch / "schema.json").write_text(tables.schema.to_json())
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return install_prepared(name, scratch, tables.schema, info)
+
+
+def install_prepared(name: str, scratch: Path, schema: Schema, info: dict) -> Dataset:
+    """Complete a prepared copy written in `scratch` (splits there already): add schema and
+    info, then rename it over the old copy, so readers see the old or the new one whole."""
+    root = prepared_root(name)
+    try:
+        info = {"format_version": FORMAT_VERSION, "dataset": name, **info}
+        info.setdefault("positive_rate", info.get("positives", 0) / max(1, info["rows"]))
+        info.setdefault(
+            "features",
+            {
+                spec.name: {
+                    "kind": spec.kind,
+                    "cardinality": spec.cardinality,
+                    "max_length": spec.max_length,
+                }
+                for spec in schema.features
+            },
+        )
+        (scratch / "schema.json").write_text(schema.to_json())
         (scratch / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
         if root.exists():
-            shutil.rmtree(root)
-        scratch.rename(root)
+            old = root.with_name(f".{name}-old-{scratch.name}")
+            root.rename(old)
+            scratch.rename(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            scratch.rename(root)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -19,7 +19,10 @@ class FeatureSpec:
     `cardinality` is the number of distinct ids (ids are 0..cardinality-1 after preparation) for
     categorical and sequence features, and 0 for dense ones. A sequence feature holds up to
     `max_length` ids of the categorical feature named by `shares_ids_with` (a user's last items
-    share the item id space, and so the item table).
+    share the item id space, and so the item table). A `hashed` feature's ids are raw 64-bit
+    ids (any int64, see feature_store.artifact): `cardinality` is then the number of distinct ids
+    seen when it was prepared, and only tables whose method needs no vocabulary (hash, unified,
+    collisionless) can take them.
     """
 
     name: str
@@ -27,6 +30,7 @@ class FeatureSpec:
     cardinality: int = 0
     max_length: int = 1
     shares_ids_with: str | None = None
+    hashed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,0 +1,913 @@
+"""One preparation path: a data-set spec over raw files -> Parquet splits + schema + artifact.
+
+The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
+is bounded by the batch, the vocabularies and one time bucket, not by the row count:
+
+1. scan: parse label and event time of every row, check every value a later pass relies on
+   (all errors are raised here, before anything is written), keep the event times;
+2. fit: count vocabulary values and dense statistics over the fit rows (`fit_on`);
+3. encode: apply the fitted `Preprocessor` batch by batch, writing rows into time buckets
+   (one in memory when everything fits in one);
+4. order: sort each bucket by (time, user, item, source row), build sequence and count features
+   with their per-user state carried across buckets, and write the splits.
+
+Everything is written into a temporary directory renamed into place at the end
+(`offline.write_dataset_dir`), so a failed run leaves the previous prepared copy untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from feature_store.artifact import Preprocessor, Vocabulary, feature_seed, splitmix64
+from feature_store.offline import SPLITS, Dataset, install_prepared, prepared_root
+from feature_store.spec import DatasetSpec, FeatureDef, JoinSpec, SourceSpec
+from feature_store.wheels import DataError
+
+BATCH_ROWS = 262_144
+BUCKET_ROWS = 2_000_000
+ROW_GROUP_ROWS = 65_536
+_TIME_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+Progress = Callable[[str, int], None]
+
+
+class PrepareError(DataError):
+    """Raw data that does not fit the spec; names the file, the rows, the column and what is
+    accepted. Raised before anything is written."""
+
+
+@dataclass(frozen=True)
+class _RawBatch:
+    """One batch of source rows in canonical raw form (after joins, lists split, label, time)."""
+
+    columns: dict[str, pa.Array]  # feature name -> raw values (lists for multi_valued)
+    time_key: np.ndarray  # int64 in the source's unit (ns for ISO-8601): sorts exactly
+    timestamp: np.ndarray  # the prepared event time in seconds (int64 for unit s)
+    label: np.ndarray  # int8
+    first_row: int  # global index of the batch's first source row
+
+
+def prepare_spec(
+    spec: DatasetSpec,
+    progress: Progress = lambda stage, rows: None,
+    *,
+    batch_rows: int = BATCH_ROWS,
+    bucket_rows: int = BUCKET_ROWS,
+) -> Dataset:
+    """Prepare the spec'd data set under its name (replacing an older copy only when complete)."""
+    files = resolve_files(spec.source, spec.base_dir, "source.paths")
+    reader = _Reader(spec, files, batch_rows)
+    reader.check_columns()
+
+    time_keys, fit_mask, rows = _scan(reader, progress)
+    preprocessor = _fit(spec, reader, fit_mask, progress)
+    root = prepared_root(spec.name)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
+    try:
+        boundaries = _bucket_boundaries(time_keys, bucket_rows)
+        del time_keys
+        buckets = _Buckets(scratch / "buckets", len(boundaries) + 1)
+        listed = _encode(spec, reader, preprocessor, boundaries, buckets, progress)
+        info = _order_and_write(spec, preprocessor, buckets, listed, rows, scratch, progress)
+        shutil.rmtree(scratch / "buckets", ignore_errors=True)
+        preprocessor = info.pop("preprocessor")
+        preprocessor.save(scratch / "artifact")
+        return install_prepared(spec.name, scratch, preprocessor.schema(), info)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def resolve_files(source: SourceSpec, base_dir: str, where: str) -> list[Path]:
+    """The source's files in a stable order; a pattern that matches nothing is an error."""
+    base = Path(base_dir)
+    files: list[Path] = []
+    for pattern in source.paths:
+        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
+        matched = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
+        if not matched:
+            raise PrepareError(f"{where}: {pattern!r} matched no file (looked in {base})")
+        files.extend(p for p in matched if p not in files)
+    return files
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Streams a spec's source files as `_RawBatch`es; checks columns and values as it goes."""
+
+    def __init__(self, spec: DatasetSpec, files: list[Path], batch_rows: int) -> None:
+        self.spec = spec
+        self.files = files
+        self.batch_rows = batch_rows
+        self.joins = [_SideTable(spec, join) for join in spec.joins]
+        joined = {column for join in spec.joins for column in join.columns}
+        self.types: dict[str, pa.DataType] = {}
+        for feature in spec.features:
+            if feature.kind in ("sequence", "count") or feature.column in joined:
+                continue
+            self.types[feature.column] = _source_type(feature, spec.source)
+        for join in spec.joins:
+            key = _feature_by_column(spec, join.key)
+            self.types.setdefault(join.key, _source_type(key, spec.source) if key else pa.string())
+        self.types[spec.label.column] = pa.float64()
+        unit = spec.time.unit
+        self.types[spec.time.column] = pa.string() if unit == "iso8601" else pa.float64()
+
+    def check_columns(self) -> None:
+        for path in self.files:
+            names = _column_names(self.spec.source, path)
+            missing = [column for column in self.types if column not in names]
+            if missing:
+                raise PrepareError(
+                    f"{path}: no column {missing[0]!r}, which the spec names; the file has "
+                    f"columns: {', '.join(names)}"
+                )
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[_RawBatch]:
+        """Raw batches of every file in order; `columns` limits the feature columns read."""
+        wanted = {
+            column: data_type
+            for column, data_type in self.types.items()
+            if columns is None
+            or column in (self.spec.label.column, self.spec.time.column)
+            or column in columns
+            or any(join.key == column for join in self.spec.joins)
+        }
+        first_row = 0
+        for path in self.files:
+            file_rows = 0
+            for table in _read_file(self.spec.source, path, wanted, self.batch_rows):
+                yield self._canonical(path, table, file_rows, first_row, columns)
+                file_rows += table.num_rows
+                first_row += table.num_rows
+            if file_rows == 0:
+                raise PrepareError(f"{path} has no rows; every source file needs at least one")
+
+    def _canonical(
+        self,
+        path: Path,
+        table: pa.Table,
+        file_row: int,
+        first_row: int,
+        columns: list[str] | None,
+    ) -> _RawBatch:
+        spec = self.spec
+        for join in self.joins:
+            table = join.join(table)
+        raw: dict[str, pa.Array] = {}
+        for feature in spec.features:
+            if feature.kind in ("sequence", "count"):
+                continue
+            if columns is not None and feature.column not in columns:
+                continue
+            column = table.column(feature.column).combine_chunks()
+            if feature.kind == "multi_valued":
+                column = _as_list(feature, column, path, file_row)
+            raw[feature.name] = column
+        label = _label(spec, table.column(spec.label.column).combine_chunks(), path, file_row)
+        time_key, timestamp = _time(
+            spec, table.column(spec.time.column).combine_chunks(), path, file_row
+        )
+        return _RawBatch(raw, time_key, timestamp, label, first_row)
+
+
+class _SideTable:
+    """A join's side file, held in memory (users, items: small next to the events)."""
+
+    def __init__(self, spec: DatasetSpec, join: JoinSpec) -> None:
+        self.join_spec = join
+        key_feature = _feature_by_column(spec, join.key)
+        key_type = _source_type(key_feature, join.source) if key_feature else pa.string()
+        types = {join.key: key_type}
+        for column in join.columns:
+            feature = _feature_by_column(spec, column)
+            types[column] = _source_type(feature, join.source) if feature else pa.string()
+        files = resolve_files(join.source, spec.base_dir, f"joins[key={join.key}].paths")
+        for path in files:
+            names = _column_names(join.source, path)
+            missing = [column for column in types if column not in names]
+            if missing:
+                raise PrepareError(
+                    f"{path}: no column {missing[0]!r}, which joins[key={join.key}] names; the "
+                    f"file has columns: {', '.join(names)}"
+                )
+        tables = [t for path in files for t in _read_file(join.source, path, types, BATCH_ROWS)]
+        side = pa.concat_tables(tables).combine_chunks()
+        keys = side.column(join.key)
+        if pc.count_distinct(keys).as_py() != len(keys):
+            raise PrepareError(
+                f"joins[key={join.key}]: the key column {join.key!r} repeats values in "
+                f"{', '.join(map(str, files))}; a side file holds one row per key"
+            )
+        self.keys = keys.combine_chunks()
+        self.side = side
+
+    def join(self, table: pa.Table) -> pa.Table:
+        position = pc.index_in(table.column(self.join_spec.key), value_set=self.keys)
+        for column in self.join_spec.columns:
+            table = table.append_column(column, pc.take(self.side.column(column), position))
+        return table
+
+
+def _feature_by_column(spec: DatasetSpec, column: str) -> FeatureDef | None:
+    for feature in spec.features:
+        if feature.column == column and feature.kind not in ("sequence", "count"):
+            return feature
+    return None
+
+
+def _source_type(feature: FeatureDef, source: SourceSpec) -> pa.DataType:
+    if feature.kind == "dense":
+        return pa.float64()
+    scalar = pa.string() if feature.type == "string" else pa.int64()
+    if feature.kind == "multi_valued" and (source.format == "parquet"):
+        return pa.list_(scalar)
+    if feature.kind == "multi_valued":
+        return pa.string()
+    return scalar
+
+
+def _column_names(source: SourceSpec, path: Path) -> list[str]:
+    if source.format == "parquet":
+        try:
+            return pq.read_schema(path).names
+        except pa.ArrowInvalid as error:
+            raise PrepareError(f"{path} is not a Parquet file: {error}") from error
+    if source.column_names:
+        return list(source.column_names)
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        quoting = csv.QUOTE_MINIMAL if source.quote_char else csv.QUOTE_NONE
+        header = next(
+            csv.reader(
+                handle,
+                delimiter=source.field_delimiter,
+                quotechar=source.quote_char or '"',
+                quoting=quoting,
+            ),
+            None,
+        )
+    if header is None:
+        raise PrepareError(f"{path} is empty: no header line")
+    return header
+
+
+def _read_file(
+    source: SourceSpec, path: Path, types: dict[str, pa.DataType], batch_rows: int
+) -> Iterator[pa.Table]:
+    """Tables of at most about `batch_rows` rows with exactly `types`' columns and types."""
+    if source.format == "parquet":
+        parquet = pq.ParquetFile(path)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(types)):
+            table = pa.Table.from_batches([batch])
+            yield _cast(table, types, path, row)
+            row += batch.num_rows
+        return
+    read_options = pacsv.ReadOptions(
+        column_names=list(source.column_names) or None,
+        skip_rows=1 if source.header and source.column_names else 0,
+        block_size=max(1 << 20, batch_rows * 64),
+    )
+    parse_options = pacsv.ParseOptions(
+        delimiter=source.field_delimiter, quote_char=source.quote_char or False
+    )
+    convert_options = pacsv.ConvertOptions(
+        column_types=types,
+        include_columns=list(types),
+        null_values=list(source.null_values),
+        strings_can_be_null=True,
+    )
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=read_options,
+            parse_options=parse_options,
+            convert_options=convert_options,
+        )
+        row = 0
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+            row += batch.num_rows
+    except pa.ArrowInvalid as error:
+        if "Empty CSV file" in str(error):
+            raise PrepareError(f"{path} is empty: no header line") from None
+        raise PrepareError(f"{path}: {error}; {_accepted(types)}") from None
+
+
+def _accepted(types: dict[str, pa.DataType]) -> str:
+    return "accepted: " + ", ".join(f"{column} as {_type_name(t)}" for column, t in types.items())
+
+
+def _type_name(data_type: pa.DataType) -> str:
+    if pa.types.is_floating(data_type):
+        return "a number"
+    if pa.types.is_integer(data_type):
+        return "an integer"
+    if pa.types.is_list(data_type):
+        return f"a list of {_type_name(data_type.value_type)}s"
+    return "text"
+
+
+def _cast(table: pa.Table, types: dict[str, pa.DataType], path: Path, row: int) -> pa.Table:
+    columns = []
+    for name, data_type in types.items():
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        delimited = pa.types.is_list(data_type) and pa.types.is_string(column.type)
+        if column.type != data_type and not delimited:
+            try:
+                column = column.cast(data_type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise PrepareError(
+                    f"{path}: rows {row + 1}-{row + table.num_rows}, column {name!r}: "
+                    f"{column.type} values do not convert ({error}); accepted: "
+                    f"{_type_name(data_type)}"
+                ) from None
+        columns.append(column)
+    return pa.table(columns, names=list(types))
+
+
+def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -> pa.Array:
+    """A multi-valued column as list<scalar>: a list column, or a delimited string split."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column
+    if feature.separator is None:
+        raise PrepareError(
+            f"{path}: column {feature.column!r} is text; a multi_valued feature over text needs "
+            "`separator` (e.g. '|')"
+        )
+    lists = pc.split_pattern(column.fill_null(""), feature.separator)
+    flat = pc.list_flatten(lists)
+    lengths = np.asarray(pc.list_value_length(lists), dtype=np.int64)
+    keep = np.asarray(pc.not_equal(flat, ""), dtype=bool)
+    kept = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[keep], minlength=len(lengths))
+    values = flat.filter(pa.array(keep))
+    if feature.type == "int":
+        try:
+            values = values.cast(pa.int64())
+        except pa.ArrowInvalid as error:
+            raise PrepareError(
+                f"{path}: rows {file_row + 1}-{file_row + len(column)}, column "
+                f"{feature.column!r}: {error}; accepted: integers separated by "
+                f"{feature.separator!r}"
+            ) from None
+    offsets = np.r_[0, np.cumsum(kept)].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def _label(spec: DatasetSpec, column: pa.Array, path: Path, file_row: int) -> np.ndarray:
+    nulls = np.asarray(column.is_null(), dtype=bool)
+    if nulls.any():
+        row = file_row + int(np.argmax(nulls)) + 1
+        raise PrepareError(
+            f"{path}: row {row}: the label column {spec.label.column!r} is empty; every event "
+            "needs a label"
+        )
+    values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    rule = spec.label
+    if rule.op is None:
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            row = file_row + int(np.argmax(bad)) + 1
+            raise PrepareError(
+                f"{path}: row {row}: label {values[bad][0]!r} in column {rule.column!r}; "
+                "accepted: 0 or 1 (or a rule: label.op and label.value)"
+            )
+        return values.astype(np.int8)
+    compare = {
+        ">=": np.greater_equal,
+        ">": np.greater,
+        "<=": np.less_equal,
+        "<": np.less,
+        "==": np.equal,
+        "!=": np.not_equal,
+    }[rule.op]
+    return compare(values, rule.value).astype(np.int8)
+
+
+def _time(
+    spec: DatasetSpec, column: pa.Array, path: Path, file_row: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sort key, prepared seconds) of an event-time column."""
+    nulls = np.asarray(column.is_null(), dtype=bool)
+    if nulls.any():
+        row = file_row + int(np.argmax(nulls)) + 1
+        raise PrepareError(
+            f"{path}: row {row}: the event-time column {spec.time.column!r} is empty; every "
+            "event needs a time"
+        )
+    unit = spec.time.unit
+    if unit == "iso8601":
+        try:
+            parsed = pc.cast(column, pa.timestamp("ns"))
+        except pa.ArrowInvalid:
+            bad = _first_bad_timestamp(column)
+            raise PrepareError(
+                f"{path}: row {file_row + bad + 1}: {column[bad].as_py()!r} in column "
+                f"{spec.time.column!r} is not an ISO-8601 time; accepted: e.g. "
+                "2024-05-01T12:30:00 or 2024-05-01 12:30:00.250"
+            ) from None
+        key = np.asarray(parsed.cast(pa.int64()), dtype=np.int64)
+        return key, key / 1e9
+    numbers = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    scale = _TIME_SCALE[unit]
+    key = np.round(numbers).astype(np.int64) if unit != "s" else numbers.astype(np.int64)
+    return key, (key if unit == "s" else numbers / scale)
+
+
+def _first_bad_timestamp(column: pa.Array) -> int:
+    for index in range(len(column)):
+        try:
+            pc.cast(column.slice(index, 1), pa.timestamp("ns"))
+        except pa.ArrowInvalid:
+            return index
+    return 0
+
+
+# -- pass 1: scan --------------------------------------------------------------------------
+
+
+def _scan(reader: _Reader, progress: Progress) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """All event times (as sort keys), the fit rows (None: all rows), and the row count.
+
+    Reading every column here checks every value before anything is written."""
+    keys: list[np.ndarray] = []
+    for batch in reader.batches():
+        keys.append(batch.time_key)
+        progress("scan", len(batch.time_key))
+    time_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    rows = len(time_keys)
+    if rows == 0:
+        raise PrepareError("the source files hold no rows")
+    spec = reader.spec
+    if spec.fit_on == "all":
+        return time_keys, None, rows
+    split_of = _random_split(spec, 0, rows) if spec.split.by == "random" else None
+    if split_of is not None:
+        return time_keys, split_of == 0, rows
+    train_rows = _split_sizes(spec, rows)[0]
+    ordered = np.sort(time_keys, kind="stable")
+    boundary = ordered[train_rows] if train_rows < rows else ordered[-1] + 1
+    return time_keys, time_keys < boundary, rows
+
+
+def _split_sizes(spec: DatasetSpec, rows: int) -> tuple[int, int, int]:
+    """(train, valid, test) row counts of a time split, as `offline.time_split` makes them."""
+    test = int(round(rows * spec.split.test))
+    valid = int(round(rows * spec.split.valid))
+    return rows - test - valid, valid, test
+
+
+def _random_split(spec: DatasetSpec, first_row: int, count: int) -> np.ndarray:
+    """0/1/2 (train/valid/test) per source row: a seeded hash of the row's index."""
+    rows = np.arange(first_row, first_row + count, dtype=np.uint64)
+    mixed = splitmix64(rows ^ np.uint64(spec.split.seed & 0xFFFFFFFFFFFFFFFF))
+    uniform = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.where(
+        uniform < spec.split.test, 2, np.where(uniform < spec.split.test + spec.split.valid, 1, 0)
+    ).astype(np.int8)
+
+
+# -- pass 2: fit ---------------------------------------------------------------------------
+
+
+class _Counter:
+    """Value counts of one column, merged as batches arrive (memory ~ distinct values)."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Table] = []
+        self.pending = 0
+
+    def add(self, values: pa.Array) -> None:
+        counts = pc.value_counts(values.drop_null())
+        self.parts.append(
+            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
+        )
+        self.pending += len(counts)
+        if len(self.parts) > 16:
+            self.parts = [self.merged()]
+
+    def merged(self) -> pa.Table:
+        if not self.parts:
+            return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        table = pa.concat_tables(self.parts)
+        return (
+            table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        )
+
+
+def _fit(
+    spec: DatasetSpec, reader: _Reader, fit_mask: np.ndarray | None, progress: Progress
+) -> Preprocessor:
+    counters = {f.name: _Counter() for f in spec.features if f.has_ids}
+    sums = {
+        f.name: np.zeros(3)
+        for f in spec.features
+        if f.kind == "dense" and "standardise" in f.transform
+    }
+    max_lengths: dict[str, int] = {}
+    for batch in reader.batches():
+        rows = len(batch.label)
+        mask = (
+            None
+            if fit_mask is None
+            else pa.array(fit_mask[batch.first_row : batch.first_row + rows])
+        )
+        for feature in spec.features:
+            if feature.kind == "multi_valued":
+                lengths = pc.list_value_length(batch.columns[feature.name]).fill_null(0)
+                max_lengths[feature.name] = max(
+                    max_lengths.get(feature.name, 0), int(pc.max(lengths).as_py() or 0)
+                )
+            if feature.name in counters:
+                values = batch.columns[feature.name]
+                if mask is not None:
+                    values = values.filter(mask)
+                if feature.kind == "multi_valued":
+                    values = pc.list_flatten(values)
+                counters[feature.name].add(values)
+            if feature.name in sums:
+                values = batch.columns[feature.name]
+                if mask is not None:
+                    values = values.filter(mask)
+                numbers = _before_standardise(feature, values)
+                numbers = numbers[~np.isnan(numbers)]
+                sums[feature.name] += (len(numbers), numbers.sum(), np.square(numbers).sum())
+        progress("fit", rows)
+    vocabularies: dict[str, Vocabulary] = {}
+    cardinalities: dict[str, int] = {}
+    for feature in spec.features:
+        if not feature.has_ids:
+            continue
+        counts = counters[feature.name].merged()
+        if feature.hashed:
+            cardinalities[feature.name] = feature.cardinality or max(1, counts.num_rows)
+            continue
+        kept = counts.filter(pc.greater_equal(counts.column("count"), feature.min_count))
+        values = pc.sort_indices(kept, sort_keys=[("value", "ascending")])
+        vocabulary = Vocabulary(
+            kept.column("value")
+            .take(values)
+            .combine_chunks()
+            .cast(pa.string() if feature.type == "string" else pa.int64()),
+            oov=feature.oov,
+            seed=feature_seed(feature.name),
+        )
+        vocabularies[feature.name] = vocabulary
+        cardinalities[feature.name] = max(1, vocabulary.size)
+    dense_stats = {}
+    for name, (count, total, squares) in sums.items():
+        mean = total / count if count else 0.0
+        variance = squares / count - mean * mean if count else 1.0
+        dense_stats[name] = (float(mean), float(np.sqrt(variance)) if variance > 0 else 1.0)
+    for feature in spec.features:
+        if feature.kind == "sequence":
+            max_lengths[feature.name] = feature.max_length
+        elif feature.kind == "multi_valued" and feature.max_length:
+            max_lengths[feature.name] = min(feature.max_length, max_lengths.get(feature.name, 1))
+        elif feature.kind == "multi_valued":
+            max_lengths[feature.name] = max(1, max_lengths.get(feature.name, 1))
+    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths)
+
+
+def _before_standardise(feature: FeatureDef, values: pa.Array) -> np.ndarray:
+    numbers = np.asarray(
+        pc.cast(values, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
+        dtype=np.float64,
+    )
+    for step in feature.transform:
+        if step == "standardise":
+            break
+        numbers = (
+            np.clip(numbers, *feature.clip)
+            if step == "clip"
+            else np.log1p(np.maximum(numbers, 0.0))
+        )
+    return numbers
+
+
+# -- pass 3: encode into time buckets ------------------------------------------------------
+
+
+def _bucket_boundaries(time_keys: np.ndarray, bucket_rows: int) -> np.ndarray:
+    count = -(-len(time_keys) // bucket_rows)
+    if count <= 1:
+        return np.zeros(0, dtype=np.int64)
+    ordered = np.sort(time_keys)
+    cuts = ordered[(np.arange(1, count) * len(ordered)) // count]
+    return np.unique(cuts)
+
+
+class _Buckets:
+    """Encoded rows grouped by time range: in memory for one bucket, else temp Parquet files."""
+
+    def __init__(self, directory: Path, count: int) -> None:
+        self.directory = directory
+        self.count = count
+        self.memory: list[pa.Table] = []
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        if count > 1:
+            directory.mkdir(parents=True)
+
+    def add(self, bucket_of: np.ndarray, table: pa.Table) -> None:
+        if self.count == 1:
+            self.memory.append(table)
+            return
+        for bucket in np.unique(bucket_of):
+            part = table.filter(pa.array(bucket_of == bucket))
+            writer = self.writers.get(int(bucket))
+            if writer is None:
+                writer = pq.ParquetWriter(self.directory / f"{int(bucket)}.parquet", part.schema)
+                self.writers[int(bucket)] = writer
+            writer.write_table(part)
+
+    def tables(self, listed: set[str]) -> Iterator[pa.Table]:
+        for writer in self.writers.values():
+            writer.close()
+        if self.count == 1:
+            yield _unify(self.memory, listed)
+            return
+        for bucket in range(self.count):
+            path = self.directory / f"{bucket}.parquet"
+            if path.exists():
+                yield _unify([pq.read_table(path)], listed)
+                path.unlink()
+
+
+def _unify(tables: list[pa.Table], listed: set[str]) -> pa.Table:
+    """Categorical columns as list<int64> where any batch dropped an id, else int64."""
+    fixed = []
+    for table in tables:
+        for name in listed:
+            column = table.column(name)
+            if not pa.types.is_list(column.type):
+                values = column.combine_chunks()
+                offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
+                table = table.set_column(
+                    table.schema.get_field_index(name),
+                    name,
+                    pa.ListArray.from_arrays(offsets, values),
+                )
+        fixed.append(table)
+    return pa.concat_tables(fixed).combine_chunks()
+
+
+def _encode(
+    spec: DatasetSpec,
+    reader: _Reader,
+    preprocessor: Preprocessor,
+    boundaries: np.ndarray,
+    buckets: _Buckets,
+    progress: Progress,
+) -> set[str]:
+    """Encode every batch into its bucket; returns the categorical features stored as lists."""
+    listed: set[str] = set()
+    for batch in reader.batches():
+        rows = len(batch.label)
+        columns: dict[str, pa.Array] = {}
+        for feature in spec.features:
+            if feature.kind in ("sequence", "count"):
+                continue
+            encoded = preprocessor.encode(feature.name, batch.columns[feature.name])
+            if feature.kind == "categorical" and pa.types.is_list(encoded.type):
+                listed.add(feature.name)
+            columns[feature.name] = encoded
+        columns["__time_key"] = pa.array(batch.time_key)
+        columns["timestamp"] = pa.array(batch.timestamp)
+        columns["label"] = pa.array(batch.label)
+        columns["__row"] = pa.array(np.arange(batch.first_row, batch.first_row + rows))
+        if spec.split.by == "random":
+            columns["__split"] = pa.array(_random_split(spec, batch.first_row, rows))
+        table = pa.table(columns)
+        bucket_of = np.searchsorted(boundaries, batch.time_key, side="right")
+        buckets.add(bucket_of, _unify([table], listed))
+        progress("encode", rows)
+    return listed
+
+
+# -- pass 4: order, sequences, splits ------------------------------------------------------
+
+
+class _PerKeyState:
+    """Per key (a user, an item): how many events it had and its last values, across buckets."""
+
+    def __init__(self, history: int) -> None:
+        self.history = history
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.last = np.zeros((0, history), dtype=np.int64)  # newest last, right-aligned
+        self.lengths = np.zeros(0, dtype=np.int64)
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(counts, last values, lengths) of `keys` (zeros for keys never seen)."""
+        position = np.searchsorted(self.keys, keys)
+        position = np.minimum(position, max(len(self.keys) - 1, 0))
+        found = (self.keys[position] == keys) if len(self.keys) else np.zeros(len(keys), bool)
+        counts = np.where(found, self.counts[position] if len(self.keys) else 0, 0)
+        last = np.zeros((len(keys), self.history), dtype=np.int64)
+        lengths = np.zeros(len(keys), dtype=np.int64)
+        if len(self.keys):
+            last[found] = self.last[position[found]]
+            lengths[found] = self.lengths[position[found]]
+        return counts, last, lengths
+
+    def update(
+        self, keys: np.ndarray, counts: np.ndarray, last: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        merged = np.concatenate([self.keys, keys])
+        order = np.argsort(merged, kind="stable")
+        merged = merged[order]
+        # A key present in both keeps the new entry (the later one in stable order).
+        keep = np.r_[merged[1:] != merged[:-1], True]
+        self.keys = merged[keep]
+        self.counts = np.concatenate([self.counts, counts])[order][keep]
+        self.last = np.concatenate([self.last, last])[order][keep]
+        self.lengths = np.concatenate([self.lengths, lengths])[order][keep]
+
+
+def _scalar_ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, present) of a categorical column (int64, or list<int64> with empty bags)."""
+    if pa.types.is_list(column.type):
+        lengths = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
+        flat = np.asarray(pc.list_flatten(column), dtype=np.int64)
+        ids = np.zeros(len(lengths), dtype=np.int64)
+        present = lengths > 0
+        ids[present] = flat[np.r_[0, np.cumsum(lengths)][:-1][present]]
+        return ids, present
+    return np.asarray(column, dtype=np.int64), np.ones(len(column), dtype=bool)
+
+
+def _order_and_write(
+    spec: DatasetSpec,
+    preprocessor: Preprocessor,
+    buckets: _Buckets,
+    listed: set[str],
+    rows: int,
+    scratch: Path,
+    progress: Progress,
+) -> dict:
+    user = spec.roles.get("user")
+    item = spec.roles.get("item")
+    derived = [f for f in spec.features if f.kind in ("sequence", "count")]
+    states = {f.name: _PerKeyState(f.max_length if f.kind == "sequence" else 0) for f in derived}
+    sizes = _split_sizes(spec, rows) if spec.split.by == "time" else None
+    writers: dict[str, pq.ParquetWriter] = {}
+    stats = {split: {"rows": 0, "positives": 0} for split in SPLITS}
+    written = 0
+    output_order = [f.name for f in spec.features] + ["label", "timestamp"]
+    for table in buckets.tables(listed):
+        sort_keys = [("__time_key", "ascending")]
+        for role_column in (user, item):
+            if role_column is not None and role_column not in listed:
+                sort_keys.append((role_column, "ascending"))
+        sort_keys.append(("__row", "ascending"))
+        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
+        for feature in derived:
+            table = table.append_column(
+                feature.name, _derived(feature, table, user, states[feature.name], preprocessor)
+            )
+        if sizes is not None:
+            position = np.arange(written, written + table.num_rows)
+            split_of = np.where(
+                position < sizes[0], 0, np.where(position < sizes[0] + sizes[1], 1, 2)
+            )
+        else:
+            split_of = np.asarray(table.column("__split"), dtype=np.int8)
+        written += table.num_rows
+        out = table.select(output_order)
+        for index, split in enumerate(SPLITS):
+            part = out.filter(pa.array(split_of == index))
+            if part.num_rows == 0:
+                continue
+            writer = writers.get(split)
+            if writer is None:
+                writer = pq.ParquetWriter(scratch / f"{split}.parquet", part.schema)
+                writers[split] = writer
+            writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+            stats[split]["rows"] += part.num_rows
+            stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
+        progress("write", table.num_rows)
+    for writer in writers.values():
+        writer.close()
+    empty = [split for split in SPLITS if stats[split]["rows"] == 0]
+    if empty:
+        raise PrepareError(
+            f"split {empty[0]!r} would be empty ({rows} rows with split fractions valid "
+            f"{spec.split.valid}, test {spec.split.test}); every split needs at least one row"
+        )
+    return {
+        "splits": stats,
+        "rows": rows,
+        "positives": sum(s["positives"] for s in stats.values()),
+        "preprocessor": preprocessor,
+    }
+
+
+def _derived(
+    feature: FeatureDef,
+    table: pa.Table,
+    user: str | None,
+    state: _PerKeyState,
+    preprocessor: Preprocessor,
+) -> pa.Array:
+    """A sequence (the user's previous values of `of`) or a count (earlier events of `of`)."""
+    if feature.kind == "count":
+        keys, present = _scalar_ids(table.column(feature.of))
+        keys = np.where(present, keys, np.iinfo(np.int64).min)
+        counts = _prior_counts(keys, state)
+        return pa.array(preprocessor.dense_values(feature, pa.array(counts.astype(np.float64))))
+    users, _ = _scalar_ids(table.column(user))
+    values, present = _scalar_ids(table.column(feature.of))
+    return _history(users, values, present, state)
+
+
+def _prior_counts(keys: np.ndarray, state: _PerKeyState) -> np.ndarray:
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    carried, _, _ = state.lookup(sorted_keys)
+    within = np.arange(len(order)) - group_start
+    counts = np.empty(len(keys), dtype=np.int64)
+    counts[order] = carried + within
+    ends = np.r_[starts[1:], len(order)] - 1
+    group_keys = sorted_keys[starts]
+    state.update(
+        group_keys,
+        counts[order][ends] + 1,
+        np.zeros((len(starts), 0), np.int64),
+        np.zeros(len(starts), np.int64),
+    )
+    return counts
+
+
+def _history(
+    users: np.ndarray, values: np.ndarray, present: np.ndarray, state: _PerKeyState
+) -> pa.ListArray:
+    """For each event (in time order), the user's previous `history` values, oldest first.
+
+    Per user the timeline is its carried values (from earlier buckets) then this bucket's
+    present values; event i sees the `history` newest timeline values before its own."""
+    length = state.history
+    count = len(users)
+    order = np.lexsort((np.arange(count), users))
+    users_sorted, values_sorted, present_sorted = users[order], values[order], present[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(users_sorted)) + 1] if count else np.zeros(0, int)
+    sizes = np.diff(np.r_[starts, count])
+    group_of = np.repeat(np.arange(len(starts)), sizes)
+    _, carried, carried_lengths = state.lookup(users_sorted[starts])
+    own_counts = np.bincount(group_of[present_sorted], minlength=len(starts))
+    totals = carried_lengths + own_counts
+    timeline_start = np.r_[0, np.cumsum(totals)][:-1]
+    timeline = np.zeros(int(totals.sum()), dtype=np.int64)
+    carried_mask = np.arange(length)[None, :] >= (length - carried_lengths)[:, None]
+    timeline[_ranges(timeline_start, carried_lengths)] = carried[carried_mask]
+    timeline[_ranges(timeline_start + carried_lengths, own_counts)] = values_sorted[present_sorted]
+    # How many own present values precede each event within its group.
+    present_before = np.cumsum(present_sorted) - present_sorted
+    group_present_start = (np.cumsum(present_sorted) - present_sorted)[starts]
+    seen = carried_lengths[group_of] + present_before - group_present_start[group_of]
+    first = np.maximum(seen - length, 0)
+    begin_sorted = timeline_start[group_of] + first
+    lengths_sorted = seen - first
+    begin = np.empty(count, dtype=np.int64)
+    lengths = np.empty(count, dtype=np.int64)
+    begin[order], lengths[order] = begin_sorted, lengths_sorted
+    flat = timeline[_ranges(begin, lengths)]
+    kept = np.minimum(totals, length)
+    ends = timeline_start + totals
+    index = ends[:, None] - length + np.arange(length)[None, :]
+    tail_mask = np.arange(length)[None, :] >= (length - kept)[:, None]
+    new_last = np.where(
+        tail_mask, timeline[np.clip(index, 0, max(len(timeline) - 1, 0))] if len(timeline) else 0, 0
+    )
+    state.update(users_sorted[starts], np.zeros(len(starts), np.int64), new_last, kept)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int64()))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of range(start, start + length) for each pair."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.r_[0, np.cumsum(lengths)][:-1]
+    return np.repeat(np.asarray(starts, dtype=np.int64) - offsets, lengths) + np.arange(total)
