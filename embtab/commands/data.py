@@ -1,23 +1,38 @@
-"""`embtab data prepare NAME` and `embtab data info NAME`."""
+"""`embtab data prepare NAME | --spec FILE` and `embtab data info NAME`."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from embtab.output import emit
-from embtab.progress import stage_bar
+from embtab.progress import rows_bar
 from feature_store import datasets
 from feature_store.offline import Dataset, open_prepared
 from feature_store.wheels import DataError
+
+
+class UsageError(ValueError):
+    """Arguments that do not fit together; the message says which to give."""
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="prepare and describe data sets")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    prepare = actions.add_parser("prepare", help="build a data set into Parquet plus schema")
-    prepare.add_argument("name", help=f"one of: {', '.join(sorted(datasets.DATASETS))}")
+    prepare = actions.add_parser(
+        "prepare",
+        help="build a data set into Parquet splits, schema and preprocessing artifact",
+        description="Prepare a built-in data set by name, or your own files described by a "
+        "spec file (docs/your-data.md).",
+    )
+    prepare.add_argument(
+        "name", nargs="?", help=f"a built-in data set: {', '.join(sorted(datasets.DATASETS))}"
+    )
+    prepare.add_argument(
+        "--spec", type=Path, help="a data-set spec file (YAML or TOML) over your own files"
+    )
     prepare.add_argument("--rows", type=int, help="synthetic-criteo: number of rows")
     prepare.add_argument("--seed", type=int, default=0, help="synthetic-criteo: seed")
     prepare.add_argument(
@@ -27,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     prepare.set_defaults(run=run_prepare)
 
     info = actions.add_parser("info", help="rows, positive rate and features of a data set")
-    info.add_argument("name", help=f"one of: {', '.join(sorted(datasets.DATASETS))}")
+    info.add_argument("name", help="a built-in data set, or the name in your spec file")
     info.add_argument("--json", action="store_true", help="print a JSON result")
     info.set_defaults(run=run_info)
 
@@ -64,13 +79,26 @@ def describe(dataset: Dataset) -> tuple[dict, str]:
 
 
 def run_prepare(arguments: argparse.Namespace) -> int:
-    datasets.check_name(arguments.name)
-    with stage_bar(f"prepare {arguments.name}", stages=6, enabled=not arguments.json) as advance:
-        dataset = datasets.prepare(
-            arguments.name, advance, rows=arguments.rows, seed=arguments.seed, paths=arguments.path
-        )
+    if (arguments.name is None) == (arguments.spec is None):
+        raise UsageError("give a built-in data set name or --spec FILE (one of the two)")
+    title = f"prepare {arguments.name or arguments.spec}"
+    started = time.perf_counter()
+    with rows_bar(title, enabled=not arguments.json) as advance:
+        if arguments.spec is not None:
+            dataset = datasets.prepare_from_spec(arguments.spec, advance)
+        else:
+            dataset = datasets.prepare(
+                arguments.name,
+                advance,
+                rows=arguments.rows,
+                seed=arguments.seed,
+                paths=arguments.path,
+            )
+    seconds = time.perf_counter() - started
     result, summary = describe(dataset)
-    emit(result, f"prepared {summary}", arguments.json)
+    result["seconds"] = round(seconds, 3)
+    result["rows_per_s"] = round(dataset.info["rows"] / max(seconds, 1e-9))
+    emit(result, f"prepared {summary} in {seconds:.1f} s", arguments.json)
     return 0
 
 
@@ -80,7 +108,7 @@ def load_with_progress(name: str, show_progress: bool) -> Dataset:
     try:
         return open_prepared(name)
     except DataError:
-        with stage_bar(f"prepare {name}", stages=6, enabled=show_progress) as advance:
+        with rows_bar(f"prepare {name}", enabled=show_progress) as advance:
             return datasets.load(name, advance)
 
 
