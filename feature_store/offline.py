@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from feature_store.artifact import Preprocessor
 from feature_store.schema import Schema
 from feature_store.wheels import DataError, cache_dir
 
@@ -60,6 +61,11 @@ class Dataset:
         """The preprocessing artifact's directory, None for a data set prepared without one."""
         path = self.root / "artifact"
         return path if path.is_dir() else None
+
+    def preprocessor(self) -> Preprocessor | None:
+        """The fitted preprocessing artifact (None for a data set prepared without one)."""
+        directory = self.artifact_dir
+        return None if directory is None else Preprocessor.load(directory)
 
     def path(self, split: str) -> Path:
         if split not in SPLITS:

@@ -19,6 +19,7 @@ from embedding_tables.collection import EmbeddingCollection
 from embedding_tables.config import TableConfig
 from embedding_tables.graphhash import build_graphhash
 from embedding_tables.optimizer import SparseOptimizerConfig
+from feature_store.artifact import Preprocessor
 from feature_store.offline import Dataset
 from feature_store.schema import Schema
 from models.base import Model
@@ -54,6 +55,8 @@ class ModelSpec:
     tables: tuple[TableConfig, ...]
     feature_to_table: dict[str, str]
     sparse_optimizer: SparseOptimizerConfig | None = field(default=None)
+    # How raw values become this model's input (None: the model takes prepared ids only).
+    preprocessing: Preprocessor | None = field(default=None, compare=False)
 
     @property
     def graphhash_tables(self) -> list[TableConfig]:
@@ -66,8 +69,13 @@ def sparse_optimizer_config(train: TrainConfig) -> SparseOptimizerConfig:
     )
 
 
-def plan_model(run: RunConfig, schema: Schema) -> ModelSpec:
-    """Resolve features and tables and check them against the model, before any data is read."""
+def plan_model(
+    run: RunConfig, schema: Schema, preprocessing: Preprocessor | None = None
+) -> ModelSpec:
+    """Resolve features and tables and check them against the model, before any data is read.
+
+    `preprocessing` is the data set's artifact: the model carries it into its checkpoints and
+    published versions, so serving applies the transform training saw."""
     features = list(run.features)
     if isinstance(run.model, TwoTowerConfig):
         user, item = tower_features(run.model, select_features(schema, features))
@@ -81,6 +89,7 @@ def plan_model(run: RunConfig, schema: Schema) -> ModelSpec:
         tables=tuple(tables),
         feature_to_table=feature_to_table,
         sparse_optimizer=sparse_optimizer_config(run.train),
+        preprocessing=preprocessing,
     )
 
 

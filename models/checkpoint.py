@@ -3,7 +3,10 @@
 The manifest holds what rebuilds the model without the training code: model config, table
 configs, feature -> table map, sparse optimizer, the features' schema, table mapping metadata
 (GraphHash maps, collisionless id map statistics; their tensors are in the file with the rest),
-metrics and library versions. Tensors and manifest live in one file so that a write is one
+metrics and library versions. A model trained on a spec'd data set also carries its
+preprocessing artifact (each file as a uint8 tensor under `preprocessing/`, its content hash in
+the manifest), so the checkpoint alone turns raw values into scores. Tensors and manifest live
+in one file so that a write is one
 atomic rename: a crash leaves the previous checkpoint, never half of a new one. safetensors has
 no checksum of its own, so the header also carries a SHA-256 of every tensor's bytes: a file
 corrupted after it was written is refused instead of loading wrong weights.
@@ -31,7 +34,9 @@ from safetensors.torch import save_file
 from embedding_tables.config import TableConfig
 from embedding_tables.graphhash import GraphHashMapping
 from embedding_tables.optimizer import SparseOptimizerConfig
+from feature_store.artifact import Preprocessor
 from feature_store.schema import Schema, SchemaError
+from feature_store.wheels import DataError
 from models.base import Model
 from models.build import ModelSpec, build_model
 from models.config import from_dict, model_config_from_dict, to_dict
@@ -42,6 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "embtab.manifest"
 CHECKSUM_KEY = "embtab.tensors_sha256"
 GRAPHHASH_PREFIX = "embeddings.graphhash_mappings."
+PREPROCESSING_PREFIX = "preprocessing/"
 LIBRARIES = ("embtab", "torch", "torchrec", "fbgemm-gpu-cpu", "safetensors", "numpy", "pyarrow")
 
 
@@ -99,8 +105,50 @@ def manifest_of(model: Model, metrics: dict | None = None, extra: dict | None = 
         "memory_bytes": embeddings.memory_bytes(),
         "num_parameters": embeddings.num_parameters(),
         "metrics": metrics or {},
+        "preprocessing": (
+            None
+            if spec.preprocessing is None
+            else {
+                "content_hash": spec.preprocessing.content_hash,
+                "dataset": spec.preprocessing.spec.name,
+            }
+        ),
         **(extra or {}),
     }
+
+
+def preprocessing_tensors(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The preprocessing artifact's files as uint8 tensors (none for a model without one)."""
+    if spec.preprocessing is None:
+        return {}
+    return {
+        f"{PREPROCESSING_PREFIX}{name}": torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        for name, blob in spec.preprocessing.to_files().items()
+    }
+
+
+def preprocessing_from_tensors(
+    manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+) -> Preprocessor | None:
+    """The artifact a checkpoint carries, checked against the content hash its manifest names."""
+    recorded = manifest.get("preprocessing")
+    if not recorded:
+        return None
+    files = {
+        key[len(PREPROCESSING_PREFIX) :]: value.numpy().tobytes()
+        for key, value in tensors.items()
+        if key.startswith(PREPROCESSING_PREFIX)
+    }
+    try:
+        preprocessing = Preprocessor.from_files(files)
+    except DataError as error:
+        raise CheckpointError(f"{source}: its preprocessing artifact: {error}") from error
+    if preprocessing.content_hash != recorded["content_hash"]:
+        raise CheckpointError(
+            f"{source}: the preprocessing artifact has content hash "
+            f"{preprocessing.content_hash}, the manifest names {recorded['content_hash']}"
+        )
+    return preprocessing
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -128,6 +176,7 @@ def save_checkpoint(
     tensors = {
         key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()
     }
+    tensors.update(preprocessing_tensors(model.spec))
     return write_checkpoint_file(path, tensors, manifest)
 
 
@@ -227,8 +276,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> Checkpoint:
     """Rebuild the model a checkpoint describes and load its tensors; all or nothing."""
     manifest = read_manifest(path)
-    spec = spec_from_manifest(manifest)
     tensors = read_tensors(path)
+    spec = dataclasses.replace(
+        spec_from_manifest(manifest),
+        preprocessing=preprocessing_from_tensors(manifest, tensors, str(path)),
+    )
     mappings = graphhash_from_tensors(manifest, tensors, str(path))
     try:
         model = build_model(spec, mappings, device)
@@ -257,7 +309,9 @@ def graphhash_from_tensors(
 
 
 def load_state(model: Model, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load `tensors` into `model`, strictly: every key present and of the right shape."""
+    """Load `tensors` into `model`, strictly: every key present and of the right shape (the
+    preprocessing artifact's tensors are not the model's state and are left out)."""
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(PREPROCESSING_PREFIX)}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -16,6 +16,11 @@ UNIFIED_TABLE = "unified"
 # the other compressed tables of such a config use this method at the same budget.
 GRAPH_METHODS = ("graphhash",)
 GRAPH_FALLBACK = "hash"
+# Raw 64-bit ids (a spec's `ids: hash`) cannot index rows one by one: a feature that has them
+# gets a hash table where the config asks for a method that indexes by id (the full table's
+# size for `full`, the config's budget otherwise).
+ID_INDEXED_METHODS = ("full", "qr", "graphhash")
+RAW_ID_METHOD = "hash"
 
 
 def select_features(schema: Schema, names: tuple[str, ...] | list[str]) -> Schema:
@@ -63,6 +68,10 @@ def build_tables(
             method = "full"
         elif method in GRAPH_METHODS and spec.name not in graph_features:
             method = GRAPH_FALLBACK
+        budget = config.budget
+        if spec.hashed and method in ID_INDEXED_METHODS:
+            budget = None if method == "full" else config.budget
+            method = RAW_ID_METHOD
         fields: dict[str, Any] = {
             "name": spec.name,
             "num_embeddings": spec.cardinality,
@@ -72,7 +81,7 @@ def build_tables(
         }
         if method != "full":
             fields.update(config.options)
-            fields["budget"] = config.budget
+            fields["budget"] = budget
         fields.update(config.overrides.get(spec.name, {}))
         tables.append(from_dict(TableConfig, fields, f"table {spec.name!r}"))
     feature_to_table = {spec.name: spec.name for spec in schema.categorical}

@@ -306,7 +306,7 @@ def train(
 
     The checkpoint ends with the best validation state and both splits' metrics.
     """
-    spec = plan_model(run, dataset.schema)
+    spec = plan_model(run, dataset.schema, dataset.preprocessor())
     if run.train.threads is not None:
         torch.set_num_threads(run.train.threads)
     seed_everything(run.train.seed)

@@ -12,6 +12,9 @@ MULTI over them (the version flip, a delta's commit) is allowed:
                                   delta_seq (last reserved)
     embtab:{m}:<v>:dense:<rev>    safetensors blob: dense parameters and mapping state
     embtab:{m}:<v>:delta:<n>      safetensors blob: row ids a delta changed (cache invalidation)
+    embtab:{m}:<v>:preprocessing  hash: file name -> bytes of the version's preprocessing
+                                  artifact (raw values -> model input); absent for a model
+                                  trained without one
 
 Row shards carry the hash tag `{<m>:<shard>}`, so shard s of every table and version of a model
 sits on one cluster node and one lookup costs one round trip per shard:
@@ -74,6 +77,9 @@ class ModelKeys:
 
     def dense(self, version: int, revision: int) -> str:
         return f"{self._meta}:{version}:dense:{revision}"
+
+    def preprocessing(self, version: int) -> str:
+        return f"{self._meta}:{version}:preprocessing"
 
     def delta_log(self, version: int, delta: int) -> str:
         return f"{self._meta}:{version}:delta:{delta}"

@@ -466,8 +466,10 @@ class ParamPublisher:
         encoding: str = "fp32",
         num_shards: int | None = None,
         model_manifest: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, bytes] | None = None,
     ) -> FullPublish:
-        """Reserve a new version, register it as `writing` and write its manifest."""
+        """Reserve a new version, register it as `writing` and write its manifest (and the
+        preprocessing artifact's files, which belong to this version and no other)."""
         check_encoding(encoding)
         names = [table.name for table in tables]
         if len(set(names)) != len(names):
@@ -491,6 +493,8 @@ class ParamPublisher:
             start = meta.pipeline(transaction=True)
             start.set(self.keys.manifest(version), manifest.to_json())
             start.hset(self.keys.head(version), mapping={"dense": -1, "delta": 0, "delta_seq": 0})
+            if preprocessing:
+                start.hset(self.keys.preprocessing(version), mapping=dict(preprocessing))
             start.hset(
                 self.keys.namespaces, version, json.dumps({"state": "writing", "at": time.time()})
             )
@@ -660,7 +664,11 @@ class ParamPublisher:
             return [], {}
         manifest = VersionManifest.from_json(raw)
         last = int(meta.hget(self.keys.head(version), "delta_seq") or 0)
-        meta_keys = [self.keys.manifest(version), self.keys.head(version)]
+        meta_keys = [
+            self.keys.manifest(version),
+            self.keys.head(version),
+            self.keys.preprocessing(version),
+        ]
         for revision in range(last + 1):
             meta_keys += [
                 self.keys.dense(version, revision),
@@ -765,6 +773,12 @@ class ParamReader:
                 "committed yet, or expired after its grace period)"
             )
         return parse_dense_blob(version, revision, blob)
+
+    def preprocessing(self, version: int) -> dict[str, bytes]:
+        """The files of the version's preprocessing artifact ({} for a model without one)."""
+        with _redis_call(f"read the preprocessing artifact of {self.model!r} v{version}"):
+            raw = self.nodes.meta.hgetall(self.keys.preprocessing(version))
+        return {name.decode(): blob for name, blob in raw.items()}
 
     def delta_log(self, version: int, delta: int) -> dict[str, np.ndarray] | None:
         """Row ids delta `delta` changed, by table; None if the log is gone (expired)."""

@@ -85,10 +85,18 @@ def publish_model(
     encoding: str = "fp32",
     num_shards: int | None = None,
 ) -> PublishResult:
-    """Publish every physical table's rows, then the dense blob, then flip the live version."""
+    """Publish every physical table's rows, then the dense blob, then flip the live version.
+
+    The model's preprocessing artifact is published with the version, so a server switches
+    model and raw-value transform together."""
     layouts = table_layouts(model)
+    preprocessing = model.spec.preprocessing
     publish = publisher.begin(
-        layouts, encoding=encoding, num_shards=num_shards, model_manifest=model_manifest
+        layouts,
+        encoding=encoding,
+        num_shards=num_shards,
+        model_manifest=model_manifest,
+        preprocessing=None if preprocessing is None else preprocessing.to_files(),
     )
     for layout in layouts:
         for ids, rows in _row_chunks(model, layout.name):
