@@ -73,6 +73,15 @@ class _ScorerCollector(Collector):
         yield CounterMetricFamily(
             "embtab_scored_candidates", "Candidates scored", value=counts.candidates
         )
+        unknown = CounterMetricFamily(
+            "embtab_unknown_ids",
+            "Raw ids in requests that the feature's vocabulary does not hold (scored with the "
+            "out-of-vocabulary id, or as an empty bag)",
+            labels=["feature"],
+        )
+        for feature, count in sorted(scorer.unknown_ids.items()):
+            unknown.add_metric([feature], count)
+        yield unknown
         local = counts.resident + counts.cached
         total = local + counts.fetched + counts.defaulted
         yield GaugeMetricFamily(

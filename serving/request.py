@@ -5,10 +5,12 @@
      "context": {"age": 3, "user_activity": 2.1},   optional; user and context features
      "candidates": [{"item_id": 7, "features": {"release_year": 50, "genres": [1, 4]}}, ...]}
 
-A feature value is an int (one id), a list of ints (a bag or a sequence, oldest first) or a
-number (a dense feature). A value given in the request wins over the online feature store's,
-which wins over the default (an empty bag, 0.0 for dense). Every problem is reported with the
-path of the field it is in: malformed JSON is a 400, a missing or wrongly typed field a 422, an
+A feature value is an id (one id), a list of ids (a bag or a sequence, oldest first) or a
+number (a dense feature). For a model with a preprocessing artifact, ids are raw values, strings
+or ints as in the source files (serving.raw_values turns them into the model's ids first);
+otherwise they are the prepared integer ids. A value given in the request wins over the online
+feature store's, which wins over the default (an empty bag, 0.0 for dense). Every problem is
+reported with the path of the field it is in: malformed JSON is a 400, a missing or wrongly typed field a 422, an
 unknown feature or an id the model's table does not accept a 400, too many candidates a 413.
 """
 
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from embedding_tables.config import TableConfig
 from feature_store.schema import FeatureSpec, Schema
@@ -29,7 +32,40 @@ from serving.jagged import Jagged
 INT64_MIN = -(2**63) + 2  # the two smallest int64s mark empty/deleted slots of id maps
 INT64_MAX = 2**63 - 1
 
-FeatureValue = StrictInt | StrictFloat | list[StrictInt]
+
+def _raw_id(value: object) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"an id is an integer or a string, got {value!r}")
+    return value
+
+
+def _feature_value(value: object) -> object:
+    if isinstance(value, list):
+        return [_raw_id(item) for item in value]
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(
+            f"a feature value is an integer or string id, a list of ids or a number, got {value!r}"
+        )
+    return value
+
+
+_ID_SCHEMA = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+# Raw values as in the source files (serving.raw_values); ints alone for a model trained
+# without a preprocessing artifact. One validator each, so an error names the field itself.
+RawId = Annotated[int | str, PlainValidator(_raw_id), WithJsonSchema(_ID_SCHEMA)]
+FeatureValue = Annotated[
+    int | float | str | list[int | str],
+    PlainValidator(_feature_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                *_ID_SCHEMA["anyOf"],
+                {"type": "number"},
+                {"type": "array", "items": _ID_SCHEMA},
+            ]
+        }
+    ),
+]
 
 
 class RequestShapeError(RequestError):
@@ -41,7 +77,7 @@ class RequestShapeError(RequestError):
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_id: StrictInt
+    item_id: RawId
     features: dict[str, FeatureValue] = Field(default_factory=dict)
 
 
@@ -49,7 +85,7 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    user_id: StrictInt
+    user_id: RawId
     context: dict[str, FeatureValue] = Field(default_factory=dict)
     candidates: list[Candidate] = Field(min_length=1)
 
@@ -112,6 +148,15 @@ class RequestColumns:
     item_ids: np.ndarray
     sparse: dict[str, tuple[Jagged, np.ndarray]]  # feature -> (values per candidate, given mask)
     dense: dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (values, given mask)
+    # Whether the user's and each item's raw id maps to a row (serving.raw_values); an id that
+    # does not is an empty bag in the model's input.
+    user_known: bool = True
+    item_known: np.ndarray | None = None
+
+    def known_items(self) -> np.ndarray:
+        if self.item_known is None:
+            return np.ones(self.num_candidates, dtype=bool)
+        return self.item_known
 
 
 def request_columns(
@@ -196,8 +241,10 @@ def _rule(
 def _dense_values(values: list[object], field: Callable[[int], str]) -> np.ndarray:
     """Numbers of a dense feature as float32; FeatureValueError at the first that is not one."""
     for index, value in enumerate(values):
-        if isinstance(value, list):
-            raise FeatureValueError(field(index), "a dense feature takes one number, got a list")
+        if isinstance(value, list | str):
+            raise RequestShapeError(
+                field(index), f"a dense feature takes one number, got {value!r}"
+            )
     numbers = np.array(values, dtype=np.float64)
     bad = ~np.isfinite(numbers) | (np.abs(numbers) > np.finfo(np.float32).max)
     if bad.any():
@@ -222,6 +269,12 @@ def _id_lists(values: list[object], field: Callable[[int], str], rule: FeatureRu
                     f"feature {spec.name!r} takes integer ids, got the number {value!r}",
                 )
             row = value if isinstance(value, list) else [value]
+            if any(isinstance(item, str) for item in row):
+                raise RequestShapeError(
+                    field(index),
+                    f"feature {spec.name!r} takes integer ids: this model was trained without a "
+                    "preprocessing artifact (prepare the data set from a spec to score raw ids)",
+                )
             if len(row) > spec.max_length:
                 if spec.kind != "sequence":
                     raise FeatureValueError(

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from feature_store.artifact import Preprocessor
 from feature_store.online import OnlineFeatureError, OnlineFeatureStore, OnlineStoreUnavailable
 from feature_store.schema import Schema
+from feature_store.wheels import DataError
 from models.base import Model
 from models.batches import batch_from_columns
 from serving.cache import RowCache
@@ -48,6 +51,7 @@ from serving.item_features import ItemFeatureCache
 from serving.jagged import Jagged
 from serving.param_store import DenseState, ParamReader, VersionManifest
 from serving.published_model import servable_model
+from serving.raw_values import RawValueEncoder
 from serving.request import (
     FeatureRule,
     RequestColumns,
@@ -107,6 +111,7 @@ class Snapshot:
     item_column: str
     online: OnlineFeatureStore | None = None
     item_features: ItemFeatureCache | None = None
+    encoder: RawValueEncoder | None = None  # raw values -> ids, for a model with an artifact
     resident: dict[str, np.ndarray] = field(default_factory=dict)
     residency_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -169,6 +174,7 @@ class Scorer:
         self.health = health or RedisHealth()
         self.online_store_for = online
         self.counts = RowCounts()
+        self.unknown_ids: Counter[str] = Counter()  # per feature: raw ids no vocabulary holds
         self._snapshot: Snapshot | None = None
         self._refresh_lock = threading.Lock()
 
@@ -281,6 +287,7 @@ class Scorer:
         return Snapshot(
             manifest=manifest,
             dense_revision=dense.revision,
+            encoder=self._encoder_of(manifest, schema, previous),
             delta=delta,
             model=model,
             planner=RowPlanner(model.embeddings),
@@ -299,6 +306,40 @@ class Scorer:
                 for table in model.embeddings.physical_tables()
                 if table.name not in model.embeddings.self_managed and self.config.cache_bytes
             },
+        )
+
+    def _encoder_of(
+        self, manifest: VersionManifest, schema: Schema, previous: Snapshot | None
+    ) -> RawValueEncoder | None:
+        """The raw-value encoder of the version's preprocessing artifact (published with it;
+        kept from `previous` when the artifact is the same)."""
+        recorded = manifest.model_manifest.get("preprocessing")
+        if not recorded:
+            return None
+        if (
+            previous is not None
+            and previous.encoder is not None
+            and previous.encoder.preprocessing.content_hash == recorded["content_hash"]
+        ):
+            return previous.encoder
+        try:
+            preprocessing = Preprocessor.from_files(self.reader.preprocessing(manifest.version))
+        except DataError as error:
+            raise StoreError(
+                f"model {manifest.model!r} v{manifest.version}: its preprocessing artifact is "
+                f"unusable: {error}"
+            ) from error
+        if preprocessing.content_hash != recorded["content_hash"]:
+            raise StoreError(
+                f"model {manifest.model!r} v{manifest.version}: the published preprocessing "
+                f"artifact has content hash {preprocessing.content_hash}, the model was trained "
+                f"with {recorded['content_hash']}"
+            )
+        return RawValueEncoder(
+            preprocessing,
+            schema.id_columns.get("user", ""),
+            schema.id_columns.get("item", ""),
+            self.unknown_ids,
         )
 
     def _warm(self, snapshot: Snapshot, previous: Snapshot) -> None:
@@ -333,7 +374,17 @@ class Scorer:
         snapshot = self._snapshot
         if snapshot is None:
             raise NotReadyError(f"model {self.config.model!r} has no version loaded yet")
-        return request_columns(request, snapshot.rules, snapshot.user_column, snapshot.item_column)
+        if snapshot.encoder is None:
+            return request_columns(
+                request, snapshot.rules, snapshot.user_column, snapshot.item_column
+            )
+        encoded = snapshot.encoder.encode(request)
+        columns = request_columns(
+            encoded.request, snapshot.rules, snapshot.user_column, snapshot.item_column
+        )
+        columns.user_known = encoded.user_known
+        columns.item_known = encoded.item_known
+        return columns
 
     # -- batches (scoring thread) ----------------------------------------------------------------
 
@@ -376,10 +427,12 @@ class Scorer:
         for spec in snapshot.schema.features:
             name = spec.name
             if name == snapshot.user_column:
-                sparse[name] = Jagged(user_of_row, np.ones(rows, dtype=np.int64))
+                known = np.repeat([request.user_known for request in batch], counts)
+                sparse[name] = Jagged(user_of_row[known], known.astype(np.int64))
                 continue
             if name == snapshot.item_column:
-                sparse[name] = Jagged(item_ids, np.ones(rows, dtype=np.int64))
+                known = np.concatenate([request.known_items() for request in batch])
+                sparse[name] = Jagged(item_ids[known], known.astype(np.int64))
                 continue
             if spec.kind == "dense":
                 fallback = online.get(name)

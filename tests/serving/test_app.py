@@ -170,7 +170,7 @@ BAD_REQUESTS = [
     (
         "a list for a dense feature",
         with_change(lambda b: b["context"].update(user_activity=[1])),
-        400,
+        422,
         "context.user_activity",
         "one number",
     ),
