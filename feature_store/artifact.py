@@ -202,7 +202,7 @@ class Preprocessor:
         if feature.kind in ("dense", "count"):
             return pa.array(self.dense_values(feature, raw), pa.float32())
         if feature.kind == "categorical":
-            ids, keep = self._ids(feature, raw)
+            ids, keep = self.encode_ids(feature, raw)
             if keep.all():
                 return pa.array(ids, pa.int64())
             offsets = np.r_[0, np.cumsum(keep)].astype(np.int32)
@@ -213,7 +213,7 @@ class Preprocessor:
         flat = pc.list_flatten(lists)
         lengths = np.asarray(pc.fill_null(pc.list_value_length(lists), 0), dtype=np.int64)
         source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
-        ids, keep = self._ids(source, flat)
+        ids, keep = self.encode_ids(source, flat)
         row_of = np.repeat(np.arange(len(lengths)), lengths)
         kept_lengths = np.bincount(row_of[keep], minlength=len(lengths))
         limit = self.max_lengths.get(name, 1)
@@ -255,8 +255,9 @@ class Preprocessor:
         numbers[missing] = 0.0
         return numbers.astype(np.float32)
 
-    def _ids(self, feature: FeatureDef, raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, keep) of raw scalar ids: keep is False where the id becomes no lookup."""
+    def encode_ids(self, feature: FeatureDef, raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, keep) of raw scalar ids of an id feature: keep is False where the id becomes
+        no lookup (unseen in a vocabulary without an OOV id, or a null hashed id)."""
         is_text = pa.types.is_string(raw.type) or pa.types.is_large_string(raw.type)
         is_int = pa.types.is_integer(raw.type)
         if pa.types.is_null(raw.type):

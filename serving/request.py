@@ -10,8 +10,9 @@ number (a dense feature). For a model with a preprocessing artifact, ids are raw
 or ints as in the source files (serving.raw_values turns them into the model's ids first);
 otherwise they are the prepared integer ids. A value given in the request wins over the online
 feature store's, which wins over the default (an empty bag, 0.0 for dense). Every problem is
-reported with the path of the field it is in: malformed JSON is a 400, a missing or wrongly typed field a 422, an
-unknown feature or an id the model's table does not accept a 400, too many candidates a 413.
+reported with the path of the field it is in: malformed JSON is a 400, a missing or wrongly
+typed field a 422, an unknown feature or an id the model's table does not accept a 400, too many
+candidates a 413.
 """
 
 from __future__ import annotations
