@@ -22,7 +22,9 @@ torch-composed version, with the output poisoned (NaN) first; one fused SGD / Ad
 against the torch-composed step; bad ids and offsets raise typed errors.
 
 Needs torch with CUDA and Triton; not torchrec or fbgemm-gpu. Refuses to write results without
-a CUDA device. See bench/GPU_NOTES.md.
+a CUDA device, and stops at once without Triton. It builds `FusedTableGroup` itself, so it times
+the Triton kernels whatever EMBTAB_TRITON says: that switch (off by default) chooses only
+EmbeddingCollection's backend, which the bench does not build. See bench/GPU_NOTES.md.
 
     python bench/gpu_kernels.py [--out bench/results/gpu_kernels.json] [--cases A,C,D,E]
         [--budget-s 500] [--iters 100]
@@ -59,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embedding_tables import IdError, OffsetsError, SparseOptimizerConfig  # noqa: E402
 from embedding_tables.config import TableConfig  # noqa: E402
 from embedding_tables.hashing import MIX_MULTIPLIER_1, MIX_MULTIPLIER_2  # noqa: E402
+from embedding_tables.kernels import triton_available  # noqa: E402
 from embedding_tables.kernels.layout import (  # noqa: E402
     KIND_ARITH,
     KIND_HASH,
@@ -1080,6 +1083,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     started = time.monotonic()
+    if not triton_available():
+        print("bench/gpu_kernels.py times the fused Triton kernels: install Triton first")
+        return 2
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--dry-run runs the kernels on CPU: start it with TRITON_INTERPRET=1")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import (
+    BackendError,
     BudgetError,
     ConfigError,
     EmbeddingTableError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from embedding_tables.collection import EmbeddingCollection
 
 __all__ = [
+    "BackendError",
     "BudgetError",
     "ConfigError",
     "EmbeddingCollection",

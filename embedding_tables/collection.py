@@ -36,11 +36,13 @@ Physical tables are named as `embedding_tables.planning` documents (`item_id`, `
 state_dict (`tables.<physical>.weight`, `tables.<physical>.momentum` for row-wise Adagrad) use
 those names. The device is fixed at construction (the fused tables do not follow `.to()`).
 
-On CUDA (with Triton installed) the three steps of every static table of a dtype run fused in
-one Triton launch (`embedding_tables.kernels.group.FusedTableGroup`: index transform, gathers,
-combine, pooling; the sparse optimizer fused into its backward, or dense gradients for
-`optimizer=None`), with the same physical tables, names, state_dict and numerics. The CPU path
-is the one above.
+Devices: by default every device runs the path above (on CUDA, fbgemm's TBE needs fbgemm-gpu's
+CUDA build). With `EMBTAB_TRITON=1` in the environment (`embedding_tables.kernels.use_triton`,
+read when the collection is built) the three steps of every static table of a dtype on CUDA run
+fused in one Triton launch (`embedding_tables.kernels.group.FusedTableGroup`: index transform,
+gathers, combine, pooling; the sparse optimizer fused into its backward, or dense gradients for
+`optimizer=None`), with the same physical tables, names, state_dict and numerics. The kernels
+are opt-in because they have been checked only under Triton's interpreter, not on a GPU.
 
 Plug-ins: `graphhash` is one more static index transform (a GraphHashMapping per table, given as
 `mappings=` or by `set_graphhash_mapping`); `collisionless` tables are self-managed
@@ -66,7 +68,7 @@ from embedding_tables.errors import (
     IdError,
     OffsetsError,
 )
-from embedding_tables.kernels import triton_available
+from embedding_tables.kernels import use_triton
 from embedding_tables.lookup import (
     TORCH_DTYPES,
     TableBatchedLookup,
@@ -814,9 +816,9 @@ class EmbeddingCollection(nn.Module):
 
 
 def _use_kernels(device: torch.device) -> bool:
-    """Whether static tables on `device` go through the fused Triton kernels: on CUDA when
-    Triton is installed (else fbgemm's TBE, as on CPU)."""
-    return device.type == "cuda" and triton_available()
+    """Whether static tables on `device` go through the fused Triton kernels (on CUDA with
+    EMBTAB_TRITON=1; see `use_triton`) rather than fbgemm's TBE / torch, as on CPU."""
+    return use_triton(device.type)
 
 
 def _check_layout(

@@ -24,3 +24,8 @@ class FeatureError(EmbeddingTableError):
 class OffsetsError(EmbeddingTableError):
     """Bag offsets, lengths or per-id weights that do not describe the ids: decreasing or
     negative, not starting at 0, not adding up to the number of ids, one weight too many."""
+
+
+class BackendError(EmbeddingTableError):
+    """A value of the EMBTAB_TRITON switch that is not accepted, or Triton asked for where it is
+    not installed."""
