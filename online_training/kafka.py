@@ -126,6 +126,12 @@ class Topics:
     def examples(self) -> str:
         return f"{self.prefix}examples"
 
+    def group_id(self, role: str, model: str = "") -> str:
+        """The default consumer group of a role ("joiner", "trainer"), named after the prefix
+        (and the model a trainer trains): pipelines with other prefixes on one cluster, or two
+        models trained from one examples topic, never join one group and split its partitions."""
+        return f"{self.prefix}embtab-{role}" + (f".{model}" if model else "")
+
     @staticmethod
     def dlq(topic: str) -> str:
         """Where undecodable or invalid messages of `topic` go."""
