@@ -42,6 +42,7 @@ from online_training.kafka import (
     Topics,
     make_consumer,
     make_producer,
+    message_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -216,8 +217,10 @@ class Joiner:
         consumer = make_consumer(
             self.kafka, self.group_id, max_poll_records=self.config.max_poll_records
         )
-        producer = make_producer(self.kafka)
-        sender = Sender(producer, self.config.compression)
+        inputs = [self.topics.feature_log, self.topics.actions]
+        limits = message_limits(self.kafka, [self.topics.examples, *map(self.topics.dlq, inputs)])
+        producer = make_producer(self.kafka, min(limits.values()))
+        sender = Sender(producer, self.config.compression, limits)
         try:
             consumer.subscribe(
                 [self.topics.feature_log, self.topics.actions], listener=self._rebalance
