@@ -1,5 +1,6 @@
-"""What a real Kafka broker refuses that the embedded one let pass: messages over a topic's
-max.message.bytes (Kafka's default is 1 MiB).
+"""What a real Kafka broker refuses or sends that the embedded one let pass: messages over a
+topic's max.message.bytes (Kafka's default is 1 MiB), and record batches compressed by other
+producers (lz4, snappy, zstd, gzip).
 
 Tansu 0.6 stores a topic's max.message.bytes and reports it, but takes larger messages all the
 same; so the size test checks that no message written exceeds the topic's limit, and that every
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 
+import confluent_kafka
 from kafka.admin import NewTopic
 
 from online_training import messages
@@ -23,7 +25,8 @@ from online_training.kafka import (
     stream_topic_partitions,
 )
 from online_training.producer import ProducerConfig, ReplayProducer
-from tests.online_training.conftest import event_index, read_examples, read_topic
+from tests.online_training.conftest import PARTITIONS as PARTITIONS_OF_FIXTURE
+from tests.online_training.conftest import SLICE, event_index, read_examples, read_topic
 
 MIB = 2**20
 PARTITIONS = 2
@@ -85,3 +88,44 @@ def test_batches_are_split_to_fit_a_topic_limited_to_1_mib(kafka, movielens):
     assert rows == EVENTS
     labels, _ = read_examples(kafka, topics)
     assert sorted(event_index(request_id) for request_id in labels) == list(range(EVENTS))
+
+
+# Partition p of the copy is written with CODECS[p], by another client than embtab's.
+CODECS = ("lz4", "snappy", "zstd", "gzip")
+
+
+def test_the_joiner_reads_batches_compressed_with_every_kafka_codec(
+    kafka, topics, movielens, slice_labels
+):
+    """A replay copied record by record into topics by confluent-kafka (librdkafka, what most
+    producer teams use), one compression codec a partition; the joiner reads all four."""
+    ReplayProducer(
+        movielens, kafka, topics, ProducerConfig(limit=SLICE, label_delay_s=30, compression=None)
+    ).run()
+    copy = Topics(prefix=f"test-{uuid.uuid4().hex[:10]}.")
+    ensure_topics(kafka, stream_topic_partitions(copy, len(CODECS)))
+    assert len(CODECS) == PARTITIONS_OF_FIXTURE
+    for topic, target in ((topics.feature_log, copy.feature_log), (topics.actions, copy.actions)):
+        records = read_topic(kafka, topic)
+        for partition, codec in enumerate(CODECS):
+            producer = confluent_kafka.Producer(
+                {
+                    "bootstrap.servers": kafka.bootstrap_servers,
+                    "compression.type": codec,
+                    "linger.ms": 20,
+                    "message.max.bytes": MAX_MESSAGE_BYTES,
+                }
+            )
+            for record in records:
+                if record.partition == partition:
+                    producer.produce(target, record.value, partition=partition)
+            assert producer.flush(30) == 0, f"{codec}: messages not delivered"
+    report = Joiner(
+        kafka, copy, JoinerConfig(group_id=f"joiner-{uuid.uuid4().hex[:8]}", window_s=60)
+    ).run()
+    assert sorted(report.ended_partitions) == [0, 1, 2, 3]
+    assert report.examples == SLICE and report.dlq_messages == 0
+    assert report.positives == int(slice_labels.sum())
+    labels, _ = read_examples(kafka, copy)
+    for request_id, seen in labels.items():
+        assert seen == [slice_labels[event_index(request_id)]]
