@@ -329,8 +329,25 @@ def measured(case: str, port: int, concurrency: int, bodies, seconds, count) -> 
 class Service:
     """`embtab serve` in its own process."""
 
-    def __init__(self, url: str, cache_mb: float, model: str = MODEL_NAME) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_mb: float,
+        model: str = MODEL_NAME,
+        extra_args: tuple[str, ...] = (),
+        log: Path | None = None,
+        max_open_files: int | None = None,
+    ) -> None:
+        """`extra_args`: more `embtab serve` flags; `log`: where its stderr goes (default: this
+        process's); `max_open_files`: its descriptor limit (RLIMIT_NOFILE)."""
+        import resource
+
+        def limit_files() -> None:
+            if max_open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
         self.port = free_port()
+        stderr = None if log is None else log.open("wb")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -345,9 +362,14 @@ class Service:
                 str(self.port),
                 "--cache-mb",
                 str(cache_mb),
+                *extra_args,
             ],
             stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=limit_files,
         )
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         import urllib.error

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from pathlib import Path
 from online_training.kafka import KAFKA_CONSUMER_DEFAULTS as KAFKA_CONSUMER_DEFAULTS
 
 START_ATTEMPTS = 5
+# What stops a long-running command: Ctrl-C, and the signal of `kill`, systemd and docker.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 READY_TIMEOUT_S = 15.0
 
 
@@ -260,3 +263,26 @@ def embedded_services(redis: bool = True, kafka: bool = True) -> Iterator[Servic
         yield services
     finally:
         services.stop()
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+) -> Iterator[threading.Event]:
+    """These signals (SIGINT and SIGTERM) set the event instead of ending the process, so a
+    command stops its work and its children on the way out.
+
+    Installed whatever the handlers were: a shell starts a background job (`&`) with SIGINT
+    ignored, so Python raises no KeyboardInterrupt there; and SIGTERM's default ends the process
+    before any `finally` runs, leaving the embedded servers (their own sessions) running.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in signals}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -3,13 +3,15 @@
 Python clients cost about the same per message whatever its size, so rows never travel alone:
 a partition's rows go out when `batch_rows` of them have gathered, or when the oldest has
 waited `linger_s` (freshness), and a partition with nothing to send still gets a heartbeat now
-and then so that its watermark keeps moving.
+and then so that its watermark keeps moving. A batch too large for its topic's
+max.message.bytes goes out as several smaller ones.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,20 +19,34 @@ import pyarrow as pa
 from kafka import KafkaProducer
 
 from online_training import messages
+from online_training.kafka import MAX_MESSAGE_BYTES, RECORD_BATCH_OVERHEAD
 
 
 class DeliveryError(RuntimeError):
     """Kafka did not take a message within the producer's delivery timeout."""
 
 
+class MessageTooLargeError(ValueError):
+    """One row alone encodes larger than its topic takes; the message says both sizes."""
+
+
 class Sender:
-    """Encodes and sends messages, counts them, and notices deliveries that failed."""
+    """Encodes and sends messages, counts them, and notices deliveries that failed.
+
+    `limits`: the largest record batch each topic takes (`kafka.message_limits`); a batch that
+    encodes larger is split in halves until every piece fits (topics not named: the producer's
+    MAX_MESSAGE_BYTES).
+    """
 
     def __init__(
-        self, producer: KafkaProducer, compression: str | None = messages.DEFAULT_COMPRESSION
+        self,
+        producer: KafkaProducer,
+        compression: str | None = messages.DEFAULT_COMPRESSION,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.producer = producer
         self.compression = compression
+        self.limits = dict(limits or {})
         self.messages = 0
         self.heartbeats = 0
         self.bytes = 0
@@ -38,6 +54,17 @@ class Sender:
 
     def send(self, topic: str, partition: int, batch: messages.Batch) -> None:
         value = messages.encode(batch, self.compression)
+        fits = self.limits.get(topic, MAX_MESSAGE_BYTES) - RECORD_BATCH_OVERHEAD
+        if len(value) > fits:
+            if batch.num_rows < 2:
+                raise MessageTooLargeError(
+                    f"one row of {topic} encodes to {len(value)} bytes; the topic takes "
+                    f"messages of at most {fits} (its max.message.bytes less "
+                    f"{RECORD_BATCH_OVERHEAD}): raise max.message.bytes"
+                )
+            for piece in _halves(batch):
+                self.send(topic, partition, piece)
+            return
         self.send_raw(topic, value, partition=partition)
         if batch.num_rows == 0:
             self.heartbeats += 1
@@ -68,6 +95,26 @@ class Sender:
     def _check(future) -> None:
         if future.failed():
             raise DeliveryError(f"Kafka did not take a message: {future.exception}")
+
+
+def _halves(batch: messages.Batch) -> tuple[messages.Batch, messages.Batch]:
+    """The batch's rows in two batches, in order; the first one's watermark stays below the
+    second one's rows, which are not sent yet when it arrives."""
+    middle = batch.num_rows // 2
+    first, second = batch.rows.slice(0, middle), batch.rows.slice(middle)
+    earliest_left = float(np.min(second.column("event_time").to_numpy()))
+    return (
+        messages.Batch(
+            batch.kind, first, watermark=min(batch.watermark, earliest_left), dataset=batch.dataset
+        ),
+        messages.Batch(
+            batch.kind,
+            second,
+            watermark=batch.watermark,
+            end_of_stream=batch.end_of_stream,
+            dataset=batch.dataset,
+        ),
+    )
 
 
 @dataclass

@@ -42,6 +42,7 @@ from online_training.kafka import (
     Topics,
     make_consumer,
     make_producer,
+    message_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class JoinerConfig:
     """How long an impression waits for its click, how much state is kept, how output flows."""
 
     window_s: float = 60.0
-    group_id: str = "embtab-joiner"
+    # None: the topics' default group (Topics.group_id), unique to their prefix.
+    group_id: str | None = None
     batch_rows: int = 2048
     linger_s: float = 0.1
     commit_interval_s: float = 1.0
@@ -193,6 +195,7 @@ class Joiner:
         self.kafka = kafka
         self.topics = topics
         self.config = config or JoinerConfig()
+        self.group_id = self.config.group_id or topics.group_id("joiner")
         self.clock = clock
         self.report = JoinerReport()
         self.partitions: dict[int, _PartitionState] = {}
@@ -212,10 +215,12 @@ class Joiner:
         passes, or `stop` is set; flushes and commits what it has before returning."""
         started = self.clock()
         consumer = make_consumer(
-            self.kafka, self.config.group_id, max_poll_records=self.config.max_poll_records
+            self.kafka, self.group_id, max_poll_records=self.config.max_poll_records
         )
-        producer = make_producer(self.kafka)
-        sender = Sender(producer, self.config.compression)
+        inputs = [self.topics.feature_log, self.topics.actions]
+        limits = message_limits(self.kafka, [self.topics.examples, *map(self.topics.dlq, inputs)])
+        producer = make_producer(self.kafka, min(limits.values()))
+        sender = Sender(producer, self.config.compression, limits)
         try:
             consumer.subscribe(
                 [self.topics.feature_log, self.topics.actions], listener=self._rebalance

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -19,6 +19,7 @@ from kafka import (
     KafkaProducer,
     TopicPartition,
 )
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 
@@ -30,8 +31,17 @@ KAFKA_CONSUMER_DEFAULTS = {
     "heartbeat_interval_ms": 1000,
 }
 
-# One message holds a whole batch of rows; these leave room for batches of a few MB.
+# One message holds a whole batch of rows; these leave room for batches of a few MB. Topics
+# are created with this as their max.message.bytes, so the broker takes what the producer may
+# send; a topic that exists already keeps its own limit, and batches are split to fit it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Kafka's default max.message.bytes (1 MiB + 12): the limit of a topic whose broker reports none.
+KAFKA_DEFAULT_MESSAGE_BYTES = 1_048_588
+# What the record batch around a message adds to its value (batch and record headers, the
+# dead-letter headers): a value may take a topic's limit less this.
+RECORD_BATCH_OVERHEAD = 4096
+# The producer's record batches: up to this much of one partition's messages travel together.
+PRODUCER_BATCH_BYTES = 1024 * 1024
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
@@ -126,6 +136,12 @@ class Topics:
     def examples(self) -> str:
         return f"{self.prefix}examples"
 
+    def group_id(self, role: str, model: str = "") -> str:
+        """The default consumer group of a role ("joiner", "trainer"), named after the prefix
+        (and the model a trainer trains): pipelines with other prefixes on one cluster, or two
+        models trained from one examples topic, never join one group and split its partitions."""
+        return f"{self.prefix}embtab-{role}" + (f".{model}" if model else "")
+
     @staticmethod
     def dlq(topic: str) -> str:
         """Where undecodable or invalid messages of `topic` go."""
@@ -153,13 +169,19 @@ class RebalanceEvents(ConsumerRebalanceListener):
         self.events.put(("revoked", set(lost)))
 
 
-def make_producer(settings: KafkaSettings, **overrides) -> KafkaProducer:
-    """A producer that waits for all in-sync replicas and retries within its delivery timeout."""
+def make_producer(
+    settings: KafkaSettings, max_message_bytes: int = MAX_MESSAGE_BYTES, **overrides
+) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas and retries within its delivery timeout.
+
+    `max_message_bytes`: the smallest limit of the topics it writes (`message_limits`); the
+    record batches it gathers several messages into stay within it, as the broker requires.
+    """
     options = {
         "acks": "all",
         "linger_ms": 5,
         "max_request_size": MAX_MESSAGE_BYTES,
-        "batch_size": 1024 * 1024,
+        "batch_size": min(PRODUCER_BATCH_BYTES, max_message_bytes - RECORD_BATCH_OVERHEAD),
         **settings.client_options(),
         **overrides,
     }
@@ -196,7 +218,11 @@ def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> dic
     admin = make_admin(settings)
     try:
         requested = {
-            name: {"num_partitions": count, "replication_factor": -1}
+            name: {
+                "num_partitions": count,
+                "replication_factor": -1,
+                "configs": {"max.message.bytes": str(MAX_MESSAGE_BYTES)},
+            }
             for name, count in partitions.items()
         }
         response = admin.create_topics(requested, raise_errors=False)
@@ -224,6 +250,37 @@ def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> dic
                 "use another topic prefix or the existing partition count"
             )
     return actual
+
+
+def message_limits(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+    """The largest record batch each topic takes (its max.message.bytes, at most the producer's
+    MAX_MESSAGE_BYTES; Kafka's default where the broker reports none)."""
+    names = list(dict.fromkeys(topics))
+    admin = make_admin(settings)
+    try:
+        # Every config of each topic: asking for one by name disconnects Tansu 0.6.
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names],
+            config_filter="all",
+        ).get("topic", {})
+    except KafkaError as error:
+        raise KafkaConfigError(
+            f"could not read the configs of topics {names} at {settings.bootstrap_servers}: {error}"
+        ) from error
+    finally:
+        admin.close()
+    limits = {}
+    for name in names:
+        value = described.get(name, {}).get("max.message.bytes", {}).get("value")
+        limit = KAFKA_DEFAULT_MESSAGE_BYTES if value is None else int(value)
+        if limit <= RECORD_BATCH_OVERHEAD:
+            raise KafkaConfigError(
+                f"topic {name!r} takes messages of at most {limit} bytes; embtab needs "
+                f"max.message.bytes > {RECORD_BATCH_OVERHEAD} (it creates topics with "
+                f"{MAX_MESSAGE_BYTES})"
+            )
+        limits[name] = min(limit, MAX_MESSAGE_BYTES)
+    return limits
 
 
 def stream_topic_partitions(topics: Topics, partitions: int) -> dict[str, int]:

@@ -32,6 +32,7 @@ from online_training.kafka import (
     KafkaSettings,
     Topics,
     make_producer,
+    message_limits,
     user_partitions,
 )
 
@@ -213,18 +214,19 @@ class ReplayProducer:
 
     def run(self) -> ProducerReport:
         started = self.clock()
-        producer = make_producer(self.kafka)
+        limits = message_limits(self.kafka, [self.topics.feature_log, self.topics.actions])
+        producer = make_producer(self.kafka, min(limits.values()))
         try:
-            self._replay(producer)
+            self._replay(producer, limits)
         finally:
             producer.close(timeout=self.config.flush_timeout_s)
         self.report.seconds = self.clock() - started
         return self.report
 
-    def _replay(self, producer: KafkaProducer) -> None:
+    def _replay(self, producer: KafkaProducer, limits: dict[str, int]) -> None:
         config, schema = self.config, self.dataset.schema
         partitions = self._partition_count(producer)
-        sender = Sender(producer, config.compression)
+        sender = Sender(producer, config.compression, limits)
         feature_log, actions = (
             PartitionBatcher(
                 topic,

@@ -93,7 +93,8 @@ class TrainerConfig:
     each sync; `commit_retry_s` is the wait before trying again after a failed commit.
     """
 
-    group_id: str = "embtab-trainer"
+    # None: the topics' default group for the model trained (Topics.group_id).
+    group_id: str | None = None
     batch_size: int = 4096
     min_batch_rows: int = 1024
     max_batch_wait_s: float = 1.0
@@ -332,6 +333,7 @@ class Trainer:
         )
         self.sync = self._make_sync(publisher)
         self.report = TrainerReport(redis_model=publisher.model)
+        self.group_id = self.config.group_id or topics.group_id("trainer", publisher.model)
         self.dead_letters: DeadLetters | None = None
         self._columns = [*self.learner.columns, *PASSTHROUGH_COLUMNS]
         self._queue: queue.SimpleQueue[_Message] = queue.SimpleQueue()
@@ -423,7 +425,7 @@ class Trainer:
 
     def _consume_and_train(self) -> None:
         consumer = make_consumer(
-            self.kafka, self.config.group_id, max_poll_records=self.config.max_poll_records
+            self.kafka, self.group_id, max_poll_records=self.config.max_poll_records
         )
         worker = threading.Thread(target=self._train_loop, name="embtab-trainer", daemon=True)
         try:

@@ -8,7 +8,10 @@
     GET  /metrics                Prometheus
     GET  /openapi.json           the OpenAPI schema of all of these
 
-Limits (ServeConfig): body size and candidate count (413), request time (503).
+Limits (ServeConfig): body size and candidate count (413), request time (503); a connection
+must send its request's headers within `header_timeout_s` (else it is closed), and at most
+`max_connections` are open at once (past it, the connection waiting longest for its headers is
+closed, or the new one is answered 503 when none waits).
 
 Errors are JSON `{"error": message, "field": path}` with the status the error carries (400, 404,
 413, 422, 503); nothing a client sends leads to a 500.
@@ -19,19 +22,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import resource
 import time
 from collections.abc import AsyncIterator
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.errors import BodyTooLargeError, RequestError, UnknownModelError
 from serving.request import ScoreRequest, parse_request
 from serving.scorer import NotReadyError
 from serving.service import ScoringService, ServeConfig
+
+log = logging.getLogger("embtab.serving")
+
+# The listen backlog, which is also how many connections asyncio accepts in one go, before
+# the cap below can close any: bursts stay within the descriptors reserved past the cap.
+ACCEPT_BURST = 64
+# Descriptors kept free of client connections: one accept burst, Redis connections, files.
+RESERVED_DESCRIPTORS = 2 * ACCEPT_BURST
+# At most one log line this often about connections closed for slow headers or refused.
+CONNECTION_LOG_INTERVAL_S = 10.0
+FULL_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: 66\r\n\r\n"
+    b'{"error": "too many open connections; retry later", "field": ""}\n\n'
+)
 
 
 def _error(status: int, message: str, field: str = "") -> JSONResponse:
@@ -230,10 +252,108 @@ def create_app(service: ScoringService) -> FastAPI:
     return app
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the service until interrupted (uvicorn on loopback, one process, no access log)."""
-    service = ScoringService(config)
-    server = uvicorn.Server(
+class _ConnectionLog:
+    """Counts connections closed for slow headers or refused, logged at most once an interval:
+    a flood of them must not become a flood of log lines."""
+
+    def __init__(self) -> None:
+        self.counts = {"slow headers": 0, "refused": 0}
+        self.last = -CONNECTION_LOG_INTERVAL_S
+
+    def count(self, reason: str, now: float, limits: str) -> None:
+        self.counts[reason] += 1
+        if now - self.last >= CONNECTION_LOG_INTERVAL_S:
+            self.last = now
+            seen = ", ".join(f"{count} {why}" for why, count in self.counts.items() if count)
+            log.warning("connections closed since the last report: %s (%s)", seen, limits)
+            self.counts = dict.fromkeys(self.counts, 0)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's headers and a cap on open
+    connections, which uvicorn lacks: a client that opens connections and never finishes their
+    headers otherwise holds them forever and, at the descriptor limit, locks everyone out."""
+    events = _ConnectionLog()
+    limits = f"headers within {header_timeout_s} s, at most {max_connections} connections"
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        awaiting_headers_since: float | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections and not self._evict_one():
+                events.count("refused", self.loop.time(), limits)
+                transport.write(FULL_RESPONSE)
+                transport.close()
+                return
+            self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_arrived()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:
+                self._headers_arrived()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._await_headers()
+
+        def _await_headers(self) -> None:
+            if self._header_timer is None:
+                self.awaiting_headers_since = self.loop.time()
+                self._header_timer = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _headers_arrived(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            self.awaiting_headers_since = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            events.count("slow headers", self.loop.time(), limits)
+            self._close()
+
+        def _close(self) -> None:
+            self._headers_arrived()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _evict_one(self) -> bool:
+            """Close the connection that has waited longest for its headers, if any does."""
+            waiting = [
+                other
+                for other in self.connections
+                if other is not self and getattr(other, "awaiting_headers_since", None) is not None
+            ]
+            if not waiting:
+                return False
+            oldest = min(waiting, key=lambda other: other.awaiting_headers_since)
+            events.count("slow headers", self.loop.time(), limits)
+            oldest._close()
+            return True
+
+    return GuardedH11Protocol
+
+
+def connection_limit(configured: int) -> int:
+    """The connection cap, kept below the process's descriptor limit: past it, accept() fails
+    with EMFILE, and no client (nor Redis) gets a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - RESERVED_DESCRIPTORS))
+
+
+def uvicorn_server(service: ScoringService) -> uvicorn.Server:
+    """uvicorn for the app on loopback: one process, no access log, the connection guards."""
+    config = service.config
+    return uvicorn.Server(
         uvicorn.Config(
             create_app(service),
             host=config.host,
@@ -241,6 +361,14 @@ def serve(config: ServeConfig) -> None:
             log_level="warning",
             access_log=False,
             lifespan="on",
+            backlog=ACCEPT_BURST,
+            http=guarded_protocol(
+                config.header_timeout_s, connection_limit(config.max_connections)
+            ),
         )
     )
-    server.run()
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the service until interrupted."""
+    uvicorn_server(ScoringService(config)).run()

@@ -37,7 +37,9 @@ class ServeConfig:
     Redis that does not answer for more than `redis.socket_timeout_s`, once (then the breaker
     keeps requests off Redis until the watcher sees it answer again). Limits: a request
     carries at most `max_body_bytes` and `max_candidates` (413) and is answered within
-    `request_timeout_s` (else 503).
+    `request_timeout_s` (else 503). A connection must send each request's headers within
+    `header_timeout_s` (else it is closed); at most `max_connections` are open at once (fewer
+    if the descriptor limit is lower).
     """
 
     model: str
@@ -48,6 +50,8 @@ class ServeConfig:
     max_candidates: int = 1000
     max_body_bytes: int = 8 * 2**20
     request_timeout_s: float = 5.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
     max_wait_ms: float = 2.0
     max_batch_rows: int = 8192
     cache_bytes: int = 256 * 2**20
@@ -64,6 +68,11 @@ class ServeConfig:
             raise ServingError(f"port must be in [0, 65535], got {self.port}")
         if self.torch_threads < 1 or self.poll_s <= 0 or self.max_body_bytes < 1:
             raise ServingError("torch_threads >= 1, poll_s > 0 and max_body_bytes >= 1 needed")
+        if not self.header_timeout_s > 0 or self.max_connections < 1:
+            raise ServingError(
+                f"header_timeout_s must be > 0 and max_connections >= 1, got "
+                f"{self.header_timeout_s} and {self.max_connections}"
+            )
         if not self.request_timeout_s > 0 or self.max_candidates < 1:
             raise ServingError(
                 f"request_timeout_s must be > 0 and max_candidates >= 1, got "

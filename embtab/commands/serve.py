@@ -65,6 +65,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="longest a request may take before it is answered 503",
     )
     serve.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=10.0,
+        help="longest a connection may take to send a request's headers before it is closed",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="open connections at most (fewer if the descriptor limit is lower); past it the "
+        "one waiting longest for its headers is closed, or the new one answered 503",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -149,6 +162,8 @@ def run_serve(arguments: argparse.Namespace) -> int:
         max_candidates=arguments.max_candidates,
         max_body_bytes=int(arguments.max_body_mb * 2**20),
         request_timeout_s=arguments.request_timeout_s,
+        header_timeout_s=arguments.header_timeout_s,
+        max_connections=arguments.max_connections,
         max_wait_ms=arguments.max_wait_ms,
         cache_bytes=int(arguments.cache_mb * 2**20),
     )

@@ -1,19 +1,19 @@
-"""`embtab services up`: start the embedded Redis and Kafka and keep them until Ctrl-C."""
+"""`embtab services up`: start the embedded Redis and Kafka and keep them until Ctrl-C, SIGTERM
+or `--seconds`; they are stopped on the way out in every case."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
 from embtab.output import emit
-from embtab.services import embedded_services
+from embtab.services import embedded_services, stop_on_signals
 from serving.redis_nodes import redact_url
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     services = commands.add_parser("services", help="the embedded Redis and Kafka")
     actions = services.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = actions.add_parser("up", help="start them, print their URLs, run until Ctrl-C")
+    up = actions.add_parser("up", help="start them, print their URLs, run until Ctrl-C or SIGTERM")
     up.add_argument("--json", action="store_true", help="print a JSON result")
     up.add_argument(
         "--seconds", type=float, help="stop after this many seconds instead of waiting for Ctrl-C"
@@ -22,7 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_up(arguments: argparse.Namespace) -> int:
-    with embedded_services() as services:
+    with stop_on_signals() as stop, embedded_services() as services:
         redis_url = redact_url(services.redis_url)  # EMBTAB_REDIS may carry a password
         result = {"redis": redis_url, "kafka": services.kafka_bootstrap}
         emit(
@@ -30,10 +30,5 @@ def run_up(arguments: argparse.Namespace) -> int:
             f"redis {redis_url}  kafka {services.kafka_bootstrap}  (Ctrl-C stops them)",
             arguments.json,
         )
-        deadline = None if arguments.seconds is None else time.monotonic() + arguments.seconds
-        try:
-            while deadline is None or time.monotonic() < deadline:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
+        stop.wait(arguments.seconds)
     return 0

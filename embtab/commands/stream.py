@@ -27,7 +27,7 @@ from tqdm import tqdm
 from embtab.commands.data import load_with_progress
 from embtab.config import load_run_config, parse_override
 from embtab.output import emit
-from embtab.services import Services, embedded_services
+from embtab.services import Services, embedded_services, stop_on_signals
 from feature_store.offline import Dataset
 from feature_store.online import (
     NAMESPACE,
@@ -102,7 +102,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--dataset", help="accept only feature-log batches with this data set's features"
     )
-    join.add_argument("--group", default="embtab-joiner", help="Kafka consumer group")
+    join.add_argument("--group", help="Kafka consumer group (default: <topic prefix>embtab-joiner)")
     join.add_argument("--batch-rows", type=int, default=2048, help="examples per Kafka message")
     join.add_argument(
         "--max-pending", type=int, default=1_000_000, help="impressions kept for joining"
@@ -148,7 +148,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--no-online-features", action="store_true", help="do not write features to Redis"
     )
-    run.add_argument("--join-group", default="embtab-joiner", help="the joiner's consumer group")
+    run.add_argument(
+        "--join-group", help="the joiner's consumer group (default: <topic prefix>embtab-joiner)"
+    )
     _add_model_arguments(run)
     _add_trainer_arguments(run)
     run.add_argument("--redis", help="Redis URL (default: EMBTAB_REDIS or embedded)")
@@ -181,7 +183,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group", default="embtab-trainer", help="Kafka consumer group")
+    parser.add_argument(
+        "--group", help="Kafka consumer group (default: <topic prefix>embtab-trainer.<model name>)"
+    )
     parser.add_argument("--batch-size", type=int, default=4096, help="examples per micro-batch")
     parser.add_argument(
         "--sync-interval", type=float, default=10.0, help="seconds between deltas to Redis"
@@ -299,7 +303,7 @@ def run_join(arguments: argparse.Namespace) -> int:
     )
     with _services(arguments.kafka, None, need_redis=False) as services:
         settings, topics = _prepare_topics(arguments, services)
-        with _stop_on_interrupt() as stop:
+        with stop_on_signals() as stop:
             report = Joiner(settings, topics, config).run(stop)
     result = {
         **report.to_dict(),
@@ -317,27 +321,13 @@ def run_join(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[threading.Event]:
-    """Ctrl-C sets an event, so the joiner flushes and commits before it returns."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run_train(arguments: argparse.Namespace) -> int:
     if arguments.nproc is not None:
         return run_sharded_train(arguments)
     with _services(arguments.kafka, arguments.redis, need_redis=True) as services:
         settings, topics = _prepare_topics(arguments, services)
         trainer = _build_trainer(arguments, services, settings, topics, dataset=None)
-        with _stop_on_interrupt() as stop:
+        with stop_on_signals() as stop:
             _run_threads(
                 {"trainer": lambda: trainer.run(stop)},
                 lambda: _trainer_line(trainer),
@@ -392,7 +382,7 @@ def run_pipeline(arguments: argparse.Namespace) -> tuple[dict[str, Any], str]:
             ),
         )
         trainer = _build_trainer(arguments, services, settings, topics, dataset=dataset)
-        with _stop_on_interrupt() as stop:
+        with stop_on_signals() as stop:
             _run_threads(
                 {
                     "producer": producer.run,
@@ -522,7 +512,8 @@ def run_sharded_train(arguments: argparse.Namespace) -> int:
             staging=str(staging),
             checkpoint=None if arguments.checkpoint is None else str(arguments.checkpoint),
         )
-        stack.enter_context(_stop_on_interrupt())  # the ranks stop themselves on Ctrl-C
+        # The ranks stop themselves on Ctrl-C (their process group gets it too).
+        stack.enter_context(stop_on_signals((signal.SIGINT,)))
         reports = train_stream_distributed(job)
     examples = sum(report["examples"] for report in reports)
     last = reports[0]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -106,3 +111,41 @@ def test_environment_urls_are_used_and_nothing_is_started(monkeypatch, redis_ser
         assert services.redis_url == redis_service.redis_url
         assert services.kafka_bootstrap == "127.0.0.1:9"
         assert services.redis is None and services.kafka is None
+
+
+def _ignore_sigint() -> None:
+    """What a shell does for a background job (`embtab services up &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_services_up_stops_itself_and_its_servers_on_a_signal(signum, background):
+    environment = {k: v for k, v in os.environ.items() if k not in ("EMBTAB_REDIS", "EMBTAB_KAFKA")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embtab.cli", "services", "up", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        preexec_fn=_ignore_sigint if background else None,
+    )
+    try:
+        lines = []
+        while not lines or lines[-1] != "}\n":
+            line = process.stdout.readline()
+            assert line, f"services up ended early: {process.communicate(timeout=10)}"
+            lines.append(line)
+        urls = json.loads("".join(lines))
+        ports = [int(urls["redis"].rsplit(":", 1)[1].split("/")[0])]
+        ports.append(int(urls["kafka"].rsplit(":", 1)[1]))
+        assert all(services_module._port_answers(port) for port in ports)
+        process.send_signal(signum)
+        assert process.wait(timeout=20) == 0, process.stderr.read()
+        assert not any(services_module._port_answers(port) for port in ports), (
+            "a server outlived services up"
+        )
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

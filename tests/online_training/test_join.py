@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 import numpy as np
 import pyarrow as pa
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 
 from online_training import messages
 from online_training.joiner import Joiner, JoinerConfig
+from online_training.kafka import Topics, ensure_topics, make_consumer, stream_topic_partitions
 from online_training.producer import ProducerConfig, ReplayProducer
-from tests.online_training.conftest import SLICE, event_index, read_examples, read_topic
+from tests.online_training.conftest import (
+    PARTITIONS,
+    SLICE,
+    event_index,
+    read_examples,
+    read_topic,
+)
 
 
 def _join(kafka, topics, **config) -> Joiner:
@@ -124,3 +132,32 @@ def test_state_is_bounded_and_what_is_closed_early_is_counted(kafka, topics, mov
     labels, _ = read_examples(kafka, topics)
     assert len(labels) == SLICE
     assert np.all([len(seen) == 1 for seen in labels.values()])
+
+
+def test_pipelines_with_other_topic_prefixes_never_share_a_default_consumer_group(kafka, movielens):
+    """Two joiners left to their default group on one cluster: each commits in a group of its
+    own prefix, and no group holds offsets of the other pipeline's topics."""
+    pipelines = [Topics(prefix=f"test-{uuid.uuid4().hex[:10]}.") for _ in range(2)]
+    for topics in pipelines:
+        ensure_topics(kafka, stream_topic_partitions(topics, PARTITIONS))
+        ReplayProducer(movielens, kafka, topics, ProducerConfig(limit=200)).run()
+    joiners = [Joiner(kafka, topics, JoinerConfig(window_s=60)) for topics in pipelines]
+    threads = [threading.Thread(target=joiner.run) for joiner in joiners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [joiner.report.examples for joiner in joiners] == [200, 200]
+    for mine, other in (pipelines, pipelines[::-1]):
+        consumer = make_consumer(kafka, f"{mine.prefix}embtab-joiner")
+        try:
+            committed = {
+                topics.prefix: sum(
+                    consumer.committed(TopicPartition(topics.feature_log, p), timeout_ms=5000) or 0
+                    for p in range(PARTITIONS)
+                )
+                for topics in (mine, other)
+            }
+        finally:
+            consumer.close(autocommit=False)
+        assert committed[mine.prefix] > 0 and committed[other.prefix] == 0, committed

@@ -85,6 +85,12 @@ def test_topic_names_share_a_prefix_and_each_has_a_dead_letter_topic():
     ]
 
 
+def test_default_consumer_groups_are_named_after_the_prefix_and_the_model():
+    assert Topics(prefix="run7.").group_id("joiner") == "run7.embtab-joiner"
+    assert Topics(prefix="run7.").group_id("trainer", "dcn") == "run7.embtab-trainer.dcn"
+    assert Topics().group_id("joiner") == "embtab-joiner"
+
+
 def test_a_user_always_lands_in_the_same_partition_and_users_spread_evenly():
     users = np.arange(100_000)
     partitions = user_partitions(users, 8)

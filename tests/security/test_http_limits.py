@@ -73,7 +73,13 @@ def test_body_size_candidate_count_and_time_are_limited(published):
 
 @pytest.mark.parametrize(
     "limits",
-    [{"request_timeout_s": 0}, {"max_candidates": 0}, {"max_body_bytes": 0}],
+    [
+        {"request_timeout_s": 0},
+        {"max_candidates": 0},
+        {"max_body_bytes": 0},
+        {"header_timeout_s": 0},
+        {"max_connections": 0},
+    ],
 )
 def test_limits_that_cannot_work_are_refused(limits):
     with pytest.raises(ServingError, match="must be > 0|>= 1"):
@@ -84,8 +90,10 @@ def test_serve_flags_set_the_limits(monkeypatch, capsys):
     seen: list[ServeConfig] = []
     monkeypatch.setattr("serving.app.serve", seen.append)
     flags = ["--max-candidates", "7", "--max-body-mb", "0.5", "--request-timeout-s", "1.5"]
+    flags += ["--header-timeout-s", "3", "--max-connections", "50"]
     assert main(["serve", "--model", "m", "--redis", "redis://127.0.0.1:1/0", *flags]) == 0
     (config,) = seen
+    assert (config.header_timeout_s, config.max_connections) == (3.0, 50)
     assert (config.max_candidates, config.max_body_bytes, config.request_timeout_s) == (
         7,
         2**19,

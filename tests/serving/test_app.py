@@ -14,12 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embtab.services import free_port, start_redis
-from serving.app import create_app
+from serving.app import uvicorn_server
 from serving.service import ScoringService, ServeConfig, serving_redis
 from tests.serving.serving_helpers import (
     ITEMS,
@@ -44,15 +43,7 @@ def running_service(redis_url: str, model: str, **options) -> Iterator[httpx.Cli
         poll_s=0.1,
         **options,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(ScoringService(config)),
-            host=config.host,
-            port=config.port,
-            log_level="warning",
-            access_log=False,
-        )
-    )
+    server = uvicorn_server(ScoringService(config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
