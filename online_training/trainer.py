@@ -171,7 +171,9 @@ class StartingPoint:
         return cls(
             model=model,
             origin_manifest=None,
-            resumed=SyncPoint(int(online["version"]), int(online["delta"])),
+            resumed=SyncPoint(
+                int(online["version"]), int(online["delta"]), str(online.get("publish_id", ""))
+            ),
             event_time=-math.inf if event_time is None else float(event_time),
             examples=int(online.get("examples", 0)),
             offsets={
@@ -766,6 +768,7 @@ class Trainer:
             "redis_model": self.report.redis_model,
             "version": self.sync.point.version,
             "delta": self.sync.point.delta,
+            "publish_id": self.sync.point.publish_id,
             "event_time": event_time if math.isfinite(event_time) else None,
             "examples": examples,
             "offsets": by_topic,
