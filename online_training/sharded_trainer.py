@@ -166,7 +166,9 @@ class ShardedTrainer(Trainer):
         """Take partitions p % N == rank of the examples topic."""
         partitions = topic_partitions(consumer, self.topics.examples)
         self.partitions = rank_partitions(partitions, self.rank, self.world_size)
-        consumer.assign([TopicPartition(self.topics.examples, p) for p in self.partitions])
+        assigned = [TopicPartition(self.topics.examples, p) for p in self.partitions]
+        consumer.assign(assigned)
+        self._recall_ended(consumer, assigned)
 
     def _turn(self, taken: list[_Message]) -> Turn:
         """This rank's turn agreed with every other rank's: anyone's rows, due delta, pending
