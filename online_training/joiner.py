@@ -35,6 +35,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 from online_training import messages
 from online_training.batching import PartitionBatcher, Sender
+from online_training.end_of_stream import ended_at_commit
 from online_training.kafka import (
     KafkaConfigError,
     KafkaSettings,
@@ -255,7 +256,7 @@ class Joiner:
         last_commit = self._last_input = self.clock()
         while stop is None or not stop.is_set():
             polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
-            self._apply_rebalances()
+            self._apply_rebalances(consumer)
             now = self.clock()
             # Impressions first: a click polled together with its impression then joins at once.
             for tp in sorted(polled, key=lambda tp: tp.topic != self.topics.feature_log):
@@ -594,9 +595,10 @@ class Joiner:
             return None
         return int(min([position, *held]))
 
-    def _apply_rebalances(self) -> None:
+    def _apply_rebalances(self, consumer: KafkaConsumer) -> None:
         """Drop the state of partitions taken away: their new owner re-reads them from the
-        last commit (their uncommitted examples may so come out twice: at-least-once)."""
+        last commit (their uncommitted examples may so come out twice: at-least-once).
+        Assigned partitions whose end markers were committed take them as read."""
         while True:
             try:
                 event, partitions = self._rebalance.events.get_nowait()
@@ -616,7 +618,43 @@ class Joiner:
                     rid: a for rid, a in self.waiting.items() if a.partition != partition
                 }
                 self._ended.discard(partition)
+            if event == "assigned":
+                self._recall_ended(consumer, partitions)
             log.info("partitions %s: %s", event, sorted(map(tuple, partitions)))
+
+    def _recall_ended(self, consumer: KafkaConsumer, partitions: set[TopicPartition]) -> None:
+        """Take the end markers of the feature log and of the actions that were read and
+        committed before this run (`online_training.end_of_stream`) as read: they are never
+        read again. A partition whose two markers were committed has ended (its examples' end
+        marker went out before that commit: a commit follows the flush of every example)."""
+        if not self.config.stop_at_end:
+            return
+        kinds = {
+            self.topics.feature_log: messages.FEATURE_LOG,
+            self.topics.actions: messages.ACTIONS,
+        }
+        try:
+            committed = {tp: consumer.committed(tp) for tp in partitions if tp.topic in kinds}
+        except KafkaError as error:
+            log.warning("committed offsets not read, ended partitions not recalled: %s", error)
+            return
+        ended = ended_at_commit(self.kafka, committed, kinds)
+        for partition in sorted({tp.partition for tp in ended}):
+            impressions = TopicPartition(self.topics.feature_log, partition) in ended
+            actions = TopicPartition(self.topics.actions, partition) in ended
+            if impressions and actions:
+                log.info(
+                    "partition %d ended before this run (its end markers are committed)", partition
+                )
+                self._ended.add(partition)
+                if partition not in self.report.ended_partitions:
+                    self.report.ended_partitions.append(partition)
+                continue
+            state = self._state(partition)
+            if impressions:
+                state.impression_clock, state.impressions_ended = math.inf, True
+            else:
+                state.action_clock, state.actions_ended = math.inf, True
 
 
 def _advance(clock: float, batch: messages.Batch) -> float:

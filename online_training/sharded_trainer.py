@@ -163,10 +163,13 @@ class ShardedTrainer(Trainer):
         return ShardedParamSync(publisher, self.model, self.config.sync, self.staging)
 
     def _join(self, consumer: KafkaConsumer) -> None:
-        """Take partitions p % N == rank of the examples topic."""
+        """Take partitions p % N == rank of the examples topic; those whose end marker was
+        committed count as ended (no rebalance event tells of an assignment made here)."""
         partitions = topic_partitions(consumer, self.topics.examples)
         self.partitions = rank_partitions(partitions, self.rank, self.world_size)
-        consumer.assign([TopicPartition(self.topics.examples, p) for p in self.partitions])
+        assigned = [TopicPartition(self.topics.examples, p) for p in self.partitions]
+        consumer.assign(assigned)
+        self._recall_ended(consumer, assigned)
 
     def _turn(self, taken: list[_Message]) -> Turn:
         """This rank's turn agreed with every other rank's: anyone's rows, due delta, pending

@@ -84,10 +84,12 @@ class SyncConfig:
 
 @dataclass(frozen=True)
 class SyncPoint:
-    """Where the model stands in Redis: its version and the last delta applied to it."""
+    """Where the model stands in Redis: its version, the last delta applied to it, and the
+    publish that version is (a number alone repeats after Redis loses its data)."""
 
     version: int
     delta: int
+    publish_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class SyncRecord:
     kind: str  # full | delta
     version: int
     delta: int
+    publish_id: str
     rows: int
     deleted: int
     dense: bool
@@ -109,6 +112,7 @@ class SyncRecord:
             "kind": self.kind,
             "version": self.version,
             "delta": self.delta,
+            "publish_id": self.publish_id,
             "rows": self.rows,
             "deleted": self.deleted,
             "dense": self.dense,
@@ -200,13 +204,14 @@ class ParamSync:
         result, attempts = self._at_store(
             lambda: self._retrying("publish a full version", publish, cancel, deadline)
         )
-        self.point = SyncPoint(result.version, 0)
+        self.point = SyncPoint(result.version, 0, result.publish_id)
         self._deltas_since_dense = 0
         self._last_push = self.clock()
         return SyncRecord(
             kind="full",
             version=result.version,
             delta=0,
+            publish_id=result.publish_id,
             rows=sum(result.rows_written.values()),
             deleted=0,
             dense=True,
@@ -247,7 +252,7 @@ class ParamSync:
         rows, deleted = self._values()
         parameters = self._dense_state() if with_dense else None
         defaults = self._default_rows() if with_dense else None
-        version = self.point.version
+        version, publish_id = self.point.version, self.point.publish_id
         try:
             result, attempts = self._at_store(
                 lambda: self._retrying(
@@ -258,15 +263,16 @@ class ParamSync:
                         dense=parameters,
                         default_rows=defaults,
                         version=version,
+                        publish_id=publish_id,
                     ),
                     cancel,
                     deadline,
                 )
             )
-        except VersionNotFoundError:
-            log.warning("version %d is gone; publishing a full version", version)
+        except VersionNotFoundError as error:
+            log.warning("%s; publishing a full version under a new publish id", error)
             return self.publish_full(cancel=cancel, deadline=deadline)
-        self.point = SyncPoint(result.version, result.delta)
+        self.point = SyncPoint(result.version, result.delta, result.publish_id)
         self._rows, self._deleted = {}, {}
         self._deltas_since_dense = 0 if with_dense else self._deltas_since_dense + 1
         self._last_push = self.clock()
@@ -274,6 +280,7 @@ class ParamSync:
             kind="delta",
             version=result.version,
             delta=result.delta,
+            publish_id=result.publish_id,
             rows=sum(result.rows_written.values()),
             deleted=sum(result.ids_deleted.values()),
             dense=with_dense,
@@ -358,7 +365,8 @@ class ParamSync:
         resumed: SyncPoint | None,
     ) -> SyncPoint | None:
         """The live version and its head delta if deltas may continue it, else None. Tables
-        are compared by name, whatever order the model lists them in."""
+        are compared by name, whatever order the model lists them in; a resumed state continues
+        only the very publish it was saved at (same number and publish id)."""
         live = self.publisher.live_version()
         if live is None:
             return None
@@ -366,14 +374,16 @@ class ParamSync:
         if sorted(manifest.tables, key=_name) != sorted(layouts, key=_name):
             return None
         head = self._reader.head(live)
+        here = SyncPoint(live, head.delta, head.publish_id)
         if resumed is not None:
-            return SyncPoint(live, head.delta) if resumed.version == live else None
+            same = (resumed.version, resumed.publish_id) == (live, head.publish_id)
+            return here if same else None
         if (
             origin_manifest is not None
             and head.delta == 0
             and manifest.model_manifest == json.loads(json.dumps(dict(origin_manifest)))
         ):
-            return SyncPoint(live, 0)
+            return here
         return None
 
     def _retrying(

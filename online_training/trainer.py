@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from models.errors import ModelError, NonFiniteLossError
 from online_training import messages
 from online_training.batching import DeliveryError
 from online_training.dead_letters import DeadLetters
+from online_training.end_of_stream import ended_at_commit
 from online_training.kafka import (
     KafkaSettings,
     RebalanceEvents,
@@ -172,7 +173,9 @@ class StartingPoint:
         return cls(
             model=model,
             origin_manifest=None,
-            resumed=SyncPoint(int(online["version"]), int(online["delta"])),
+            resumed=SyncPoint(
+                int(online["version"]), int(online["delta"]), str(online.get("publish_id", ""))
+            ),
             event_time=-math.inf if event_time is None else float(event_time),
             examples=int(online.get("examples", 0)),
             offsets={
@@ -448,7 +451,7 @@ class Trainer:
         while not self._stop.is_set() and self._failure is None:
             self._backpressure(consumer)
             polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
-            if self._apply_rebalances():
+            if self._apply_rebalances(consumer):
                 last_input = time.monotonic()
             now = time.monotonic()
             for tp, records in polled.items():
@@ -480,7 +483,7 @@ class Trainer:
         while worker.is_alive():
             consumer.pause(*consumer.assignment())
             consumer.poll(timeout_ms=self.config.poll_timeout_ms)
-            self._apply_rebalances()
+            self._apply_rebalances(consumer)
             self._lag = self._measure_lag(consumer)
             worker.join(timeout=0.05)
         self._commit(consumer)
@@ -572,10 +575,11 @@ class Trainer:
                 known = True
         return lag if known else None
 
-    def _apply_rebalances(self) -> bool:
+    def _apply_rebalances(self, consumer: KafkaConsumer) -> bool:
         """Take rebalance events: a new epoch, so that offsets applied under an earlier
-        assignment are never committed (another member may have moved past them). Returns
-        whether partitions were assigned."""
+        assignment are never committed (another member may have moved past them); assigned
+        partitions whose end was committed count as ended. Returns whether partitions were
+        assigned."""
         assigned = False
         while True:
             try:
@@ -590,7 +594,26 @@ class Trainer:
                     self._read.pop(tp, None)
             else:
                 assigned = True
+                self._recall_ended(consumer, partitions)
             log.info("partitions %s: %s", event, sorted(map(tuple, partitions)))
+
+    def _recall_ended(self, consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> None:
+        """Count as ended the partitions whose end marker was read and committed before this
+        run (`online_training.end_of_stream`): it is never read again."""
+        if not self.config.stop_at_end:
+            return
+        try:
+            committed = {tp: consumer.committed(tp) for tp in partitions}
+        except KafkaError as error:
+            log.warning("committed offsets not read, ended partitions not recalled: %s", error)
+            return
+        for tp in ended_at_commit(self.kafka, committed, {self.topics.examples: messages.EXAMPLES}):
+            log.info(
+                "partition %d ended before this run (its end marker is committed)", tp.partition
+            )
+            self._ended.add(tp.partition)
+            if tp.partition not in self.report.ended_partitions:
+                self.report.ended_partitions.append(tp.partition)
 
     # The training thread.
 
@@ -768,6 +791,7 @@ class Trainer:
             "redis_model": self.report.redis_model,
             "version": self.sync.point.version,
             "delta": self.sync.point.delta,
+            "publish_id": self.sync.point.publish_id,
             "event_time": event_time if math.isfinite(event_time) else None,
             "examples": examples,
             "offsets": by_topic,

@@ -2,8 +2,9 @@
 
     POST /score                  score candidates (body: see serving.request)
     POST /models/{model}/score   the same, the model named in the path
-    GET  /healthz                200; "ok", or "degraded" while Redis is unreachable
-    GET  /readyz                 200 once a version is loaded, else 503
+    GET  /healthz                200; "ok", or "degraded" while Redis is unreachable or the
+                                 served version's data is missing from it (and why)
+    GET  /readyz                 200 once a version is loaded and its data is in Redis, else 503
     GET  /version                the version being served, its delta and dense revision
     GET  /metrics                Prometheus
     GET  /openapi.json           the OpenAPI schema of all of these
@@ -206,15 +207,16 @@ def create_app(service: ScoringService) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        snapshot = service.scorer.snapshot
-        health = service.scorer.health.describe()
+        scorer = service.scorer
+        snapshot = scorer.snapshot
         return JSONResponse(
             {
-                "status": "ok" if health["redis"] == "up" else "degraded",
+                "status": "degraded" if scorer.degraded else "ok",
                 "model": config.model,
                 "ready": snapshot is not None,
                 "version": snapshot.version if snapshot else None,
-                **health,
+                **scorer.health.describe(),
+                **scorer.data_state(),
             }
         )
 
@@ -223,6 +225,13 @@ def create_app(service: ScoringService) -> FastAPI:
         snapshot = service.scorer.snapshot
         if snapshot is None:
             return _error(503, f"model {config.model!r} has no version loaded yet")
+        data = service.scorer.data_state()
+        if data["data"] == "missing":
+            return _error(
+                503,
+                f"model {config.model!r} v{snapshot.version}: its data is missing from Redis "
+                f"({data['data_error']}); answers are degraded until a version is published again",
+            )
         return JSONResponse({"ready": True, "model": config.model, "version": snapshot.version})
 
     @app.get("/version")

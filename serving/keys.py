@@ -7,14 +7,25 @@ MULTI over them (the version flip, a delta's commit) is allowed:
     embtab:{m}:next               counter that hands out version numbers
     embtab:{m}:namespaces         hash: version -> JSON {"state": writing|live|retired, "at": t}
     embtab:{m}:events             pub/sub channel: JSON {"kind": "version"|"delta", ...}
-    embtab:{m}:<v>:manifest       JSON: physical tables, encoding, shards, model manifest
-    embtab:{m}:<v>:head           hash: dense (revision), delta (last committed delta number),
-                                  delta_seq (last reserved)
+    embtab:{m}:<v>:manifest       JSON: publish id, physical tables, encoding, shards, model
+                                  manifest
+    embtab:{m}:<v>:head           hash: id (publish id), dense (revision), delta (last committed
+                                  delta number), delta_seq (last reserved)
     embtab:{m}:<v>:dense:<rev>    safetensors blob: dense parameters and mapping state
     embtab:{m}:<v>:delta:<n>      safetensors blob: row ids a delta changed (cache invalidation)
     embtab:{m}:<v>:preprocessing  hash: file name -> bytes of the version's preprocessing
                                   artifact (raw values -> model input); absent for a model
                                   trained without one
+
+Identity. The counter `next` lives in the same Redis as the versions, so a Redis that loses its
+data (FLUSHALL, a restart without persistence) hands out the same numbers again. A publish is
+therefore identified by (version, publish id): a random id that the full publish writes into its
+manifest and head. Readers switch versions when either differs from what they hold, and treat a
+live pointer whose head is gone as lost data. A delta writer names the publish it extends: the
+delta is reserved and committed only if that version's head still carries its id (one script
+each), so deltas never land in a namespace that was lost, or lost and re-created by another
+publish under the same number. Versions published before publish ids existed have none (the
+id reads as ""): they stay readable, and are told apart by number only.
 
 Row shards carry the hash tag `{<m>:<shard>}`, so shard s of every table and version of a model
 sits on one cluster node and one lookup costs one round trip per shard:

@@ -54,7 +54,15 @@ class _ScorerCollector(Collector):
         delta.add_metric([model], snapshot.delta if snapshot else -1)
         yield delta
         yield GaugeMetricFamily(
-            "embtab_degraded", "1 while Redis is unreachable", value=0 if scorer.health.up else 1
+            "embtab_degraded",
+            "1 while answers are degraded: Redis unreachable, or the served version's data "
+            "missing from it",
+            value=1 if scorer.degraded else 0,
+        )
+        yield GaugeMetricFamily(
+            "embtab_data_missing",
+            "1 while the served version's data is missing from Redis (it lost its data)",
+            value=1 if scorer.data_missing else 0,
         )
         yield CounterMetricFamily(
             "embtab_redis_errors",

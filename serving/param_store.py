@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,19 +67,31 @@ MANIFEST_FORMAT = "embtab.serving.manifest"
 MANIFEST_VERSION = 1
 DEFAULT_ROW_PREFIX = "embtab.default_row."
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Both delta scripts first check that the head still belongs to the publish the delta extends
+# (ARGV[1]: its publish id), and return GONE when it does not (lost, or re-created by another
+# publish under the same number).
+GONE = -3
+_SAME_PUBLISH = """
+local head = redis.call('HMGET', KEYS[1], 'dense', 'id')
+if not head[1] or (head[2] or '') ~= ARGV[1] then return -3 end
+"""
+_RESERVE_DELTA = _SAME_PUBLISH + "return redis.call('HINCRBY', KEYS[1], 'delta_seq', 1)\n"
 # The head moves to a delta only forward: a late commit of an older delta leaves it alone.
-_COMMIT_DELTA = """
+_COMMIT_DELTA = (
+    _SAME_PUBLISH
+    + """
 local delta = tonumber(redis.call('HGET', KEYS[1], 'delta') or '0')
-if tonumber(ARGV[1]) > delta then redis.call('HSET', KEYS[1], 'delta', ARGV[1]) end
-if ARGV[2] ~= '' then
+if tonumber(ARGV[2]) > delta then redis.call('HSET', KEYS[1], 'delta', ARGV[2]) end
+if ARGV[3] ~= '' then
   local dense = tonumber(redis.call('HGET', KEYS[1], 'dense') or '-1')
-  if tonumber(ARGV[2]) > dense then
-    redis.call('HSET', KEYS[1], 'dense', ARGV[2])
+  if tonumber(ARGV[3]) > dense then
+    redis.call('HSET', KEYS[1], 'dense', ARGV[3])
     return dense
   end
 end
 return -2
 """
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class VersionManifest:
     created_at: float = 0.0
     rows_written: dict[str, int] = field(default_factory=dict)
     num_nodes: int = 1  # Redis URLs the shards were spread over; 0 for a Redis Cluster
+    publish_id: str = ""  # see serving.keys: "" for versions published before ids existed
 
     def table(self, name: str) -> TableLayout:
         for layout in self.tables:
@@ -155,6 +169,7 @@ class VersionManifest:
                 created_at=float(raw.get("created_at", 0.0)),
                 rows_written={k: int(v) for k, v in raw.get("rows_written", {}).items()},
                 num_nodes=int(raw.get("num_nodes", 1)),
+                publish_id=str(raw.get("publish_id", "")),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, StoreError):
@@ -164,11 +179,13 @@ class VersionManifest:
 
 @dataclass(frozen=True)
 class VersionHead:
-    """Where a version stands: its current dense revision and last committed delta."""
+    """Where a version stands: its current dense revision and last committed delta, and which
+    publish it is (see serving.keys)."""
 
     version: int
     dense_revision: int
     delta: int
+    publish_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +202,7 @@ class DenseState:
 class PublishResult:
     model: str
     version: int
+    publish_id: str
     previous_version: int | None
     rows_written: dict[str, int]
     dense_bytes: int
@@ -195,6 +213,7 @@ class PublishResult:
 class DeltaResult:
     model: str
     version: int
+    publish_id: str
     delta: int
     rows_written: dict[str, int]
     ids_deleted: dict[str, int]
@@ -435,6 +454,7 @@ class FullPublish:
         return PublishResult(
             model=self.manifest.model,
             version=self.version,
+            publish_id=final.publish_id,
             previous_version=previous,
             rows_written=dict(self.rows_written),
             dense_bytes=len(blob),
@@ -451,6 +471,7 @@ class ParamPublisher:
         self.model = model
         self.options = options or StoreOptions()
         self._writer = _ShardedWriter(nodes, self.keys, self.options)
+        self._reserve_delta = nodes.meta.register_script(_RESERVE_DELTA)
         self._commit_delta = nodes.meta.register_script(_COMMIT_DELTA)
         self._manifests: dict[int, VersionManifest] = {}
 
@@ -480,6 +501,7 @@ class ParamPublisher:
         with _redis_call(f"begin a publish of {self.model!r}"):
             meta = self.nodes.meta
             version = int(meta.incr(self.keys.next_version))
+            publish_id = uuid.uuid4().hex
             manifest = VersionManifest(
                 model=self.model,
                 version=version,
@@ -489,10 +511,14 @@ class ParamPublisher:
                 tables=tuple(tables),
                 model_manifest=dict(model_manifest or {}),
                 created_at=time.time(),
+                publish_id=publish_id,
             )
             start = meta.pipeline(transaction=True)
             start.set(self.keys.manifest(version), manifest.to_json())
-            start.hset(self.keys.head(version), mapping={"dense": -1, "delta": 0, "delta_seq": 0})
+            start.hset(
+                self.keys.head(version),
+                mapping={"id": publish_id, "dense": -1, "delta": 0, "delta_seq": 0},
+            )
             if preprocessing:
                 start.hset(self.keys.preprocessing(version), mapping=dict(preprocessing))
             start.hset(
@@ -540,11 +566,16 @@ class ParamPublisher:
         *,
         default_rows: Mapping[str, Any] | None = None,
         version: int | None = None,
+        publish_id: str | None = None,
     ) -> DeltaResult:
         """Apply touched rows (`{table: (ids, rows)}`), deleted ids (`{table: ids}`) and, if
         given, new dense parameters and default rows to the live version (or `version`) in
         place. New dense parameters or default rows make a new dense revision: the whole blob,
-        with the default rows not given carried over from the current revision."""
+        with the default rows not given carried over from the current revision.
+
+        `publish_id` names the publish the delta extends (by default, whichever holds the
+        version now): if that version is gone, or is another publish, VersionNotFoundError is
+        raised and nothing is committed."""
         rows, deleted = dict(rows or {}), dict(deleted or {})
         target = self.live_version() if version is None else version
         if target is None:
@@ -552,6 +583,12 @@ class ParamPublisher:
                 f"model {self.model!r} has no live version to apply a delta to; publish it first"
             )
         manifest = self.manifest(target)
+        if publish_id is not None and manifest.publish_id != publish_id:
+            self._manifests.pop(target, None)  # the manifest held may be of a lost publish
+            manifest = self.manifest(target)
+        expected = manifest.publish_id if publish_id is None else publish_id
+        if manifest.publish_id != expected:
+            raise VersionNotFoundError(self._gone(target, expected))
         prepared = {}
         for table, (ids, values) in rows.items():
             layout = manifest.table(table)
@@ -576,7 +613,10 @@ class ParamPublisher:
         # Shards of a Redis Cluster are in different slots: no transaction can span them.
         atomic = not self.nodes.config.cluster
         with _redis_call(f"apply a delta to {self.model!r} v{target}"):
-            delta = int(meta.hincrby(self.keys.head(target), "delta_seq", 1))
+            delta = int(self._reserve_delta(keys=[self.keys.head(target)], args=[expected]))
+            if delta == GONE:
+                self._manifests.pop(target, None)
+                raise VersionNotFoundError(self._gone(target, expected))
             meta.set(
                 self.keys.delta_log(target, delta),
                 safetensors.numpy.save(changed) if changed else b"",
@@ -600,7 +640,7 @@ class ParamPublisher:
             dense_revision = None if blob is None else delta
             commit = {
                 "keys": [self.keys.head(target)],
-                "args": [delta, "" if dense_revision is None else dense_revision],
+                "args": [expected, delta, "" if dense_revision is None else dense_revision],
             }
             if atomic:
                 self._commit_delta(**commit, client=head)
@@ -608,6 +648,9 @@ class ParamPublisher:
             else:  # a cluster pipeline cannot carry a script
                 head.execute()
                 replaced = int(self._commit_delta(**commit))
+            if replaced == GONE:
+                self._manifests.pop(target, None)
+                raise VersionNotFoundError(self._gone(target, expected))
             if replaced >= 0:
                 meta.pexpire(self.keys.dense(target, replaced), int(self.options.grace_s * 1000))
             self._announce(
@@ -616,10 +659,18 @@ class ParamPublisher:
         return DeltaResult(
             model=self.model,
             version=target,
+            publish_id=expected,
             delta=delta,
             rows_written={table: len(ids) for table, (ids, _) in prepared.items()},
             ids_deleted={table: len(ids) for table, ids in removed.items()},
             dense_revision=dense_revision,
+        )
+
+    def _gone(self, version: int, publish_id: str) -> str:
+        return (
+            f"model {self.model!r} v{version} (publish {publish_id or 'without id'}) is gone from "
+            "Redis: its data was lost (flushed, or a restart without persistence) or collected; "
+            "publish the model in full again"
         )
 
     def _dense_now(self, version: int) -> DenseState:
@@ -760,9 +811,11 @@ class ParamReader:
     def head(self, version: int) -> VersionHead:
         with _redis_call(f"read the head of {self.model!r} v{version}"):
             raw = self.nodes.meta.hgetall(self.keys.head(version))
-        if not raw:
+        if b"dense" not in raw:  # gone, or a head a lost delta re-created
             raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
-        return VersionHead(version, int(raw[b"dense"]), int(raw[b"delta"]))
+        return VersionHead(
+            version, int(raw[b"dense"]), int(raw[b"delta"]), raw.get(b"id", b"").decode()
+        )
 
     def dense(self, version: int, revision: int) -> DenseState:
         with _redis_call(f"read dense revision {revision} of {self.model!r} v{version}"):

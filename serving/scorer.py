@@ -18,13 +18,17 @@ attributes are kept locally for a short time (`serving.item_features`).
 
 If Redis is down (see `serving.health`), rows not held locally are the tables' default rows,
 user features are skipped and item features are what is held (request values and defaults
-otherwise); the answer says it is degraded.
+otherwise); the answer says it is degraded. The same holds while the served version's data is
+missing from Redis (it lost its data: no live version, or a live version whose keys are gone):
+rows are then not read from Redis at all (a publish under the same number may be writing its
+own rows there), and the answers stay degraded until a version can be read again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ from serving.errors import (
 from serving.health import RedisHealth
 from serving.item_features import ItemFeatureCache
 from serving.jagged import Jagged
-from serving.param_store import DenseState, ParamReader, VersionManifest
+from serving.param_store import DenseState, ParamReader, VersionHead, VersionManifest
 from serving.published_model import servable_model
 from serving.raw_values import RawValueEncoder
 from serving.request import (
@@ -119,6 +123,10 @@ class Snapshot:
     def version(self) -> int:
         return self.manifest.version
 
+    @property
+    def publish_id(self) -> str:
+        return self.manifest.publish_id
+
 
 @dataclass(frozen=True)
 class RequestScores:
@@ -177,6 +185,8 @@ class Scorer:
         self.unknown_ids: Counter[str] = Counter()  # per feature: raw ids no vocabulary holds
         self._snapshot: Snapshot | None = None
         self._refresh_lock = threading.Lock()
+        # Why the served version's data is missing from Redis, and since when; None if it is not.
+        self._missing: tuple[str, float] | None = None
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -186,35 +196,95 @@ class Scorer:
     def ready(self) -> bool:
         return self._snapshot is not None
 
+    @property
+    def data_missing(self) -> bool:
+        """Whether the served version's data is missing from Redis (see `data_state`)."""
+        return self._missing is not None
+
+    @property
+    def degraded(self) -> bool:
+        """Answers are degraded: Redis is unreachable, or the served version's data is gone."""
+        return not self.health.up or self._missing is not None
+
+    def data_state(self) -> dict:
+        """For /healthz: whether the served version's data is in Redis, and if not, why."""
+        missing = self._missing
+        if missing is None:
+            return {"data": "ok"}
+        reason, since = missing
+        return {
+            "data": "missing",
+            "data_error": reason,
+            "data_missing_for_s": round(time.time() - since, 3),
+        }
+
     # -- versions (watcher thread) ---------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Catch up with Redis: a new live version, deltas (cache invalidation), a new dense
-        revision; True if anything changed. Raises RedisUnavailableError if Redis is down."""
+        """Catch up with Redis: a new publish (another version number or publish id), deltas
+        (cache invalidation), a new dense revision; True if anything changed. Raises
+        RedisUnavailableError if Redis is down. A live version that cannot be read while one is
+        served (Redis lost its data) keeps the snapshot and marks the data missing until a
+        version can be read again."""
         with self._refresh_lock:
-            live = self.reader.live_version()
-            current = self._snapshot
-            if live is None:
+            try:
+                changed = self._catch_up()
+            except VersionNotFoundError as error:
+                if self._snapshot is None:
+                    raise
+                self._lost(str(error))
                 return False
-            if current is None or current.version != live:
-                self._snapshot = self._build(live, previous=current)
-                log.info("serving %s version %d", self.config.model, live)
-                return True
-            head = self.reader.head(live)
-            changed = False
-            if head.delta > current.delta:
-                self._apply_deltas(current, head.delta)
-                changed = True
-            if head.dense_revision != current.dense_revision:
-                dense = self.reader.dense(live, head.dense_revision)
-                self._snapshot = self._snapshot_of(
-                    current.manifest, dense, current.delta, current.cache, current
+            if self._missing is not None and self._snapshot is not None:
+                log.warning(
+                    "%s: Redis holds a servable version again (v%d); no longer degraded",
+                    self.config.model,
+                    self._snapshot.version,
                 )
-                log.info(
-                    "serving %s v%d dense revision %d", self.config.model, live, dense.revision
-                )
-                changed = True
+            self._missing = None
             return changed
+
+    def _lost(self, reason: str) -> None:
+        if self._missing is None:
+            log.error(
+                "%s: the data of the served version v%d is missing from Redis (%s); answering "
+                "from what this server holds, degraded, until a version is published again",
+                self.config.model,
+                self._snapshot.version,
+                reason,
+            )
+            self._missing = (reason, time.time())
+
+    def _catch_up(self) -> bool:
+        live = self.reader.live_version()
+        current = self._snapshot
+        if live is None:
+            if current is None:
+                return False  # nothing published yet
+            raise VersionNotFoundError(
+                f"Redis holds no live version of model {self.config.model!r}"
+            )
+        head = self.reader.head(live)
+        if current is None or (current.version, current.publish_id) != (live, head.publish_id):
+            self._snapshot = self._build(head, previous=current)
+            log.info(
+                "serving %s version %d (publish %s)",
+                self.config.model,
+                live,
+                head.publish_id or "without id",
+            )
+            return True
+        changed = False
+        if head.delta > current.delta:
+            self._apply_deltas(current, head.delta)
+            changed = True
+        if head.dense_revision != current.dense_revision:
+            dense = self.reader.dense(live, head.dense_revision)
+            self._snapshot = self._snapshot_of(
+                current.manifest, dense, current.delta, current.cache, current
+            )
+            log.info("serving %s v%d dense revision %d", self.config.model, live, dense.revision)
+            changed = True
+        return changed
 
     def _apply_deltas(self, snapshot: Snapshot, last: int) -> None:
         """Drop the rows deltas changed from the cache and the scratch tables; everything if a
@@ -234,9 +304,14 @@ class Scorer:
                         resident[ids[(ids >= 0) & (ids < len(resident))]] = False
         snapshot.delta = last
 
-    def _build(self, version: int, previous: Snapshot | None) -> Snapshot:
+    def _build(self, head: VersionHead, previous: Snapshot | None) -> Snapshot:
+        version = head.version
         manifest = self.reader.manifest(version)
-        head = self.reader.head(version)
+        if manifest.publish_id != head.publish_id:
+            raise VersionNotFoundError(
+                f"model {self.config.model!r} version {version}: its manifest and head are of "
+                "different publishes (its data was lost and is being published again)"
+            )
         if head.dense_revision < 0:
             raise VersionNotFoundError(
                 f"model {self.config.model!r} version {version} has no dense blob yet"
@@ -409,7 +484,7 @@ class Scorer:
             per_request=[probabilities[bounds[i] : bounds[i + 1]] for i in range(len(batch))],
             version=snapshot.version,
             delta=snapshot.delta,
-            degraded=not self.health.up,
+            degraded=self.degraded,
         )
 
     def _assemble(
@@ -538,7 +613,7 @@ class Scorer:
             if not hit.all():
                 misses[table] = np.flatnonzero(~hit)
         fetched_count = 0
-        if misses and self.health.up:
+        if misses and self.health.up and self._missing is None:
             wanted = {table: pending[table][positions] for table, positions in misses.items()}
             try:
                 fetched = self.reader.fetch_rows(manifest, wanted)

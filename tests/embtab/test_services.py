@@ -149,3 +149,28 @@ def test_services_up_stops_itself_and_its_servers_on_a_signal(signum, background
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_redis_appends_every_write_and_keeps_its_data_across_a_kill(tmp_path):
+    """AOF with fsync every second by default; with a data dir of its own, what a killed
+    redis-server had acknowledged is there when one is started again on that dir."""
+    data = tmp_path / "redis-data"
+    server = start_redis(data_dir=data)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=server.port)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        client.set("embtab:{m}:version", 3)
+        client.close()
+        server.process.kill()
+        server.process.wait(timeout=10)
+    finally:
+        server.stop()
+    assert data.is_dir(), "the data dir is the caller's: stop() leaves it"
+    again = start_redis(data_dir=data)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=again.port)
+        assert client.get("embtab:{m}:version") == b"3"
+        client.close()
+    finally:
+        again.stop()

@@ -161,3 +161,79 @@ def test_pipelines_with_other_topic_prefixes_never_share_a_default_consumer_grou
         finally:
             consumer.close(autocommit=False)
         assert committed[mine.prefix] > 0 and committed[other.prefix] == 0, committed
+
+
+def _events(producer: KafkaProducer, topics, partition: int, rows: int = 10) -> None:
+    """`rows` impressions on a partition (request ids partition * 100 + i, feature `f`), and a
+    click for every other one."""
+    ids = np.arange(partition * 100, partition * 100 + rows, dtype=np.int64)
+    times = 1000.0 + np.arange(rows, dtype=np.float64)
+    impressions = pa.RecordBatch.from_pydict(
+        {
+            "request_id": pa.array(ids),
+            "event_time": pa.array(times),
+            "produced_at": pa.array(times),
+            "f": pa.array(ids % 7),
+        }
+    )
+    clicked = slice(0, rows, 2)
+    actions = pa.RecordBatch.from_pydict(
+        {
+            "request_id": pa.array(ids[clicked]),
+            "user_id": pa.array(ids[clicked]),
+            "item_id": pa.array(ids[clicked]),
+            "click": pa.array(np.ones(len(ids[clicked]), np.int8)),
+            "impression_time": pa.array(times[clicked]),
+            "event_time": pa.array(times[clicked] + 1),
+            "produced_at": pa.array(times[clicked] + 1),
+        }
+    )
+    for topic, kind, batch in (
+        (topics.feature_log, messages.FEATURE_LOG, impressions),
+        (topics.actions, messages.ACTIONS, actions),
+    ):
+        message = messages.Batch(kind, batch, watermark=float(times[0]))
+        producer.send(topic, messages.encode(message), partition=partition)
+
+
+def _end(producer: KafkaProducer, topic: str, kind: str, partitions: list[int]) -> None:
+    for partition in partitions:
+        marker = messages.heartbeat(kind, 0.0, end_of_stream=True)
+        producer.send(topic, messages.encode(marker), partition=partition)
+
+
+def test_a_restart_after_end_markers_were_committed_stops_at_the_end(kafka, topics):
+    """Partition 0 ends on both topics and partition 1 on the feature log only, and those
+    markers are committed, before the joiner goes away (it stops on its idle timeout); the
+    restarted joiner never reads them again and must still stop once every partition has ended
+    (it used to wait for them forever)."""
+    group = f"joiner-{uuid.uuid4().hex[:8]}"
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    for partition in range(4):
+        _events(producer, topics, partition)
+    _end(producer, topics.feature_log, messages.FEATURE_LOG, [0, 1])
+    _end(producer, topics.actions, messages.ACTIONS, [0])
+    producer.flush(timeout=30)
+    first = Joiner(kafka, topics, JoinerConfig(group_id=group, idle_timeout_s=2.0))
+    assert sorted(first.run().ended_partitions) == [0]
+    # Every click joined at once; only partition 0's windows closed (its unclicked five).
+    assert (first.report.positives, first.report.negatives) == (20, 5)
+
+    _end(producer, topics.feature_log, messages.FEATURE_LOG, [2, 3])
+    _end(producer, topics.actions, messages.ACTIONS, [1, 2, 3])
+    producer.flush(timeout=30)
+    producer.close()
+    restarted = Joiner(kafka, topics, JoinerConfig(group_id=group))
+    stop = threading.Event()
+    running = threading.Thread(target=restarted.run, args=(stop,), daemon=True)
+    running.start()
+    running.join(timeout=40)
+    finished = not running.is_alive()
+    stop.set()
+    running.join(timeout=30)
+    assert finished, "the restarted joiner did not stop at the end of the stream"
+    assert sorted(restarted.report.ended_partitions) == [0, 1, 2, 3]
+    labels, batches = read_examples(kafka, topics)
+    assert sorted(labels) == [p * 100 + i for p in range(4) for i in range(10)]
+    assert all(set(seen) == {1 - (rid % 100) % 2} for rid, seen in labels.items())
+    assert sum(batch.end_of_stream for batch in batches) == 4, "one end marker per partition"

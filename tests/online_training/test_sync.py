@@ -57,7 +57,8 @@ def test_a_fresh_model_goes_out_in_full_then_as_deltas_of_touched_rows(redis_url
     reader = ParamReader(publisher.nodes, publisher.model)
     sync = ParamSync(publisher, model, SyncConfig(interval_s=60, dense_every=2))
     full = sync.attach()
-    assert full.kind == "full" and full.delta == 0 and sync.point == SyncPoint(full.version, 0)
+    assert full.kind == "full" and full.delta == 0
+    assert sync.point == SyncPoint(full.version, 0, full.publish_id) and full.publish_id
     assert_redis_holds(reader, model)
     assert sync.sync() is None, "nothing trained, nothing to push"
 
@@ -121,7 +122,7 @@ def test_deltas_continue_the_unchanged_publish_of_the_starting_checkpoint(
     loaded = load_checkpoint(path)
     sync = ParamSync(publisher, loaded.model)
     assert sync.attach(origin_manifest=loaded.manifest) is None
-    assert sync.point == SyncPoint(published.version, 0)
+    assert sync.point == SyncPoint(published.version, 0, published.publish_id)
 
     other = small_model(movielens)
     again = ParamSync(publisher, other).attach(origin_manifest={"another": "model"})
@@ -132,15 +133,19 @@ def test_a_resumed_state_continues_only_its_own_version(redis_url, movielens):
     model = small_model(movielens)
     publisher = publisher_for(redis_url, unique_model_name())
     first = ParamSync(publisher, model)
-    version = first.attach().version
+    full = first.attach()
+    version, publish_id = full.version, full.publish_id
     OnlineLearner(model).apply(example_rows(movielens, 200))
     delta = first.sync().delta
 
     resumed = ParamSync(publisher, model)
-    assert resumed.attach(resumed=SyncPoint(version, delta)) is None
-    assert resumed.point == SyncPoint(version, delta)
-    stale = ParamSync(publisher, model).attach(resumed=SyncPoint(version - 1, 3))
-    assert stale.kind == "full" and stale.version == version + 1
+    assert resumed.attach(resumed=SyncPoint(version, delta, publish_id)) is None
+    assert resumed.point == SyncPoint(version, delta, publish_id)
+    # The same number, another publish (Redis lost its data and the number came round again).
+    other = ParamSync(publisher, model).attach(resumed=SyncPoint(version, delta, "lost-publish"))
+    assert other.kind == "full" and other.version == version + 1
+    stale = ParamSync(publisher, model).attach(resumed=SyncPoint(version - 1, 3, publish_id))
+    assert stale.kind == "full" and stale.version == version + 2
 
 
 def test_a_failed_push_is_retried_and_keeps_its_rows(redis_url, movielens, monkeypatch):

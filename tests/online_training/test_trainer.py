@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -198,3 +199,52 @@ def test_a_slow_stream_is_trained_in_batches_of_at_least_min_batch_rows(
     sizes = [len(batch) for batch in applied]
     assert sum(sizes) == 800 and all(size >= 500 for size in sizes[:-1]), sizes
     assert sizes[0] >= 500, sizes
+
+
+def _end_markers(kafka: KafkaSettings, topic: str, partitions: list[int]) -> Counter[int]:
+    """An end-of-stream marker on each of `partitions` of an examples topic."""
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    try:
+        marker = messages.encode(messages.heartbeat(messages.EXAMPLES, 0.0, end_of_stream=True))
+        for partition in partitions:
+            producer.send(topic, marker, partition=partition)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    return Counter(partitions)
+
+
+def test_a_restart_after_end_markers_were_committed_stops_at_the_end(
+    kafka, topics, movielens, redis_service
+):
+    """Partitions 0 and 1 end, and their markers are committed, before the trainer goes away
+    (it stops on its idle timeout); the restarted trainer never reads those markers again, and
+    must still stop once partitions 2 and 3 end (it used to wait for 0 and 1 forever)."""
+    url = redis_service.redis_url
+    group = f"trainer-{uuid.uuid4().hex[:8]}"
+
+    def trainer(**config) -> Trainer:
+        settings = TrainerConfig(group_id=group, sync=SyncConfig(interval_s=1.0), **config)
+        publisher = publisher_for(url, unique_model_name())
+        return Trainer(kafka, topics, StartingPoint(small_model(movielens)), publisher, settings)
+
+    rows = example_rows(movielens, 1200)
+    sent = send_examples(kafka, topics.examples, rows, PARTITIONS, batch_rows=100, end=False)
+    sent += _end_markers(kafka, topics.examples, [0, 1])
+    first = trainer(idle_timeout_s=2.0).run()
+    assert sorted(first.ended_partitions) == [0, 1] and first.examples == 1200
+    assert _committed(kafka, group, topics.examples) == sent, "the markers are committed"
+
+    sent += _end_markers(kafka, topics.examples, [2, 3])
+    restarted = trainer()
+    stop = threading.Event()
+    running = threading.Thread(target=restarted.run, args=(stop,), daemon=True)
+    running.start()
+    running.join(timeout=40)
+    finished = not running.is_alive()
+    stop.set()
+    running.join(timeout=30)
+    assert finished, "the restarted trainer did not stop at the end of the stream"
+    assert sorted(restarted.report.ended_partitions) == list(range(PARTITIONS))
+    assert restarted.report.examples == 0, "everything before the markers was committed"
+    assert _committed(kafka, group, topics.examples) == sent
