@@ -237,7 +237,8 @@ class Preprocessor:
     def dense_values(self, feature: FeatureDef, raw: pa.Array) -> np.ndarray:
         """Numbers through clip, log1p and standardise (in the spec's order); null -> 0."""
         try:
-            numbers = np.asarray(
+            # A copy: the transforms below write into it, and Arrow's buffers are read-only.
+            numbers = np.array(
                 pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
                 dtype=np.float64,
             )

@@ -73,7 +73,7 @@ def prepare_spec(
     reader.check_columns()
 
     time_keys, fit_mask, rows = _scan(reader, progress)
-    preprocessor = _fit(spec, reader, fit_mask, progress)
+    preprocessor, distinct = _fit(spec, reader, fit_mask, progress)
     root = prepared_root(spec.name)
     root.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
@@ -86,6 +86,7 @@ def prepare_spec(
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
         preprocessor = info.pop("preprocessor")
         preprocessor.save(scratch / "artifact")
+        info.update(distinct)
         return install_prepared(spec.name, scratch, preprocessor.schema(), info)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -493,14 +494,12 @@ class _Counter:
 
     def __init__(self) -> None:
         self.parts: list[pa.Table] = []
-        self.pending = 0
 
     def add(self, values: pa.Array) -> None:
         counts = pc.value_counts(values.drop_null())
         self.parts.append(
             pa.table({"value": counts.field("values"), "count": counts.field("counts")})
         )
-        self.pending += len(counts)
         if len(self.parts) > 16:
             self.parts = [self.merged()]
 
@@ -515,8 +514,13 @@ class _Counter:
 
 def _fit(
     spec: DatasetSpec, reader: _Reader, fit_mask: np.ndarray | None, progress: Progress
-) -> Preprocessor:
+) -> tuple[Preprocessor, dict[str, int]]:
+    """The fitted preprocessor, and how many distinct users and items all rows hold (the
+    `users` and `items` of info.json)."""
     counters = {f.name: _Counter() for f in spec.features if f.has_ids}
+    roles = {f"{role}s": column for role, column in spec.roles.items() if role in ("user", "item")}
+    # With fit_on all the vocabulary counters see every row; else the roles get their own.
+    everyone = {} if fit_mask is None else {column: _Counter() for column in roles.values()}
     sums = {
         f.name: np.zeros(3)
         for f in spec.features
@@ -536,6 +540,8 @@ def _fit(
                 max_lengths[feature.name] = max(
                     max_lengths.get(feature.name, 0), int(pc.max(lengths).as_py() or 0)
                 )
+            if feature.name in everyone:
+                everyone[feature.name].add(batch.columns[feature.name])
             if feature.name in counters:
                 values = batch.columns[feature.name]
                 if mask is not None:
@@ -584,7 +590,11 @@ def _fit(
             max_lengths[feature.name] = min(feature.max_length, max_lengths.get(feature.name, 1))
         elif feature.kind == "multi_valued":
             max_lengths[feature.name] = max(1, max_lengths.get(feature.name, 1))
-    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths)
+    distinct = {
+        key: (everyone.get(column) or counters[column]).merged().num_rows
+        for key, column in roles.items()
+    }
+    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths), distinct
 
 
 def _before_standardise(feature: FeatureDef, values: pa.Array) -> np.ndarray:
