@@ -211,6 +211,7 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
     time_map.done()
     roles_map = top.mapping("roles", default={})
     roles = {role: roles_map.text(role) for role in ROLES if role in roles_map.raw}
+    roles_map.seen.update(ROLES)  # every role is accepted, given or not
     roles_map.done()
     joins = tuple(_join(item, f"joins[{i}]") for i, item in enumerate(top.list("joins", [])))
     features = tuple(
@@ -224,10 +225,10 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
         seed=int(split_map.number("seed", default=0)),
     )
     split_map.done()
-    if not (0 <= split.valid < 1 and 0 < split.test < 1 and split.valid + split.test < 1):
+    if not (0 < split.valid < 1 and 0 < split.test < 1 and split.valid + split.test < 1):
         raise SpecError(
             f"split: valid {split.valid} and test {split.test} must be fractions with "
-            "0 <= valid, 0 < test and valid + test < 1"
+            "0 < valid, 0 < test and valid + test < 1 (every split needs rows)"
         )
     fit_on = top.choice("fit_on", FIT_ON, default="train")
     recorded_base = top.text("base_dir", default=".")
@@ -381,6 +382,11 @@ def _feature(raw: Any, where: str) -> FeatureDef:
         )
     if feature.transform and kind not in ("dense", "count"):
         raise SpecError(f"{where}: transforms apply to dense and count features only")
+    if kind == "count" and "standardise" in feature.transform:
+        raise SpecError(
+            f"{where}: a count feature takes clip and log1p; standardise needs statistics that "
+            "are fitted before the counts exist"
+        )
     if "clip" in feature.transform and feature.clip is None:
         raise SpecError(f"{where}: the clip transform needs `clip: [low, high]`")
     if feature.ids == "hash" and feature.min_count != 1:
