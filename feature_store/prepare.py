@@ -585,8 +585,13 @@ def _fit(
 ) -> tuple[Preprocessor, dict[str, int]]:
     """The fitted preprocessor, and how many distinct users and items all rows hold (the
     `users` and `items` of info.json)."""
-    counters = {f.name: _Counter() for f in spec.features if f.has_ids}
     roles = {f"{role}s": column for role, column in spec.roles.items() if role in ("user", "item")}
+    # Index ids need no vocabulary: they are counted only to report distinct users and items.
+    counters = {
+        f.name: _Counter()
+        for f in spec.features
+        if f.has_ids and (f.ids != "index" or f.name in roles.values())
+    }
     # With fit_on all the vocabulary counters see every row; else the roles get their own.
     everyone = {} if fit_mask is None else {column: _Counter() for column in roles.values()}
     moments = {
@@ -628,6 +633,9 @@ def _fit(
     cardinalities: dict[str, int] = {}
     for feature in spec.features:
         if not feature.has_ids:
+            continue
+        if feature.ids == "index":
+            cardinalities[feature.name] = feature.cardinality + int(feature.oov)
             continue
         counts = counters[feature.name].merged()
         if feature.hashed:

@@ -490,6 +490,30 @@ def test_hashed_ids_are_string_hashes_and_integers_stay_themselves(tmp_path):
     assert np.all(np.diff(times) >= 0)
 
 
+def test_index_ids_are_their_own_ids_folded_into_the_declared_cardinality(tmp_path):
+    columns = events(int_ids=True)
+    columns["shop"] = [(i * 7) % 60 for i in range(240)]  # 50..59 fold onto 0..9
+    columns["shop"][11] = None
+    write_parquet(tmp_path / "events.parquet", columns)
+    raw = with_int_ids(base_spec("parquet"))
+    raw["features"].append(
+        {"name": "shop", "kind": "categorical", "type": "int", "ids": "index", "cardinality": 50}
+    )
+    dataset = prepare(tmp_path, raw)
+    assert dataset.schema.feature("shop").cardinality == 51
+    assert not dataset.schema.feature("shop").hashed
+    assert "shop" not in Preprocessor.load(dataset.artifact_dir).vocabularies
+    table = all_rows(dataset)
+    expected = sorted(50 if v is None else v % 50 for v in columns["shop"])
+    assert sorted(table.column("shop").to_pylist()) == expected
+    raw["features"][-1]["oov"] = False
+    dropped = all_rows(prepare(tmp_path, raw)).column("shop").to_pylist()
+    assert sorted(len(bag) for bag in dropped) == [0] + [1] * 239
+    assert sorted(v for bag in dropped for v in bag) == sorted(
+        v % 50 for v in columns["shop"] if v is not None
+    )
+
+
 # -- multi-valued, dense -------------------------------------------------------------------
 
 

@@ -189,8 +189,8 @@ def test_the_spec_round_trips_through_its_canonical_json(tmp_path):
             r"feature 'item_id'.kind: 'embedding' is not accepted; accepted: categorical",
         ),
         (
-            lambda r: r["features"][1].update(ids="index"),
-            r"feature 'item_id'.ids: 'index' is not accepted; accepted: vocabulary, hash",
+            lambda r: r["features"][1].update(ids="dense"),
+            r"feature 'item_id'.ids: 'dense' is not accepted; accepted: vocabulary, hash, index",
         ),
         (lambda r: r["label"].update(op=">="), r"label: `op` and `value` go together"),
         (lambda r: r.update(split={"valid": 0.6, "test": 0.5}), r"valid \+ test < 1"),
@@ -259,6 +259,19 @@ def test_the_spec_round_trips_through_its_canonical_json(tmp_path):
             r"min_count applies to vocabularies, not to `ids: hash`",
         ),
         (lambda r: r["features"][0].update(min_count=0), r"min_count must be >= 1"),
+        (
+            lambda r: r["features"][1].update(ids="index", type="int"),
+            r"feature 'item_id': `ids: index` takes integer ids \(type: int\) and a declared "
+            r"`cardinality`",
+        ),
+        (
+            lambda r: r["features"][1].update(ids="index", cardinality=10),
+            r"`ids: index` takes integer ids",
+        ),
+        (
+            lambda r: r["features"][1].update(cardinality=10),
+            r"feature 'item_id': a vocabulary's size is what it holds; `cardinality` applies to",
+        ),
         (
             lambda r: r["roles"].update(user="nobody"),
             r"roles.user: 'nobody' is not a feature of this spec",
