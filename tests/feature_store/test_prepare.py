@@ -320,6 +320,37 @@ def assert_same(got: dict[str, pa.Table], expected: dict[str, pa.Table]) -> None
         assert got[split].equals(expected[split]), split
 
 
+def test_a_side_file_is_joined_by_its_key_and_missing_keys_get_the_oov_id(tmp_path):
+    columns = events()
+    write_csv(tmp_path / "events.csv", columns)
+    users = sorted(set(columns["user"]))[:-1]  # the last user has no row in the side file
+    write_csv(
+        tmp_path / "users.tsv",
+        {"uid": users, "age": [f"a{i % 3}" for i in range(len(users))]},
+        "\t",
+    )
+    raw = base_spec(fit_on="all")
+    raw["features"].append({"name": "age", "kind": "categorical"})
+    raw["joins"] = [
+        {"format": "tsv", "path": "users.tsv", "column_names": ["user", "age"], "key": "user",
+         "columns": ["age"]}
+    ]  # fmt: skip
+    table = all_rows(prepare(tmp_path, raw))
+    age_of = {user: i % 3 for i, user in enumerate(users)}
+    vocabulary = sorted(set(columns["user"]))
+    assert table.column("age").to_pylist() == [
+        age_of.get(vocabulary[user], 3) for user in table.column("user").to_pylist()
+    ]
+    write_csv(
+        tmp_path / "users.tsv", {"uid": users + users[:1], "age": ["a0"] * (len(users) + 1)}, "\t"
+    )
+    with pytest.raises(PrepareError, match=r"joins\[key=user\]: the key column 'user' repeats"):
+        prepare(tmp_path, raw)
+    raw["joins"][0]["column_names"] = ["user", "years"]
+    with pytest.raises(PrepareError, match=r"users\.tsv: no column 'age', which joins\[key=user\]"):
+        prepare(tmp_path, raw)
+
+
 # -- label and time ------------------------------------------------------------------------
 
 
@@ -463,6 +494,22 @@ def test_string_hash64_is_fnv1a_then_splitmix(tmp_path):
         string_hash64(pa.array(values), seed + 1).tolist()
         != string_hash64(pa.array(values), seed).tolist()
     )
+
+
+def test_string_hash64_matches_the_reference_for_any_strings():
+    hypothesis = pytest.importorskip("hypothesis")
+
+    @hypothesis.settings(max_examples=50, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(
+        values=hypothesis.strategies.lists(hypothesis.strategies.text(max_size=40), max_size=20),
+        seed=hypothesis.strategies.integers(0, 2**64 - 1),
+    )
+    def check(values, seed):
+        assert string_hash64(pa.array(values, pa.string()), seed).tolist() == [
+            _python_string_hash64(v, seed) for v in values
+        ]
+
+    check()
 
 
 def test_hashed_ids_are_string_hashes_and_integers_stay_themselves(tmp_path):
@@ -849,6 +896,14 @@ BAD_INPUT = {
         lambda p, c: write_csv(p / "events-2.csv", {k: [] for k in c}),
         lambda raw: raw["source"].update(paths=["events*.csv"]),
         r"events-2\.csv has no rows",
+    ),
+    "null label in a second file": (
+        lambda p, c: write_csv(
+            p / "events-2.csv",
+            {k: _at(v[:5], 1, "") if k == "clicked" else v[:5] for k, v in c.items()},
+        ),
+        lambda raw: raw["source"].update(paths=["events*.csv"]),
+        r"events-2\.csv: row 2: the label column 'clicked' is empty",
     ),
     "glob matching nothing": (
         lambda p, c: None,
