@@ -237,7 +237,8 @@ class Preprocessor:
     def dense_values(self, feature: FeatureDef, raw: pa.Array) -> np.ndarray:
         """Numbers through clip, log1p and standardise (in the spec's order); null -> 0."""
         try:
-            numbers = np.asarray(
+            # A copy: the transforms below write into it, and Arrow's buffers are read-only.
+            numbers = np.array(
                 pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
                 dtype=np.float64,
             )
@@ -277,15 +278,22 @@ class Preprocessor:
             else:
                 ids = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
             return ids, valid
+        if feature.ids == "index":
+            valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            size = feature.cardinality
+            values = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+            ids = np.where(valid, values % size, size)
+            return ids, (np.ones(len(ids), dtype=bool) if feature.oov else valid)
         vocabulary = self.vocabularies[feature.name]
         ids, known = vocabulary.lookup(raw)
         return ids, (np.ones(len(ids), dtype=bool) if vocabulary.oov else known)
 
     def unknown_count(self, name: str, raw: pa.Array) -> int:
-        """How many of a feature's raw ids its vocabulary does not hold (0 for hashed ids)."""
+        """How many of a feature's raw ids its vocabulary does not hold (0 for hashed and
+        index ids)."""
         feature = self.spec.feature(name)
         source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
-        if source.ids == "hash" or not feature.has_ids and feature.kind != "sequence":
+        if source.ids != "vocabulary" or not feature.has_ids and feature.kind != "sequence":
             return 0
         if isinstance(raw, pa.ChunkedArray):
             raw = raw.combine_chunks()

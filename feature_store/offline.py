@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from feature_store.schema import Schema
 from feature_store.wheels import DataError, cache_dir
 
 SPLITS = ("train", "valid", "test")
-FORMAT_VERSION = 1
+# 2: prepared from a spec, with the preprocessing artifact; copies of format 1 (the builders
+# before the spec) are prepared again when they are opened.
+FORMAT_VERSION = 2
 
 
 class UnknownDatasetError(DataError, KeyError):
@@ -81,9 +83,6 @@ class Dataset:
         """Record batches in file (time) order, `batch_size` rows each (the last may be short)."""
         parquet = pq.ParquetFile(self.path(split))
         yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
-
-
-Builder = Callable[[Callable[[str], None]], PreparedTables]
 
 
 def prepared_root(name: str) -> Path:

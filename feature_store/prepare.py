@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +75,7 @@ def prepare_spec(
     reader.check_columns()
 
     time_keys, fit_mask, rows = _scan(reader, progress)
-    preprocessor = _fit(spec, reader, fit_mask, progress)
+    preprocessor, distinct = _fit(spec, reader, fit_mask, progress)
     root = prepared_root(spec.name)
     root.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
@@ -86,6 +88,7 @@ def prepare_spec(
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
         preprocessor = info.pop("preprocessor")
         preprocessor.save(scratch / "artifact")
+        info.update(distinct)
         return install_prepared(spec.name, scratch, preprocessor.schema(), info)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -300,13 +303,19 @@ def _read_file(
             parse_options=parse_options,
             convert_options=convert_options,
         )
-        row = 0
         for batch in reader:
             yield pa.Table.from_batches([batch])
-            row += batch.num_rows
     except pa.ArrowInvalid as error:
         if "Empty CSV file" in str(error):
             raise PrepareError(f"{path} is empty: no header line") from None
+        if "conversion error" in str(error):
+            # pyarrow names neither the row nor the column: read the file again as text and
+            # find the first value that does not convert.
+            as_text = {name: pa.string() for name in types}
+            row = 0
+            for table in _read_file(source, path, as_text, batch_rows):
+                _cast(table, types, path, row)
+                row += table.num_rows
         raise PrepareError(f"{path}: {error}; {_accepted(types)}") from None
 
 
@@ -335,13 +344,29 @@ def _cast(table: pa.Table, types: dict[str, pa.DataType], path: Path, row: int) 
             try:
                 column = column.cast(data_type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                bad = _first_failure(
+                    column.combine_chunks(), partial(pa.Array.cast, target_type=data_type)
+                )
                 raise PrepareError(
-                    f"{path}: rows {row + 1}-{row + table.num_rows}, column {name!r}: "
-                    f"{column.type} values do not convert ({error}); accepted: "
-                    f"{_type_name(data_type)}"
-                ) from None
+                    f"{path}: row {row + bad + 1}, column {name!r}: {column[bad].as_py()!r} "
+                    f"({column.type}) does not convert; accepted: {_type_name(data_type)}"
+                ) from error
         columns.append(column)
     return pa.table(columns, names=list(types))
+
+
+def _first_failure(values: pa.Array, convert: Callable[[pa.Array], object]) -> int:
+    """The index of the first value `convert` refuses, by bisection (`values` holds one)."""
+    low, high = 0, len(values)
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            convert(values.slice(low, middle - low))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            high = middle
+        else:
+            low = middle
+    return low
 
 
 def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -> pa.Array:
@@ -387,7 +412,7 @@ def _label(spec: DatasetSpec, column: pa.Array, path: Path, file_row: int) -> np
         if bad.any():
             row = file_row + int(np.argmax(bad)) + 1
             raise PrepareError(
-                f"{path}: row {row}: label {values[bad][0]!r} in column {rule.column!r}; "
+                f"{path}: row {row}: label {values[bad][0].item()!r} in column {rule.column!r}; "
                 "accepted: 0 or 1 (or a rule: label.op and label.value)"
             )
         return values.astype(np.int8)
@@ -416,15 +441,15 @@ def _time(
     unit = spec.time.unit
     if unit == "iso8601":
         try:
-            parsed = pc.cast(column, pa.timestamp("ns"))
+            key = _iso8601_ns(column)
         except pa.ArrowInvalid:
-            bad = _first_bad_timestamp(column)
+            bad = _first_failure(column, _iso8601_ns)
             raise PrepareError(
                 f"{path}: row {file_row + bad + 1}: {column[bad].as_py()!r} in column "
                 f"{spec.time.column!r} is not an ISO-8601 time; accepted: e.g. "
-                "2024-05-01T12:30:00 or 2024-05-01 12:30:00.250"
+                "2024-05-01T12:30:00, 2024-05-01 12:30:00.250 or 2024-05-01T12:30:00+02:00 "
+                "(without an offset, UTC)"
             ) from None
-        key = np.asarray(parsed.cast(pa.int64()), dtype=np.int64)
         return key, key / 1e9
     numbers = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
     scale = _TIME_SCALE[unit]
@@ -432,13 +457,18 @@ def _time(
     return key, (key if unit == "s" else numbers / scale)
 
 
-def _first_bad_timestamp(column: pa.Array) -> int:
-    for index in range(len(column)):
-        try:
-            pc.cast(column.slice(index, 1), pa.timestamp("ns"))
-        except pa.ArrowInvalid:
-            return index
-    return 0
+def _iso8601_ns(column: pa.Array) -> np.ndarray:
+    """ISO-8601 text -> int64 ns since the epoch, UTC; times with a zone offset (Z, +02:00)
+    are converted to UTC, times without one are taken as UTC."""
+    zoned = np.asarray(
+        pc.match_substring_regex(column, r"(?:Z|[+-]\d{2}:?\d{2})$").fill_null(False), dtype=bool
+    )
+    key = np.empty(len(column), dtype=np.int64)
+    for mask, target in ((~zoned, pa.timestamp("ns")), (zoned, pa.timestamp("ns", tz="UTC"))):
+        if mask.any():
+            parsed = pc.cast(column.filter(pa.array(mask)), target)
+            key[mask] = np.asarray(parsed.cast(pa.int64()), dtype=np.int64)
+    return key
 
 
 # -- pass 1: scan --------------------------------------------------------------------------
@@ -493,14 +523,12 @@ class _Counter:
 
     def __init__(self) -> None:
         self.parts: list[pa.Table] = []
-        self.pending = 0
 
     def add(self, values: pa.Array) -> None:
         counts = pc.value_counts(values.drop_null())
         self.parts.append(
             pa.table({"value": counts.field("values"), "count": counts.field("counts")})
         )
-        self.pending += len(counts)
         if len(self.parts) > 16:
             self.parts = [self.merged()]
 
@@ -513,12 +541,61 @@ class _Counter:
         )
 
 
+class _Moments:
+    """Count, sum and sum of squares of a stream of numbers, the same whatever the batches.
+
+    The values are summed in fixed chunks of `CHUNK` consecutive values (a batch's remainder
+    waits for the next batch), and the chunk sums are added with `math.fsum` (correctly
+    rounded, so their order does not matter): the statistics, and so the artifact's content
+    hash, do not depend on `batch_rows`."""
+
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self.pending = np.zeros(0, dtype=np.float64)
+        self.sums: list[float] = []
+        self.squares: list[float] = []
+        self.count = 0
+
+    def add(self, numbers: np.ndarray) -> None:
+        numbers = np.concatenate([self.pending, numbers])
+        full = len(numbers) - len(numbers) % self.CHUNK
+        for start in range(0, full, self.CHUNK):
+            self._sum(numbers[start : start + self.CHUNK])
+        self.pending = numbers[full:]
+
+    def _sum(self, chunk: np.ndarray) -> None:
+        self.sums.append(float(chunk.sum()))
+        self.squares.append(float(np.square(chunk).sum()))
+        self.count += len(chunk)
+
+    def mean_std(self) -> tuple[float, float]:
+        """(mean, standard deviation); (0, 1) without values, std 1 for a constant."""
+        self._sum(self.pending)
+        self.pending = np.zeros(0, dtype=np.float64)
+        if not self.count:
+            return 0.0, 1.0
+        mean = math.fsum(self.sums) / self.count
+        variance = math.fsum(self.squares) / self.count - mean * mean
+        return mean, math.sqrt(variance) if variance > 0 else 1.0
+
+
 def _fit(
     spec: DatasetSpec, reader: _Reader, fit_mask: np.ndarray | None, progress: Progress
-) -> Preprocessor:
-    counters = {f.name: _Counter() for f in spec.features if f.has_ids}
-    sums = {
-        f.name: np.zeros(3)
+) -> tuple[Preprocessor, dict[str, int]]:
+    """The fitted preprocessor, and how many distinct users and items all rows hold (the
+    `users` and `items` of info.json)."""
+    roles = {f"{role}s": column for role, column in spec.roles.items() if role in ("user", "item")}
+    # Index ids need no vocabulary: they are counted only to report distinct users and items.
+    counters = {
+        f.name: _Counter()
+        for f in spec.features
+        if f.has_ids and (f.ids != "index" or f.name in roles.values())
+    }
+    # With fit_on all the vocabulary counters see every row; else the roles get their own.
+    everyone = {} if fit_mask is None else {column: _Counter() for column in roles.values()}
+    moments = {
+        f.name: _Moments()
         for f in spec.features
         if f.kind == "dense" and "standardise" in f.transform
     }
@@ -536,6 +613,8 @@ def _fit(
                 max_lengths[feature.name] = max(
                     max_lengths.get(feature.name, 0), int(pc.max(lengths).as_py() or 0)
                 )
+            if feature.name in everyone:
+                everyone[feature.name].add(batch.columns[feature.name])
             if feature.name in counters:
                 values = batch.columns[feature.name]
                 if mask is not None:
@@ -543,18 +622,20 @@ def _fit(
                 if feature.kind == "multi_valued":
                     values = pc.list_flatten(values)
                 counters[feature.name].add(values)
-            if feature.name in sums:
+            if feature.name in moments:
                 values = batch.columns[feature.name]
                 if mask is not None:
                     values = values.filter(mask)
                 numbers = _before_standardise(feature, values)
-                numbers = numbers[~np.isnan(numbers)]
-                sums[feature.name] += (len(numbers), numbers.sum(), np.square(numbers).sum())
+                moments[feature.name].add(numbers[~np.isnan(numbers)])
         progress("fit", rows)
     vocabularies: dict[str, Vocabulary] = {}
     cardinalities: dict[str, int] = {}
     for feature in spec.features:
         if not feature.has_ids:
+            continue
+        if feature.ids == "index":
+            cardinalities[feature.name] = feature.cardinality + int(feature.oov)
             continue
         counts = counters[feature.name].merged()
         if feature.hashed:
@@ -572,11 +653,7 @@ def _fit(
         )
         vocabularies[feature.name] = vocabulary
         cardinalities[feature.name] = max(1, vocabulary.size)
-    dense_stats = {}
-    for name, (count, total, squares) in sums.items():
-        mean = total / count if count else 0.0
-        variance = squares / count - mean * mean if count else 1.0
-        dense_stats[name] = (float(mean), float(np.sqrt(variance)) if variance > 0 else 1.0)
+    dense_stats = {name: moment.mean_std() for name, moment in moments.items()}
     for feature in spec.features:
         if feature.kind == "sequence":
             max_lengths[feature.name] = feature.max_length
@@ -584,7 +661,11 @@ def _fit(
             max_lengths[feature.name] = min(feature.max_length, max_lengths.get(feature.name, 1))
         elif feature.kind == "multi_valued":
             max_lengths[feature.name] = max(1, max_lengths.get(feature.name, 1))
-    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths)
+    distinct = {
+        key: (everyone.get(column) or counters[column]).merged().num_rows
+        for key, column in roles.items()
+    }
+    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths), distinct
 
 
 def _before_standardise(feature: FeatureDef, values: pa.Array) -> np.ndarray:

@@ -12,11 +12,17 @@ data is read. Paths in `source` and `joins` are relative to the spec file.
     features:
       - {name: user_id, kind: categorical, ids: hash}
       - {name: item_id, kind: categorical, min_count: 2}
+      - {name: shop_id, kind: categorical, type: int, ids: index, cardinality: 5000}
       - {name: tags, kind: multi_valued, separator: "|", max_length: 8}
       - {name: price, kind: dense, transform: [log1p, standardise]}
       - {name: hist_item_id, kind: sequence, of: item_id, max_length: 20}
       - {name: user_activity, kind: count, of: user_id, transform: [log1p]}
-    split: {by: time, valid: 0.1, test: 0.1}
+    split: {by: time, valid: 0.1, test: 0.1}     # or {by: random, ..., seed: 0}
+    fit_on: train                                 # or all
+
+`fit_on: train` fits vocabularies and dense statistics on the events before the time of the
+first event outside the train split (with a random split: on the train rows), so nothing from
+validation or test leaks into them; `all` fits them on every event.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ FORMATS = ("csv", "tsv", "parquet")
 TIME_UNITS = ("s", "ms", "us", "ns", "iso8601")
 LABEL_OPS = (">=", ">", "<=", "<", "==", "!=")
 FEATURE_KINDS = ("categorical", "multi_valued", "dense", "sequence", "count")
-ID_MODES = ("vocabulary", "hash")
+ID_MODES = ("vocabulary", "hash", "index")
 RAW_TYPES = ("string", "int")
 DENSE_TRANSFORMS = ("log1p", "standardise", "clip")
 SPLIT_BY = ("time", "random")
@@ -96,8 +102,14 @@ class FeatureDef:
 
     categorical / multi_valued: raw ids (`type` string or int) become ids through a vocabulary
     (sorted distinct values seen at least `min_count` times; values outside it get the
-    out-of-vocabulary id, the last one, or are dropped when `oov` is false) or through raw-id
-    hashing to int64 (`ids: hash`, for tables whose method needs no vocabulary).
+    out-of-vocabulary id, the last one, or are dropped when `oov` is false), through raw-id
+    hashing to int64 (`ids: hash`, for tables whose method needs no vocabulary; `cardinality`
+    optionally declares the table size to plan for, else the distinct ids seen), or as their
+    own index (`ids: index`, integers that already are ids 0..cardinality-1, with `cardinality`
+    declared: values outside are folded in modulo `cardinality`, a missing value gets the OOV
+    id `cardinality`, or is dropped when `oov` is false). `index` keeps a data set whose ids
+    are already dense (a generator's, a pre-folded log's) at its true table size without
+    holding a vocabulary of millions of values.
     dense: a number, optionally clipped, log1p'd and standardised, in the order given.
     sequence: the user's previous `max_length` values of the categorical feature `of`, oldest
     first, in time order. count: how many earlier events share this event's value of `of`.
@@ -211,6 +223,7 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
     time_map.done()
     roles_map = top.mapping("roles", default={})
     roles = {role: roles_map.text(role) for role in ROLES if role in roles_map.raw}
+    roles_map.seen.update(ROLES)  # every role is accepted, given or not
     roles_map.done()
     joins = tuple(_join(item, f"joins[{i}]") for i, item in enumerate(top.list("joins", [])))
     features = tuple(
@@ -224,10 +237,10 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
         seed=int(split_map.number("seed", default=0)),
     )
     split_map.done()
-    if not (0 <= split.valid < 1 and 0 < split.test < 1 and split.valid + split.test < 1):
+    if not (0 < split.valid < 1 and 0 < split.test < 1 and split.valid + split.test < 1):
         raise SpecError(
             f"split: valid {split.valid} and test {split.test} must be fractions with "
-            "0 <= valid, 0 < test and valid + test < 1"
+            "0 < valid, 0 < test and valid + test < 1 (every split needs rows)"
         )
     fit_on = top.choice("fit_on", FIT_ON, default="train")
     recorded_base = top.text("base_dir", default=".")
@@ -381,10 +394,25 @@ def _feature(raw: Any, where: str) -> FeatureDef:
         )
     if feature.transform and kind not in ("dense", "count"):
         raise SpecError(f"{where}: transforms apply to dense and count features only")
+    if kind == "count" and "standardise" in feature.transform:
+        raise SpecError(
+            f"{where}: a count feature takes clip and log1p; standardise needs statistics that "
+            "are fitted before the counts exist"
+        )
     if "clip" in feature.transform and feature.clip is None:
         raise SpecError(f"{where}: the clip transform needs `clip: [low, high]`")
-    if feature.ids == "hash" and feature.min_count != 1:
-        raise SpecError(f"{where}: min_count applies to vocabularies, not to `ids: hash`")
+    if feature.ids != "vocabulary" and feature.min_count != 1:
+        raise SpecError(f"{where}: min_count applies to vocabularies, not to `ids: {feature.ids}`")
+    if feature.ids == "vocabulary" and feature.cardinality is not None:
+        raise SpecError(
+            f"{where}: a vocabulary's size is what it holds; `cardinality` applies to "
+            "`ids: hash` and `ids: index`"
+        )
+    if feature.ids == "index" and (feature.type != "int" or feature.cardinality is None):
+        raise SpecError(
+            f"{where}: `ids: index` takes integer ids (type: int) and a declared `cardinality` "
+            "(ids are 0..cardinality-1)"
+        )
     if kind in ("sequence", "count") and feature.of is None:
         raise SpecError(f"{where}: a {kind} feature needs `of: <categorical feature>`")
     if feature.cardinality is not None and feature.cardinality < 1:

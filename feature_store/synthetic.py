@@ -10,19 +10,28 @@ stream partitions and joins by them, a scoring request names one user and many i
 two features with the most ids play those roles: with the Kaggle cardinalities `cat_2` (10.1M
 ids) is the user and `cat_11` (8.4M) the item. Ids are independent across features, so the
 user-item graph has no community structure for GraphHash to find.
+
+`embtab data prepare synthetic-criteo` writes the generator's rows once as raw Parquet and
+prepares them with the bundled spec (`feature_store/specs/synthetic-criteo.yaml`), like any
+user's data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from feature_store.offline import PreparedTables
 from feature_store.schema import FeatureSpec, Schema
+from feature_store.spec import DatasetSpec, load_spec
+from feature_store.wheels import cache_dir
 
 # Criteo Kaggle (Display Advertising Challenge) cardinalities, as reported by the DLRM scripts.
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -31,6 +40,7 @@ CRITEO_KAGGLE_CARDINALITIES = (
 )  # fmt: skip
 NUM_DENSE = 13
 MAX_CARDINALITY = 10**8
+SPEC_PATH = Path(__file__).parent / "specs" / "synthetic-criteo.yaml"
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -109,10 +119,10 @@ class SyntheticCriteo:
         )
         dense = tuple(FeatureSpec(f"dense_{index}", "dense") for index in range(NUM_DENSE))
         return Schema(
-            dataset="synthetic-criteo", features=categorical + dense, id_columns=self._roles()
+            dataset="synthetic-criteo", features=categorical + dense, id_columns=self.roles()
         )
 
-    def _roles(self) -> dict[str, str]:
+    def roles(self) -> dict[str, str]:
         """The user and item keys: the features with the most ids (the first on ties)."""
         if len(self.config.cardinalities) < 2:
             return {}
@@ -179,28 +189,38 @@ class SyntheticCriteo:
             yield self.chunk(index)
 
 
-def build(
-    name: str, progress: Callable[[str], None], config: SyntheticCriteoConfig | None = None
-) -> PreparedTables:
-    generator = SyntheticCriteo(config or SyntheticCriteoConfig())
-    rows = generator.config.rows
-    valid_start, test_start = int(rows * 0.8), int(rows * 0.9)
-    progress(f"generating {rows:,} rows in {generator.num_chunks} chunks")
+def raw_dir(config: SyntheticCriteoConfig) -> Path:
+    """A directory holding the generator's rows as raw Parquet (`events.parquet`), written once
+    per configuration chunk by chunk (memory stays at one chunk whatever the row count)."""
+    key = hashlib.sha256(repr(config).encode()).hexdigest()[:12]
+    directory = cache_dir() / "raw" / "synthetic-criteo" / key
+    if (directory / "events.parquet").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = SyntheticCriteo(config)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".parquet", delete=False) as handle:
+        writer = None
+        for batch in generator.batches():
+            if writer is None:
+                writer = pq.ParquetWriter(handle.name, batch.schema)
+            writer.write_batch(batch, row_group_size=config.chunk_rows)
+        writer.close()
+    Path(handle.name).rename(directory / "events.parquet")
+    return directory
 
-    def split_batches(start: int, stop: int) -> Iterator[pa.RecordBatch]:
-        chunk_rows = generator.config.chunk_rows
-        for index in range(start // chunk_rows, -(-stop // chunk_rows)):
-            batch = generator.chunk(index)
-            first = index * chunk_rows
-            low, high = max(start - first, 0), min(stop - first, batch.num_rows)
-            yield batch.slice(low, high - low)
 
-    return PreparedTables(
-        schema=generator.schema(),
-        splits={
-            "train": split_batches(0, valid_start),
-            "valid": split_batches(valid_start, test_start),
-            "test": split_batches(test_start, rows),
-        },
-        extra_info={"generator": {"rows": rows, "seed": generator.config.seed}},
+def spec(config: SyntheticCriteoConfig) -> DatasetSpec:
+    """The bundled spec over the rows of `config`, with its features, cardinalities and roles."""
+    bundled = load_spec(SPEC_PATH)
+    template = bundled.feature("cat_0")
+    categorical = tuple(
+        replace(template, name=f"cat_{index}", column=f"cat_{index}", cardinality=cardinality)
+        for index, cardinality in enumerate(config.cardinalities)
+    )
+    dense = tuple(feature for feature in bundled.features if feature.kind == "dense")
+    return replace(
+        bundled,
+        features=categorical + dense,
+        roles=SyntheticCriteo(config).roles(),
+        base_dir=str(raw_dir(config)),
     )

@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 
 from feature_store import datasets
+from feature_store.artifact import Preprocessor
+from feature_store.movielens import SOURCES, read_atomic
 from feature_store.offline import Dataset, UnknownDatasetError
 
 
@@ -44,10 +46,20 @@ def test_movielens_1m_splits_are_80_10_10_in_time_order(movielens_1m):
 
 
 def test_movielens_1m_labels_are_ratings_of_four_or_more(movielens_1m):
-    table = movielens_1m.read("test", ["rating", "label"])
-    ratings = table.column("rating").to_numpy()
-    labels = table.column("label").to_numpy()
-    assert np.array_equal(labels == 1, ratings >= 4)
+    """Each test event's label is its raw rating >= 4 (the ratings file rates each user-item
+    pair once), looked up through the data set's own artifact."""
+    inter = read_atomic(SOURCES["movielens-1m"], "inter")
+    preprocessor = Preprocessor.load(movielens_1m.artifact_dir)
+    users = preprocessor.encode("user_id", inter.column("user_id")).to_numpy()
+    items = preprocessor.encode("item_id", inter.column("item_id")).to_numpy()
+    ratings = pa.compute.cast(inter.column("rating"), pa.float64()).to_numpy()
+    n_items = movielens_1m.schema.feature("item_id").cardinality
+    rating_of = dict(zip((users * n_items + items).tolist(), ratings.tolist(), strict=True))
+    assert len(rating_of) == inter.num_rows
+    table = movielens_1m.read("test", ["user_id", "item_id", "label"])
+    keys = table.column("user_id").to_numpy() * n_items + table.column("item_id").to_numpy()
+    expected = np.array([rating_of[key] >= 4 for key in keys.tolist()])
+    assert np.array_equal(table.column("label").to_numpy() == 1, expected)
 
 
 def test_movielens_1m_history_is_the_users_previous_items(movielens_1m):

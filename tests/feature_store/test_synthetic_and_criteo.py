@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from feature_store import datasets
+from feature_store import criteo, datasets, synthetic
 from feature_store.criteo import CriteoFormatError, read_criteo
+from feature_store.offline import SPLITS
+from feature_store.prepare import prepare_spec
 from feature_store.synthetic import (
     CRITEO_KAGGLE_CARDINALITIES,
     SyntheticConfigError,
@@ -76,26 +79,70 @@ def test_synthetic_dataset_prepares_into_splits(tmp_path, monkeypatch):
     assert dataset.info["rows"] == 10_000
     assert dataset.info["splits"]["test"]["rows"] == 1_000
     assert dataset.read("train").num_rows == 8_000
+    # The splits are the generator's rows in order, its schema the generator's.
+    config = SyntheticCriteoConfig(rows=10_000, seed=3)
+    generated = pa.Table.from_batches(list(SyntheticCriteo(config).batches()))
+    prepared = pa.concat_tables(dataset.read(split) for split in SPLITS)
+    assert prepared.equals(generated.select(prepared.column_names))
+    assert dataset.schema == SyntheticCriteo(config).schema()
+
+
+def test_synthetic_spec_follows_the_configured_cardinalities(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBTAB_DATA", str(tmp_path))
+    config = SyntheticCriteoConfig(rows=200, chunk_rows=64, cardinalities=(7, 5000, 300))
+    dataset = prepare_spec(synthetic.spec(config))
+    assert [(f.name, f.cardinality) for f in dataset.schema.categorical] == [
+        ("cat_0", 7),
+        ("cat_1", 5000),
+        ("cat_2", 300),
+    ]
+    assert dataset.schema.id_columns == {"user": "cat_1", "item": "cat_2"}
+    assert dataset.schema == SyntheticCriteo(config).schema()
 
 
 def _criteo_line(label: int, dense: list[str], categorical: list[str]) -> str:
     return "\t".join([str(label), *dense, *categorical]) + "\n"
 
 
-def test_criteo_tsv_is_parsed_like_the_dlrm_scripts(tmp_path):
-    path = tmp_path / "day_0"
+def test_criteo_days_are_prepared_like_the_dlrm_scripts(tmp_path, monkeypatch):
+    """Dense values become log1p(max(x, 0)), missing 0; hex ids are folded into max_ind_range
+    ids, the last of them for a missing value; the last day is test, the one before valid."""
+    monkeypatch.setenv("EMBTAB_DATA", str(tmp_path / "cache"))
     categorical = ["68fd1e64", "80e26c9b", ""] + ["0000000a"] * 23
     dense = ["5", "", "-1"] + ["0"] * 10
-    path.write_text(_criteo_line(1, dense, categorical) + _criteo_line(0, [""] * 13, [""] * 26))
-    batch = next(read_criteo(path, max_ind_range=1000))
-    rows = batch.to_pylist()
-    assert rows[0]["label"] == 1
+    days = [tmp_path / f"day_{index}" for index in range(3)]
+    days[0].write_text(_criteo_line(1, dense, categorical) + _criteo_line(0, [""] * 13, [""] * 26))
+    days[1].write_text(_criteo_line(0, ["1"] * 13, ["0000000b"] * 26))
+    days[2].write_text(_criteo_line(1, ["2"] * 13, ["0000000c"] * 26))
+    dataset = prepare_spec(criteo.spec(days, max_ind_range=1000))
+    assert {split: dataset.info["splits"][split]["rows"] for split in SPLITS} == {
+        "train": 2,
+        "valid": 1,
+        "test": 1,
+    }
+    assert all(dataset.schema.feature(f"cat_{i}").cardinality == 1000 for i in range(26))
+    rows = dataset.read("train").to_pylist()
+    assert rows[0]["label"] == 1 and rows[0]["timestamp"] == 0
     assert rows[0]["dense_0"] == pytest.approx(np.log1p(5))
     assert rows[0]["dense_1"] == 0.0 and rows[0]["dense_2"] == 0.0
-    assert rows[0]["cat_0"] == int("68fd1e64", 16) % 999 + 1
-    assert rows[0]["cat_2"] == 0
-    assert rows[0]["cat_3"] == 10 % 999 + 1
-    assert all(rows[1][f"cat_{i}"] == 0 for i in range(26))
+    assert rows[0]["cat_0"] == int("68fd1e64", 16) % 999
+    assert rows[0]["cat_1"] == int("80e26c9b", 16) % 999
+    assert rows[0]["cat_2"] == 999
+    assert rows[0]["cat_3"] == 10
+    assert all(rows[1][f"cat_{i}"] == 999 for i in range(26))
+    assert dataset.read("valid").to_pylist()[0]["cat_5"] == 11
+    assert dataset.read("test").to_pylist()[0]["dense_4"] == pytest.approx(np.log1p(2))
+
+
+def test_a_criteo_value_that_is_not_hex_names_the_file_and_line(tmp_path):
+    path = tmp_path / "day_0"
+    good = _criteo_line(0, ["1"] * 13, ["0000000a"] * 26)
+    path.write_text(good + _criteo_line(0, ["1"] * 13, ["0000000a"] * 25 + ["xyz"]))
+    with pytest.raises(
+        CriteoFormatError,
+        match=r"day_0: line 2: a categorical value 'xyz' is not hex; accepted: up to 8 hex",
+    ):
+        list(read_criteo(path))
 
 
 def test_malformed_criteo_file_names_the_file_and_line(tmp_path):
