@@ -8,9 +8,9 @@ JaggedTensors (torchrec EmbeddingCollection's shape). A lookup runs in three nam
 1. index transform (`embedding_tables.transforms`): ids -> physical rows, one tensor per lookup
    (unified: feature f's lookup j hashes with seed `hashing.feature_seed(table seed, f, j)`).
    The lookups of a table group run as one batched transform (`BatchedTransform`);
-2. table-batched lookup (`embedding_tables.lookup`): all physical tables of a dtype in one
-   fbgemm TBE call; each qr `mult` table, whose partitions must be read unpooled, in a TBE
-   call of its own;
+2. table-batched lookup (`embedding_tables.lookup`, `embedding_tables.torch_lookup`): all
+   physical tables of a dtype in one lookup call (one fbgemm TBE call, or torch ops); each qr
+   `mult` table, whose partitions must be read unpooled, in a call of its own;
 3. combine (`embedding_tables.combine`): concat (unified, qr concat; free: adjacent columns),
    add (qr add, graphhash double) or mult (qr mult: elementwise product of the partitions'
    rows, then pooling, in one autograd Function), all vectorised.
@@ -36,9 +36,12 @@ Physical tables are named as `embedding_tables.planning` documents (`item_id`, `
 state_dict (`tables.<physical>.weight`, `tables.<physical>.momentum` for row-wise Adagrad) use
 those names. The device is fixed at construction (the fused tables do not follow `.to()`).
 
-Devices: by default every device runs the path above (on CUDA, fbgemm's TBE needs fbgemm-gpu's
-CUDA build). With `EMBTAB_TRITON=1` in the environment (`embedding_tables.kernels.use_triton`,
-read when the collection is built) the three steps of every static table of a dtype on CUDA run
+Backends (`ec.backend`, chosen when the collection is built by `embedding_tables.backend` from
+the device and the EMBTAB_LOOKUP switch): step 2 runs in fbgemm's TBE (`fbgemm`) where fbgemm
+has kernels for the device (CPU; CUDA only with fbgemm-gpu's CUDA build), otherwise in torch ops
+(`torch`: `embedding_bag` and the same sparse optimizer in its backward, on any device; forced
+by EMBTAB_LOOKUP=torch); for `optimizer=None` both train through the torch ops. With
+EMBTAB_LOOKUP=triton (`triton`) the three steps of every static table of a dtype on CUDA run
 fused in one Triton launch (`embedding_tables.kernels.group.FusedTableGroup`: index transform,
 gathers, combine, pooling; the sparse optimizer fused into its backward, or dense gradients for
 `optimizer=None`), with the same physical tables, names, state_dict and numerics. The kernels
@@ -59,6 +62,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from embedding_tables.backend import lookup_backend
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import (
@@ -68,13 +72,7 @@ from embedding_tables.errors import (
     IdError,
     OffsetsError,
 )
-from embedding_tables.kernels import use_triton
-from embedding_tables.lookup import (
-    TORCH_DTYPES,
-    TableBatchedLookup,
-    TorchLookup,
-    bag_offsets,
-)
+from embedding_tables.lookup import TORCH_DTYPES, TableBatchedLookup, bag_offsets
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import (
     SELF_MANAGED_METHODS,
@@ -82,6 +80,7 @@ from embedding_tables.planning import (
     TablePlan,
     plan_table,
 )
+from embedding_tables.torch_lookup import TorchLookup
 from embedding_tables.transforms import (
     BatchedTransform,
     GraphHashMappingLike,
@@ -276,7 +275,8 @@ class EmbeddingCollection(nn.Module):
         self._slot_lookups: list[list[int]] = []
         self._slot_columns: list[list[int]] = []
         self._batched_transforms: dict[int, BatchedTransform] = {}
-        self._fused = _use_kernels(self.device)
+        self.backend = lookup_backend(self.device.type)
+        self._fused = self.backend == "triton"
         self.tables = PhysicalTables(self._build_lookups())
 
     # ---- public API -------------------------------------------------------------------------
@@ -528,8 +528,10 @@ class EmbeddingCollection(nn.Module):
             self._slot_columns.append([sum(dims[:s]) for s in range(len(dims) + 1)])
             if layout.kind == "fused":
                 lookups.append(self._fused_group(layout))
-            elif self.optimizer_config is None:
-                lookups.append(TorchLookup(layout.tables, slot_tables, self.device))
+            elif self.optimizer_config is None or self.backend == "torch":
+                lookups.append(
+                    TorchLookup(layout.tables, slot_tables, self.optimizer_config, self.device)
+                )
             else:
                 lookups.append(
                     TableBatchedLookup(
@@ -699,7 +701,7 @@ class EmbeddingCollection(nn.Module):
                 fused = self.tables.lookups[group]
                 outputs[group] = fused.pooled(
                     batch.values,
-                    _complete_offsets(batch.lengths),
+                    bag_offsets(batch.lengths),
                     batch.batch_size,
                     batch.weights,
                     *self._fused_inputs(batch, group),
@@ -815,12 +817,6 @@ class EmbeddingCollection(nn.Module):
         return self.tables.weight(physical_table)
 
 
-def _use_kernels(device: torch.device) -> bool:
-    """Whether static tables on `device` go through the fused Triton kernels (on CUDA with
-    EMBTAB_TRITON=1; see `use_triton`) rather than fbgemm's TBE / torch, as on CPU."""
-    return use_triton(device.type)
-
-
 def _check_layout(
     keys: Sequence[str],
     stride: int,
@@ -850,13 +846,6 @@ def _check_layout(
             f"features {named}: {weights.numel()} weights for {values.numel()} ids; one weight "
             "per id (or none) is accepted"
         )
-
-
-def _complete_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """[0, cumsum(lengths)...] with torch ops (the fused path needs no fbgemm op)."""
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    return offsets
 
 
 def _output_dim(config: TableConfig, feature: str) -> int:

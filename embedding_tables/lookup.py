@@ -8,8 +8,8 @@ slots side by side; `rows` returns the unpooled rows of every slot.
 - `TableBatchedLookup`: fbgemm's SplitTableBatchedEmbeddingBagsCodegen (one call for all slots)
   with the sparse optimizer fused into its backward. Its weights are *not* nn.Parameters of this
   module: no dense optimizer can pick them up.
-- `TorchLookup`: plain nn.Parameters and torch.nn.functional.embedding_bag, for training with
-  a dense optimizer (`optimizer=None`).
+- `embedding_tables.torch_lookup.TorchLookup`: the same interface in torch ops, for any device,
+  with the same sparse optimizer or none (dense gradients).
 
 Both record the rows that received a gradient (`take_touched`), for delta sync.
 Neither writes its own state_dict entries: the owning `PhysicalTables` names them.
@@ -21,7 +21,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
     BoundsCheckMode,
@@ -45,9 +44,24 @@ _FBGEMM_OPTIMIZER = {
 }
 
 
+# fbgemm's TBE forward; registered for CUDA only by fbgemm-gpu's CUDA build.
+_TBE_FORWARD_OP = "fbgemm::split_embedding_codegen_forward_unweighted_pt2_wrapper"
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def fbgemm_has_kernels(device_type: str) -> bool:
+    """Whether fbgemm's TBE has kernels for `device_type` devices in this install: CPU in every
+    build, CUDA only in fbgemm-gpu's CUDA build (the pinned fbgemm-gpu-cpu has none)."""
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_TBE_FORWARD_OP, key)
+
+
 def bag_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """[0, cumsum(lengths)...]: offsets with the last one included, as fbgemm and torch take."""
-    return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    """[0, cumsum(lengths)...]: offsets with the last one included, as fbgemm and torch take
+    (torch ops, so that every device has them)."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
 
 
 def init_bound(num_rows: int) -> float:
@@ -226,75 +240,3 @@ class TableBatchedLookup(_Lookup):
         output = self.rows_output(indices, slot_counts)
         columns = output.split(list(self.slot_dims), dim=1)
         return [column[:count] for column, count in zip(columns, slot_counts, strict=True)]
-
-
-class TorchLookup(_Lookup):
-    """Plain nn.Parameters looked up with torch ops: gradients land in `.grad` for a dense
-    optimizer (dense gradients, as torchrec's EmbeddingBagCollection gives)."""
-
-    def __init__(
-        self, tables: Sequence[PhysicalTable], slot_tables: Sequence[int], device: torch.device
-    ) -> None:
-        super().__init__(tables, slot_tables, device)
-        for t, table in enumerate(tables):
-            bound = init_bound(table.num_rows)
-            weight = torch.empty(
-                table.num_rows, table.dim, dtype=TORCH_DTYPES[table.dtype], device=device
-            ).uniform_(-bound, bound)
-            self.register_parameter(f"table_{t}", nn.Parameter(weight))
-
-    def weight(self, table: int) -> torch.Tensor:
-        return getattr(self, f"table_{table}")
-
-    def pooled(
-        self,
-        indices: torch.Tensor,
-        lengths: torch.Tensor,
-        weights: torch.Tensor | None,
-        slot_counts: Sequence[int],
-    ) -> torch.Tensor:
-        """[B, sum of slot dims]: every slot's bags pooled, slots side by side."""
-        slot_indices = indices.split(list(slot_counts))
-        slot_lengths = lengths.view(len(self.slot_tables), -1)
-        slot_weights = (
-            weights.split(list(slot_counts)) if weights is not None else [None] * len(slot_counts)
-        )
-        outputs = []
-        for s, table in enumerate(self.slot_tables):
-            weight = self.weight(table)
-            per_sample = slot_weights[s]
-            pooled = F.embedding_bag(
-                slot_indices[s],
-                weight,
-                bag_offsets(slot_lengths[s]),
-                mode="sum",
-                per_sample_weights=None if per_sample is None else per_sample.to(weight.dtype),
-                include_last_offset=True,
-            )
-            outputs.append(pooled.float())
-        output = torch.cat(outputs, dim=1)
-        self._record_touched_in_backward(output, indices, slot_counts)
-        return output
-
-    def rows(self, indices: torch.Tensor, slot_counts: Sequence[int]) -> list[torch.Tensor]:
-        """Unpooled rows per slot, [count, dim]."""
-        outputs = []
-        for table, slot_indices in zip(
-            self.slot_tables, indices.split(list(slot_counts)), strict=True
-        ):
-            output = F.embedding(slot_indices, self.weight(table)).float()
-            if output.requires_grad:
-                output.register_hook(
-                    lambda grad, table=table, rows=slot_indices: self.mark_touched(table, rows)
-                )
-            outputs.append(output)
-        return outputs
-
-    def rows_output(self, indices: torch.Tensor, slot_counts: Sequence[int]) -> torch.Tensor:
-        """Unpooled rows of every slot side by side, [longest count, sum of slot dims]."""
-        longest = max(slot_counts)
-        padded = [
-            F.pad(rows, (0, 0, 0, longest - rows.shape[0]))
-            for rows in self.rows(indices, slot_counts)
-        ]
-        return torch.cat(padded, dim=1)

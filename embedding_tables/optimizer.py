@@ -1,8 +1,10 @@
-"""The sparse optimizer config: the update fused into the embedding lookups' backward."""
+"""The sparse optimizer: its config, and its step in torch ops for the torch lookup."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from embedding_tables.errors import ConfigError
 
@@ -40,3 +42,28 @@ class SparseOptimizerConfig:
                 "sparse optimizer initial_accumulator_value must be >= 0, got "
                 f"{self.initial_accumulator_value}"
             )
+
+
+def sparse_step(
+    weight: torch.Tensor,
+    momentum: torch.Tensor | None,
+    indices: torch.Tensor,
+    grads: torch.Tensor,
+    config: SparseOptimizerConfig,
+    lr: float,
+) -> None:
+    """One step of `config` (with learning rate `lr`) in place on the rows of `weight` that
+    `indices` reads, given each index's gradient `grads` [N, dim]: the gradients of a row are
+    summed first, then the row is updated once, in fp32, as fbgemm's EXACT_ROWWISE_ADAGRAD /
+    EXACT_SGD do. `momentum` [rows] fp32 is the row-wise Adagrad accumulator (None for SGD)."""
+    rows, inverse = torch.unique(indices, return_inverse=True)
+    summed = torch.zeros(rows.numel(), grads.shape[1], dtype=torch.float32, device=grads.device)
+    summed.index_add_(0, inverse, grads.float())
+    updated = weight.index_select(0, rows).float()
+    if config.kind == "rowwise_adagrad":
+        accumulator = momentum.index_select(0, rows) + summed.pow(2).mean(dim=1)
+        momentum.index_copy_(0, rows, accumulator)
+        updated -= (lr / (accumulator.sqrt() + config.eps)).unsqueeze(1) * summed
+    else:
+        updated -= lr * summed
+    weight.index_copy_(0, rows, updated.to(weight.dtype))

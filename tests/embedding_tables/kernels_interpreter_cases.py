@@ -376,7 +376,7 @@ def test_ids_per_feature_must_describe_the_ids() -> None:
 @pytest.fixture
 def kernel_collections(monkeypatch):
     """EmbeddingCollection on CPU routed as on CUDA: through the (interpreted) kernels."""
-    monkeypatch.setattr(collection_module, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(collection_module, "lookup_backend", lambda device_type: "triton")
 
 
 @pytest.mark.parametrize("sequence", [False, True], ids=["weighted-mean", "sequence"])
@@ -422,12 +422,12 @@ def test_collection_dense_mode_and_checkpoints_match_the_cpu_path(kernel_collect
     tables, feature_to_table = method_case("mixed", "mean")
     fused = EmbeddingCollection(tables, feature_to_table, optimizer=None)
     assert len(list(fused.parameters())) == len(fused.physical_tables())
-    collection_module_use = collection_module._use_kernels
-    collection_module._use_kernels = lambda device: False
+    collection_module_use = collection_module.lookup_backend
+    collection_module.lookup_backend = lambda device_type: "fbgemm"
     try:
         plain = EmbeddingCollection(tables, feature_to_table, optimizer=None)
     finally:
-        collection_module._use_kernels = collection_module_use
+        collection_module.lookup_backend = collection_module_use
     plain.load_state_dict(fused.state_dict())
     features = random_kjt(tables, feature_to_table, weighted=True, any_int64=True)
     fused_out, plain_out = fused(features).values(), plain(features).values()

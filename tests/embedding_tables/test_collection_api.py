@@ -140,11 +140,12 @@ def test_physical_tables_are_named_after_their_logical_table() -> None:
 
 
 @pytest.mark.parametrize("optimizer", [None, ADAGRAD], ids=["dense", "fused"])
-def test_state_dict_round_trip(optimizer) -> None:
+def test_state_dict_round_trip(optimizer, lookup_backend) -> None:
     tables, feature_to_table = method_case("mixed")
     features = random_kjt(tables, feature_to_table, weighted=True)
     torch.manual_seed(0)
     trained = EmbeddingCollection(tables, feature_to_table, optimizer)
+    assert trained.backend == lookup_backend
     train_step(trained, features)
     state = trained.state_dict()
     assert all(key.startswith("tables.") for key in state)
@@ -157,9 +158,10 @@ def test_state_dict_round_trip(optimizer) -> None:
         assert torch.equal(tensor, state[key])
 
 
-def test_state_dict_with_wrong_shapes_changes_nothing() -> None:
+def test_state_dict_with_wrong_shapes_changes_nothing(lookup_backend) -> None:
     tables, feature_to_table = method_case("hash")
     ec = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
+    assert ec.backend == lookup_backend
     before = {k: v.clone() for k, v in ec.state_dict().items()}
     bad = {k: torch.zeros_like(v) for k, v in before.items()}
     bad["tables.t1.weight"] = torch.zeros(3, 3)
@@ -168,10 +170,11 @@ def test_state_dict_with_wrong_shapes_changes_nothing() -> None:
     assert all(torch.equal(before[k], v) for k, v in ec.state_dict().items())
 
 
-def test_fused_checkpoint_loads_into_dense_collection() -> None:
+def test_fused_checkpoint_loads_into_dense_collection(lookup_backend) -> None:
     tables, feature_to_table = method_case("unified")
     features = random_kjt(tables, feature_to_table)
     fused = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
+    assert fused.backend == lookup_backend
     train_step(fused, features)
     dense = EmbeddingCollection(tables, feature_to_table, None)
     result = dense.load_state_dict(fused.state_dict(), strict=False)
@@ -179,9 +182,10 @@ def test_fused_checkpoint_loads_into_dense_collection() -> None:
     torch.testing.assert_close(dense(features).values(), fused(features).values())
 
 
-def test_touched_rows_follow_backward_only() -> None:
+def test_touched_rows_follow_backward_only(lookup_backend) -> None:
     tables, feature_to_table = method_case("mixed")
     ec = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
+    assert ec.backend == lookup_backend
     features = random_kjt(tables, feature_to_table)
     ec(features)
     assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
@@ -194,9 +198,10 @@ def test_touched_rows_follow_backward_only() -> None:
     assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
 
 
-def test_export_then_load_rows_restores_a_table() -> None:
+def test_export_then_load_rows_restores_a_table(lookup_backend) -> None:
     tables, feature_to_table = method_case("qr_mult")
     source = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
+    assert source.backend == lookup_backend
     target = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
     for table in source.physical_tables():
         chunks = list(source.export_rows(table.name, chunk_rows=7))
@@ -209,8 +214,9 @@ def test_export_then_load_rows_restores_a_table() -> None:
     assert torch.equal(target(features).values(), source(features).values())
 
 
-def test_load_rows_checks_everything_before_writing() -> None:
+def test_load_rows_checks_everything_before_writing(lookup_backend) -> None:
     ec = EmbeddingCollection([TableConfig("t", 10, 4)], {"f": "t"}, ADAGRAD)
+    assert ec.backend == lookup_backend
     before = ec.tables.weight("t").clone()
     with pytest.raises(IdError, match="row id 10"):
         ec.load_rows("t", torch.tensor([0, 10]), torch.ones(2, 4))
@@ -229,8 +235,9 @@ def test_dense_mode_tables_are_parameters_with_gradients() -> None:
     assert all(p.grad is not None for p in ec.parameters())
 
 
-def test_learning_rate_can_be_changed() -> None:
+def test_learning_rate_can_be_changed(lookup_backend) -> None:
     ec = EmbeddingCollection([TableConfig("t", 10, 4)], {"f": "t"}, SparseOptimizerConfig("sgd"))
+    assert ec.backend == lookup_backend
     ec.set_learning_rate(0.0)
     before = ec.tables.weight("t").clone()
     train_step(ec, one_feature_kjt(torch.tensor([1, 2])))

@@ -1,6 +1,8 @@
 """The fast path against the plain-torch reference: pooled and sequence, forward, gradients and
-fused updates, for every method. Exact where the order of summation is the same; otherwise
-within fp32 rounding (mean pooling scales before summing, Adagrad's sqrt/divide)."""
+fused updates, for every method; the tests with a sparse optimizer run once per backend
+(`lookup_backend`: fbgemm's TBE and the torch lookup). Exact where the order of summation is
+the same; otherwise within fp32 rounding (mean pooling scales before summing, Adagrad's
+sqrt/divide)."""
 
 from __future__ import annotations
 
@@ -86,11 +88,12 @@ def test_forward_and_gradients_match_reference(method, pooling, weighted, sequen
 @pytest.mark.parametrize("kind", ["sgd", "rowwise_adagrad"])
 @pytest.mark.parametrize("sequence", [False, True], ids=["pooled", "sequence"])
 @pytest.mark.parametrize("method", METHODS)
-def test_fused_update_matches_reference(method, sequence, kind) -> None:
+def test_fused_update_matches_reference(method, sequence, kind, lookup_backend) -> None:
     torch.manual_seed(2)
     optimizer = SparseOptimizerConfig(kind, lr=0.3, eps=1e-3, initial_accumulator_value=0.1)
     tables, feature_to_table = method_case(method, "mean" if not sequence else "sum")
     ec = EmbeddingCollection(tables, feature_to_table, optimizer=optimizer)
+    assert ec.backend == lookup_backend
     assert list(ec.parameters()) == []  # fused weights are kept away from dense optimizers
     features = random_kjt(tables, feature_to_table, weighted=not sequence, any_int64=True)
     weights = reference_weights(ec)
@@ -119,9 +122,10 @@ def test_fused_update_matches_reference(method, sequence, kind) -> None:
     assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
 
 
-def test_all_bags_empty_pool_to_zeros() -> None:
+def test_all_bags_empty_pool_to_zeros(lookup_backend) -> None:
     tables, feature_to_table = method_case("mixed", "mean")
     ec = EmbeddingCollection(tables, feature_to_table, optimizer=SparseOptimizerConfig())
+    assert ec.backend == lookup_backend
     features = random_kjt(tables, feature_to_table, max_len=0)
     pooled = ec(features)
     assert pooled.values().shape == (5, sum(ec.output_dim(f) for f in ec.feature_names))
@@ -130,11 +134,12 @@ def test_all_bags_empty_pool_to_zeros() -> None:
     assert all(jagged.values().shape[0] == 0 for jagged in sequence.values())
 
 
-def test_fp16_tables_match_reference() -> None:
+def test_fp16_tables_match_reference(lookup_backend) -> None:
     torch.manual_seed(3)
     tables, feature_to_table = method_case("mixed", "sum", dtype="fp16")
     for optimizer in (None, SparseOptimizerConfig()):
         ec = EmbeddingCollection(tables, feature_to_table, optimizer=optimizer)
+        assert ec.backend == lookup_backend
         assert all(t.dtype == "fp16" for t in ec.physical_tables())
         features = random_kjt(tables, feature_to_table, weighted=True)
         expected = run_reference(ec, features, reference_weights(ec), sequence=False)
@@ -143,9 +148,10 @@ def test_fp16_tables_match_reference() -> None:
             torch.testing.assert_close(outputs[feature], expected[feature], rtol=1e-3, atol=1e-4)
 
 
-def test_keyed_tensor_order_and_widths_follow_feature_to_table() -> None:
+def test_keyed_tensor_order_and_widths_follow_feature_to_table(lookup_backend) -> None:
     tables, feature_to_table = method_case("mixed")
     ec = EmbeddingCollection(tables, feature_to_table, optimizer=SparseOptimizerConfig())
+    assert ec.backend == lookup_backend
     pooled = ec(random_kjt(tables, feature_to_table))
     assert pooled.keys() == list(feature_to_table)
     assert pooled.length_per_key() == [8, 8, 4, 8, 4, 4]

@@ -14,7 +14,9 @@ from embedding_tables.collisionless import DEFAULT_ROW
 from embedding_tables.graphhash import build_graphhash
 
 
-def test_train_checkpoint_and_serve_through_the_collection(tmp_path: Path) -> None:
+def test_train_checkpoint_and_serve_through_the_collection(
+    tmp_path: Path, lookup_backend: str
+) -> None:
     users = np.repeat(np.arange(50), 4)
     items = (users * 7 + np.tile(np.arange(4), 50)) % 30
     mapping = build_graphhash(users, items, budget_rows=20, variant="double").user
@@ -30,6 +32,7 @@ def test_train_checkpoint_and_serve_through_the_collection(tmp_path: Path) -> No
         )
 
     collection = build()
+    assert collection.backend == lookup_backend
     batch = KeyedJaggedTensor.from_lengths_sync(
         ["user_id", "item_id"],
         torch.tensor([1, 2, 3, 5, 5, 6, 7]),
