@@ -23,7 +23,7 @@ against the torch-composed step; bad ids and offsets raise typed errors.
 
 Needs torch with CUDA and Triton; not torchrec or fbgemm-gpu. Refuses to write results without
 a CUDA device, and stops at once without Triton. It builds `FusedTableGroup` itself, so it times
-the Triton kernels whatever EMBTAB_TRITON says: that switch (off by default) chooses only
+the Triton kernels whatever EMBTAB_LOOKUP says: that switch (auto by default) chooses only
 EmbeddingCollection's backend, which the bench does not build. See bench/GPU_NOTES.md.
 
     python bench/gpu_kernels.py [--out bench/results/gpu_kernels.json] [--cases A,C,D,E]

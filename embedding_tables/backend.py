@@ -31,19 +31,12 @@ LOOKUP_SWITCH_VALUES = {
     "torch": "the torch lookup on every device",
     "triton": "the fused Triton kernels on CUDA, auto elsewhere",
 }
-# The switch this one replaced; setting it raises so that it is not silently ignored.
-RETIRED_SWITCH = "EMBTAB_TRITON"
 
 
 def lookup_backend(device_type: str) -> str:
     """`fbgemm`, `torch` or `triton` for static tables on a `device_type` device, following
     EMBTAB_LOOKUP (see the module docstring). A value not accepted raises, as does asking for
     Triton where it is not installed, so that no switch silently runs another path."""
-    if RETIRED_SWITCH in os.environ:
-        raise BackendError(
-            f"{RETIRED_SWITCH} is no longer read; set {LOOKUP_SWITCH}=triton for the fused "
-            f"Triton kernels and unset {RETIRED_SWITCH}"
-        )
     value = os.environ.get(LOOKUP_SWITCH, "auto")
     if value not in LOOKUP_SWITCH_VALUES:
         accepted = "; ".join(f"{k!r} ({v})" for k, v in LOOKUP_SWITCH_VALUES.items())

@@ -27,5 +27,5 @@ class OffsetsError(EmbeddingTableError):
 
 
 class BackendError(EmbeddingTableError):
-    """A value of the EMBTAB_LOOKUP switch that is not accepted (or the retired EMBTAB_TRITON
-    set), or Triton asked for where it is not installed."""
+    """A value of the EMBTAB_LOOKUP switch that is not accepted, or Triton asked for where it
+    is not installed."""

@@ -107,15 +107,6 @@ def test_a_bad_switch_value_names_the_accepted_ones(
         backend.lookup_backend(device_type)
 
 
-@pytest.mark.parametrize("value", ["0", "1"])
-def test_the_retired_triton_switch_is_not_silently_ignored(
-    monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
-    monkeypatch.setenv(backend.RETIRED_SWITCH, value)
-    with pytest.raises(BackendError, match="EMBTAB_TRITON is no longer read.*EMBTAB_LOOKUP=triton"):
-        backend.lookup_backend("cuda")
-
-
 def test_a_bad_switch_value_stops_the_collection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(backend.LOOKUP_SWITCH, "on")
     tables, feature_to_table = method_case("mixed")
