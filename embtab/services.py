@@ -249,9 +249,12 @@ class Services:
 
 
 @contextlib.contextmanager
-def embedded_services(redis: bool = True, kafka: bool = True) -> Iterator[Services]:
+def embedded_services(
+    redis: bool = True, kafka: bool = True, redis_dir: Path | None = None
+) -> Iterator[Services]:
     """Redis and Kafka for the duration of the block: EMBTAB_REDIS / EMBTAB_KAFKA when set
-    (nothing is started then), else embedded ones on free loopback ports."""
+    (nothing is started then), else embedded ones on free loopback ports; the embedded Redis
+    keeps its AOF in `redis_dir` (see `start_redis`)."""
     services = Services(redis_url="", kafka_bootstrap="")
     try:
         if redis:
@@ -259,7 +262,7 @@ def embedded_services(redis: bool = True, kafka: bool = True) -> Iterator[Servic
             if external:
                 services.redis_url = external
             else:
-                services.redis = start_redis()
+                services.redis = start_redis(data_dir=redis_dir)
                 services.redis_url = f"redis://127.0.0.1:{services.redis.port}/0"
         if kafka:
             external = os.environ.get("EMBTAB_KAFKA")

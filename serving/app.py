@@ -9,10 +9,11 @@
     GET  /metrics                Prometheus
     GET  /openapi.json           the OpenAPI schema of all of these
 
-Limits (ServeConfig): body size and candidate count (413), request time (503); a connection
-must send its request's headers within `header_timeout_s` (else it is closed), and at most
-`max_connections` are open at once (past it, the connection waiting longest for its headers is
-closed, or the new one is answered 503 when none waits).
+Limits (ServeConfig): body size and candidate count (413), request time (503); bodies over
+`offload_body_bytes` are parsed in a worker process (serving.parsing), off the event loop; a
+connection must send its request's headers within `header_timeout_s` (else it is closed), and at
+most `max_connections` are open at once (past it, the connection waiting longest for its headers
+is closed, or the new one is answered 503 when none waits).
 
 Errors are JSON `{"error": message, "field": path}` with the status the error carries (400, 404,
 413, 422, 503); nothing a client sends leads to a 500.
@@ -37,7 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.errors import BodyTooLargeError, RequestError, UnknownModelError
-from serving.request import ScoreRequest, parse_request
+from serving.parsing import ParserGoneError
+from serving.request import ScoreRequest
 from serving.scorer import NotReadyError
 from serving.service import ScoringService, ServeConfig
 
@@ -142,7 +144,7 @@ def create_app(service: ScoringService) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.start()
+        await service.start()
         try:
             yield
         finally:
@@ -163,8 +165,7 @@ def create_app(service: ScoringService) -> FastAPI:
                 )
             async with asyncio.timeout(config.request_timeout_s):
                 body = await _read_body(request, config.max_body_bytes)
-                parsed: ScoreRequest = parse_request(body, config.max_candidates)
-                columns = service.scorer.prepare(parsed)
+                columns = await service.prepare(body)
                 submitted = True
                 result = await service.batcher.submit(columns)
             payload = {
@@ -179,6 +180,9 @@ def create_app(service: ScoringService) -> FastAPI:
             status = error.status
             return _error(status, str(error), error.field)
         except NotReadyError as error:
+            status = 503
+            return _error(status, str(error))
+        except ParserGoneError as error:
             status = 503
             return _error(status, str(error))
         except TimeoutError:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
-from embedding_tables.config import TableConfig
 from feature_store.schema import FeatureSpec, Schema
 from serving.errors import FeatureValueError, RequestError, TooManyCandidatesError
 from serving.jagged import Jagged
+
+if TYPE_CHECKING:  # embedding_tables imports torch, which the body parser's worker does without
+    from embedding_tables.config import TableConfig
 
 INT64_MIN = -(2**63) + 2  # the two smallest int64s mark empty/deleted slots of id maps
 INT64_MAX = 2**63 - 1

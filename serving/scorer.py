@@ -47,13 +47,13 @@ from serving.errors import (
     RedisUnavailableError,
     ServingError,
     StoreError,
-    UnknownModelError,
     VersionNotFoundError,
 )
 from serving.health import RedisHealth
 from serving.item_features import ItemFeatureCache
 from serving.jagged import Jagged
 from serving.param_store import DenseState, ParamReader, VersionHead, VersionManifest
+from serving.parsing import Preparation, check_model, prepare_columns
 from serving.published_model import servable_model
 from serving.raw_values import RawValueEncoder
 from serving.request import (
@@ -61,7 +61,6 @@ from serving.request import (
     RequestColumns,
     ScoreRequest,
     feature_rules,
-    request_columns,
 )
 from serving.row_plan import RowPlanner
 
@@ -441,25 +440,17 @@ class Scorer:
 
     def prepare(self, request: ScoreRequest) -> RequestColumns:
         """Check a request against the model and turn it into columns (no Redis involved)."""
-        if request.model is not None and request.model != self.config.model:
-            raise UnknownModelError(
-                "model",
-                f"unknown model {request.model!r}; this service serves {self.config.model!r}",
-            )
+        check_model(request, self.config.model)
+        return prepare_columns(request, self.preparation())
+
+    def preparation(self) -> Preparation:
+        """What checking a request against the served version takes (for serving.parsing)."""
         snapshot = self._snapshot
         if snapshot is None:
             raise NotReadyError(f"model {self.config.model!r} has no version loaded yet")
-        if snapshot.encoder is None:
-            return request_columns(
-                request, snapshot.rules, snapshot.user_column, snapshot.item_column
-            )
-        encoded = snapshot.encoder.encode(request)
-        columns = request_columns(
-            encoded.request, snapshot.rules, snapshot.user_column, snapshot.item_column
+        return Preparation(
+            snapshot.rules, snapshot.user_column, snapshot.item_column, snapshot.encoder
         )
-        columns.user_known = encoded.user_known
-        columns.item_known = encoded.item_known
-        return columns
 
     # -- batches (scoring thread) ----------------------------------------------------------------
 

@@ -20,9 +20,10 @@ from serving.batcher import MicroBatcher
 from serving.errors import ServingError
 from serving.metrics import ServiceMetrics
 from serving.param_store import ParamReader
+from serving.parsing import BodyParser, NoVersionError
 from serving.redis_nodes import RedisConfig, RedisNodes
-from serving.request import RequestColumns
-from serving.scorer import RequestScores, Scorer, ScorerConfig
+from serving.request import RequestColumns, parse_request
+from serving.scorer import NotReadyError, RequestScores, Scorer, ScorerConfig
 from serving.watcher import VersionWatcher
 
 log = logging.getLogger("embtab.serving")
@@ -37,7 +38,9 @@ class ServeConfig:
     Redis that does not answer for more than `redis.socket_timeout_s`, once (then the breaker
     keeps requests off Redis until the watcher sees it answer again). Limits: a request
     carries at most `max_body_bytes` and `max_candidates` (413) and is answered within
-    `request_timeout_s` (else 503). A connection must send each request's headers within
+    `request_timeout_s` (else 503). Bodies over `offload_body_bytes` are parsed in a worker
+    process (serving.parsing), so that the event loop serves other clients meanwhile. A
+    connection must send each request's headers within
     `header_timeout_s` (else it is closed); at most `max_connections` are open at once (fewer
     if the descriptor limit is lower).
     """
@@ -49,6 +52,7 @@ class ServeConfig:
     port: int = 8000
     max_candidates: int = 1000
     max_body_bytes: int = 8 * 2**20
+    offload_body_bytes: int = 256 * 2**10
     request_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
     max_connections: int = 1000
@@ -68,6 +72,11 @@ class ServeConfig:
             raise ServingError(f"port must be in [0, 65535], got {self.port}")
         if self.torch_threads < 1 or self.poll_s <= 0 or self.max_body_bytes < 1:
             raise ServingError("torch_threads >= 1, poll_s > 0 and max_body_bytes >= 1 needed")
+        if self.offload_body_bytes < 0:
+            raise ServingError(
+                f"offload_body_bytes must be >= 0 (0: every body is parsed in the worker), got "
+                f"{self.offload_body_bytes}"
+            )
         if not self.header_timeout_s > 0 or self.max_connections < 1:
             raise ServingError(
                 f"header_timeout_s must be > 0 and max_connections >= 1, got "
@@ -115,6 +124,7 @@ class ScoringService:
             max_rows=config.max_batch_rows,
         )
         self.metrics = ServiceMetrics(self.scorer)
+        self.parser = BodyParser(config.model, config.max_candidates)
 
     def _online_store(self, schema: Schema) -> OnlineFeatureStore | None:
         """The online store restricted to the model's features; None if its data set has none."""
@@ -135,9 +145,25 @@ class ScoringService:
         self.metrics.batch_requests.observe(len(jobs))
         return self.scorer.score(jobs).split()
 
-    def start(self) -> None:
-        """Load the live version if Redis has one, then start the watcher and the batcher (on
-        the running event loop)."""
+    async def prepare(self, body: bytes) -> RequestColumns:
+        """A body's columns; raises RequestError (4xx) or NotReadyError. A large body is parsed
+        in the worker process: on the event loop it would stall every other client."""
+        if len(body) <= self.config.offload_body_bytes:
+            return self.scorer.prepare(parse_request(body, self.config.max_candidates))
+        try:
+            preparation = self.scorer.preparation()
+        except NotReadyError:
+            preparation = None  # the worker still refuses an invalid body as the loop would
+        try:
+            return await self.parser.prepare(body, preparation, self.scorer.unknown_ids)
+        except NoVersionError:
+            self.scorer.preparation()  # raises NotReadyError, unless a version just came
+            return await self.prepare(body)
+
+    async def start(self) -> None:
+        """Load the live version if Redis has one, then start the watcher, the batcher (on
+        the running event loop) and the body parser's worker process."""
+        await self.parser.start()
         torch.set_num_threads(self.config.torch_threads)
         log.info(
             "serving model=%s redis=%s", self.config.model, ",".join(self.config.redis.redacted())
@@ -153,10 +179,12 @@ class ScoringService:
         gc.freeze()
         self.watcher.start()
         self.batcher.start()
+        await self.parser.wait_started()
 
     async def stop(self) -> None:
         self.watcher.stop()
         await self.batcher.stop()
+        await self.parser.stop()
         gc.unfreeze()  # let interpreter shutdown collect what start() froze
         self.nodes.close()
         if self._features_client is not None:

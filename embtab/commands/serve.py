@@ -59,6 +59,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--max-body-mb", type=float, default=8.0, help="largest request body, MiB (else 413)"
     )
     serve.add_argument(
+        "--offload-body-kb",
+        type=float,
+        default=256.0,
+        help="bodies larger than this are parsed in a worker process, so that parsing them does "
+        "not hold up other clients (0: every body)",
+    )
+    serve.add_argument(
         "--request-timeout-s",
         type=float,
         default=5.0,
@@ -161,6 +168,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
         port=arguments.port,
         max_candidates=arguments.max_candidates,
         max_body_bytes=int(arguments.max_body_mb * 2**20),
+        offload_body_bytes=int(arguments.offload_body_kb * 2**10),
         request_timeout_s=arguments.request_timeout_s,
         header_timeout_s=arguments.header_timeout_s,
         max_connections=arguments.max_connections,

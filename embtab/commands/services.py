@@ -4,6 +4,8 @@ or `--seconds`; they are stopped on the way out in every case."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from embtab.output import emit
 from embtab.services import embedded_services, stop_on_signals
@@ -18,13 +20,30 @@ def register(commands: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--seconds", type=float, help="stop after this many seconds instead of waiting for Ctrl-C"
     )
+    up.add_argument(
+        "--redis-dir",
+        type=Path,
+        help="directory for the embedded Redis's AOF, kept after stop, so that a Redis started "
+        "again on it has its data back; without it the AOF lives in a temporary directory "
+        "removed at stop",
+    )
     up.set_defaults(run=run_up)
 
 
 def run_up(arguments: argparse.Namespace) -> int:
-    with stop_on_signals() as stop, embedded_services() as services:
+    if arguments.redis_dir is not None and os.environ.get("EMBTAB_REDIS"):
+        raise ValueError(
+            "--redis-dir is for the embedded Redis, which is not started while EMBTAB_REDIS is "
+            "set: unset EMBTAB_REDIS, or drop --redis-dir"
+        )
+    redis_dir = arguments.redis_dir
+    with stop_on_signals() as stop, embedded_services(redis_dir=redis_dir) as services:
         redis_url = redact_url(services.redis_url)  # EMBTAB_REDIS may carry a password
-        result = {"redis": redis_url, "kafka": services.kafka_bootstrap}
+        result = {
+            "redis": redis_url,
+            "kafka": services.kafka_bootstrap,
+            "redis_dir": None if redis_dir is None else str(redis_dir),
+        }
         emit(
             result,
             f"redis {redis_url}  kafka {services.kafka_bootstrap}  (Ctrl-C stops them)",

@@ -174,3 +174,70 @@ def test_redis_appends_every_write_and_keeps_its_data_across_a_kill(tmp_path):
         client.close()
     finally:
         again.stop()
+
+
+def _services_up(*flags: str) -> tuple[subprocess.Popen, dict]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("EMBTAB_REDIS", "EMBTAB_KAFKA")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embtab.cli", "services", "up", "--json", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+    lines: list[str] = []
+    while not lines or lines[-1] != "}\n":
+        line = process.stdout.readline()
+        assert line, f"services up ended early: {process.communicate(timeout=10)}"
+        lines.append(line)
+    return process, json.loads("".join(lines))
+
+
+def test_services_up_with_a_redis_dir_has_its_data_back_after_a_restart(tmp_path):
+    data = tmp_path / "redis-data"
+    for attempt in ("write", "read"):
+        process, urls = _services_up("--redis-dir", str(data))
+        try:
+            assert urls["redis_dir"] == str(data)
+            client = redis.Redis.from_url(urls["redis"])
+            if attempt == "write":
+                client.set("embtab:{m}:next", 7)
+            else:
+                assert client.get("embtab:{m}:next") == b"7"
+            client.close()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0, process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert data.is_dir()
+
+
+def test_services_up_says_where_redis_keeps_its_data_and_refuses_a_dir_it_cannot_use(
+    monkeypatch, redis_service
+):
+    usage = subprocess.run(
+        [sys.executable, "-m", "embtab.cli", "services", "up", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "temporary directory removed at stop" in " ".join(usage.split())
+    monkeypatch.setenv("EMBTAB_REDIS", redis_service.redis_url)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embtab.cli",
+            "services",
+            "up",
+            "--redis-dir",
+            "x",
+            "--seconds",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "EMBTAB_REDIS" in refused.stderr
