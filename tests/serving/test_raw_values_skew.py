@@ -1,10 +1,11 @@
 """No training/serving skew: raw rows scored in process (checkpoint + artifact) and through a
 running `embtab serve` (raw values over HTTP) agree within 1e-6.
 
-The data set is generated raw CSV with string user ids (hashed, a collisionless table), string
-item ids (a vocabulary with min_count 2 and an OOV id, a full table), a hashed campaign id (a
-hash table), a delimited tag list, a dense price, the user's previous items and a count. The
-scored rows come from the raw files and include ids never seen in training.
+The data set is generated raw files, CSV with string ids or Parquet with 64-bit integer ids:
+user ids (hashed, a collisionless table), item ids (a vocabulary with min_count 2 and an OOV id,
+a full table), a hashed campaign id (a hash table), a tag list (delimited text in CSV, a list
+column in Parquet), a dense price, the user's previous items and a count. The scored rows come
+from the raw files and include ids never seen in training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -36,13 +38,13 @@ HISTORY = 5
 
 SPEC = """
 name: skew-clicks
-source: {format: csv, paths: ["clicks-*.csv"]}
+source: {format: FORMAT, paths: ["clicks-*.FORMAT"]}
 label: {column: clicked}
 time: {column: ts, unit: ms}
 roles: {user: user, item: item}
 features:
-  - {name: user, kind: categorical, ids: hash}
-  - {name: item, kind: categorical, min_count: 2}
+  - {name: user, kind: categorical, type: ID_TYPE, ids: hash}
+  - {name: item, kind: categorical, type: ID_TYPE, min_count: 2}
   - {name: campaign, kind: categorical, ids: hash}
   - {name: tags, kind: multi_valued, separator: "|"}
   - {name: price, kind: dense, transform: [log1p, standardise]}
@@ -52,16 +54,22 @@ split: {by: time, valid: 0.1, test: 0.1}
 """
 
 
-def write_raw_files(directory: Path) -> pa.Table:
+def raw_id(kind: str, number: int, id_type: str) -> str | int:
+    """A user or item id as the source files hold it: text, or a 64-bit integer."""
+    if id_type == "string":
+        return f"{kind}-{number}"
+    return (10**15 if kind == "user" else 10**12) + number * 1_000_003
+
+
+def write_raw_files(directory: Path, file_format: str, id_type: str) -> pa.Table:
     rng = np.random.default_rng(7)
-    users = np.array([f"user-{u}" for u in rng.zipf(1.4, ROWS) % 400])
-    items = np.array([f"sku:{i}" for i in rng.zipf(1.3, ROWS) % 900])
+    user_numbers, item_numbers = rng.zipf(1.4, ROWS) % 400, rng.zipf(1.3, ROWS) % 900
+    users = [raw_id("user", int(u), id_type) for u in user_numbers]
+    items = [raw_id("sku", int(i), id_type) for i in item_numbers]
     campaigns = np.array([f"c{c}" for c in rng.integers(0, 30, ROWS)])
-    tags = np.array(
-        ["|".join(rng.choice(list("abcdef"), rng.integers(0, 3), replace=False)) for _ in users]
-    )
+    tags = [list(rng.choice(list("abcdef"), rng.integers(0, 3), replace=False)) for _ in users]
     price = np.round(rng.lognormal(3, 1, ROWS), 2)
-    affinity = (np.char.str_len(users) + np.char.str_len(items)) % 3 == 0
+    affinity = (user_numbers + item_numbers) % 3 == 0
     clicked = (rng.random(ROWS) < np.where(affinity, 0.6, 0.15)).astype(np.int64)
     times = 1_700_000_000_000 + np.sort(rng.integers(0, 10**9, ROWS))
     table = pa.table(
@@ -69,24 +77,30 @@ def write_raw_files(directory: Path) -> pa.Table:
             "user": users,
             "item": items,
             "campaign": campaigns,
-            "tags": tags,
+            "tags": pa.array(tags, pa.list_(pa.string())),
             "price": price,
             "clicked": clicked,
             "ts": times,
         }
     )
     half = ROWS // 2
-    pacsv.write_csv(table.slice(0, half), directory / "clicks-1.csv")
-    pacsv.write_csv(table.slice(half), directory / "clicks-2.csv")
-    (directory / "spec.yaml").write_text(SPEC)
+    for index, part in enumerate((table.slice(0, half), table.slice(half))):
+        path = directory / f"clicks-{index}.{file_format}"
+        if file_format == "csv":
+            joined = pa.array(["|".join(t) for t in part.column("tags").to_pylist()])
+            pacsv.write_csv(part.set_column(3, "tags", joined), path)
+        else:
+            pq.write_table(part, path)
+    spec = SPEC.replace("FORMAT", file_format).replace("ID_TYPE", id_type)
+    (directory / "spec.yaml").write_text(spec)
     return table
 
 
-def scored_rows(table: pa.Table) -> list[dict]:
+def scored_rows(table: pa.Table, id_type: str) -> list[dict]:
     """The last SCORED raw rows, each with its user's previous items and event count (raw), plus
     ids never seen: new users, items and campaigns."""
     rows = table.to_pylist()
-    seen: dict[str, list[str]] = {}
+    seen: dict[object, list[object]] = {}
     out = []
     for position, row in enumerate(rows):
         past = seen.setdefault(row["user"], [])
@@ -94,21 +108,26 @@ def scored_rows(table: pa.Table) -> list[dict]:
             out.append({**row, "hist_item": past[-HISTORY:], "user_events": len(past)})
         past.append(row["item"])
     for index in range(0, SCORED, 10):
-        out[index] = {**out[index], "user": f"new-user-{index}", "item": f"new-sku-{index}"}
+        new_user, new_item = (
+            raw_id("user", 10**6 + index, id_type),
+            raw_id("sku", 10**6 + index, id_type),
+        )
+        out[index] = {**out[index], "user": new_user, "item": new_item}
         out[index + 1] = {**out[index + 1], "campaign": f"new-campaign-{index}"}
     return out
 
 
-def in_process_scores(checkpoint, rows: list[dict]) -> np.ndarray:
+def in_process_scores(checkpoint, rows: list[dict], id_type: str) -> np.ndarray:
     """What the trained model says of the raw rows: the artifact encodes them, as in training."""
     preprocessing = checkpoint.model.spec.preprocessing
+    id_arrow = pa.string() if id_type == "string" else pa.int64()
     raw = {
-        "user": pa.array([r["user"] for r in rows]),
-        "item": pa.array([r["item"] for r in rows]),
+        "user": pa.array([r["user"] for r in rows], id_arrow),
+        "item": pa.array([r["item"] for r in rows], id_arrow),
         "campaign": pa.array([r["campaign"] for r in rows]),
-        "tags": pa.array([[t for t in r["tags"].split("|") if t] for r in rows]),
+        "tags": pa.array([r["tags"] for r in rows], pa.list_(pa.string())),
         "price": pa.array([r["price"] for r in rows], pa.float64()),
-        "hist_item": pa.array([r["hist_item"] for r in rows], pa.list_(pa.string())),
+        "hist_item": pa.array([r["hist_item"] for r in rows], pa.list_(id_arrow)),
         "user_events": pa.array([float(r["user_events"]) for r in rows]),
     }
     columns = {name: preprocessing.encode(name, values) for name, values in raw.items()}
@@ -127,7 +146,7 @@ def request_of(row: dict) -> dict:
                 "item_id": row["item"],
                 "features": {
                     "campaign": row["campaign"],
-                    "tags": [t for t in row["tags"].split("|") if t],
+                    "tags": row["tags"],
                     "price": row["price"],
                 },
             }
@@ -136,11 +155,16 @@ def request_of(row: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_raw_rows_score_the_same_in_process_and_served(tmp_path, monkeypatch, redis_service):
+@pytest.mark.parametrize(
+    ("file_format", "id_type"), [("csv", "string"), ("parquet", "int")], ids=["csv", "parquet"]
+)
+def test_raw_rows_score_the_same_in_process_and_served(
+    tmp_path, monkeypatch, redis_service, file_format, id_type
+):
     monkeypatch.setenv("EMBTAB_DATA", str(tmp_path / "cache"))
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
-    table = write_raw_files(raw_dir)
+    table = write_raw_files(raw_dir, file_format, id_type)
     dataset = prepare_from_spec(raw_dir / "spec.yaml")
     run = run_config_from_dict(
         {
@@ -168,8 +192,8 @@ def test_raw_rows_score_the_same_in_process_and_served(tmp_path, monkeypatch, re
         "tags": "full",
     }
 
-    rows = scored_rows(table)
-    expected = in_process_scores(checkpoint, rows)
+    rows = scored_rows(table, id_type)
+    expected = in_process_scores(checkpoint, rows, id_type)
 
     model_name = unique_name("skew")
     nodes = RedisNodes(RedisConfig(urls=(redis_service.redis_url,)))
@@ -185,7 +209,7 @@ def test_raw_rows_score_the_same_in_process_and_served(tmp_path, monkeypatch, re
                 served.append(response.json()["scores"][0])
             metrics = client.get("/metrics").text
             wrong_type = dict(request_of(rows[0]))
-            wrong_type["candidates"] = [{"item_id": "sku:1", "features": {"price": "cheap"}}]
+            wrong_type["candidates"] = [{"item_id": rows[0]["item"], "features": {"price": "no"}}]
             refused = client.post("/score", content=json.dumps(wrong_type))
     finally:
         service.stop()
