@@ -397,14 +397,16 @@ def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def _label(spec: DatasetSpec, column: pa.Array, path: Path, file_row: int) -> np.ndarray:
+def _refuse_nulls(column: pa.Array, path: Path, file_row: int, what: str, needs: str) -> None:
+    """Every event needs a label and a time: the first empty one is an error naming its row."""
     nulls = np.asarray(column.is_null(), dtype=bool)
     if nulls.any():
         row = file_row + int(np.argmax(nulls)) + 1
-        raise PrepareError(
-            f"{path}: row {row}: the label column {spec.label.column!r} is empty; every event "
-            "needs a label"
-        )
+        raise PrepareError(f"{path}: row {row}: the {what} is empty; every event needs {needs}")
+
+
+def _label(spec: DatasetSpec, column: pa.Array, path: Path, file_row: int) -> np.ndarray:
+    _refuse_nulls(column, path, file_row, f"label column {spec.label.column!r}", "a label")
     values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
     rule = spec.label
     if rule.op is None:
@@ -431,13 +433,7 @@ def _time(
     spec: DatasetSpec, column: pa.Array, path: Path, file_row: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sort key, prepared seconds) of an event-time column."""
-    nulls = np.asarray(column.is_null(), dtype=bool)
-    if nulls.any():
-        row = file_row + int(np.argmax(nulls)) + 1
-        raise PrepareError(
-            f"{path}: row {row}: the event-time column {spec.time.column!r} is empty; every "
-            "event needs a time"
-        )
+    _refuse_nulls(column, path, file_row, f"event-time column {spec.time.column!r}", "a time")
     unit = spec.time.unit
     if unit == "iso8601":
         try:

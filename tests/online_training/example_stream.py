@@ -3,9 +3,11 @@ for the streaming trainer's tests."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -88,3 +90,16 @@ def publisher_for(redis_url: str, model_name: str) -> ParamPublisher:
     """A publisher with short timeouts and no client-side retries (the sync retries itself)."""
     nodes = RedisNodes(RedisConfig.parse(redis_url, socket_timeout_s=0.5, retries=0))
     return ParamPublisher(nodes, model_name, StoreOptions(grace_s=5.0))
+
+
+def stops_by_itself(run: Callable[[threading.Event], object], timeout_s: float = 40) -> bool:
+    """Run `run(stop)` on a thread: True if it returned within `timeout_s` on its own (it is
+    then stopped either way, so a test that fails leaves no thread behind)."""
+    stop = threading.Event()
+    running = threading.Thread(target=run, args=(stop,), daemon=True)
+    running.start()
+    running.join(timeout=timeout_s)
+    finished = not running.is_alive()
+    stop.set()
+    running.join(timeout=30)
+    return finished

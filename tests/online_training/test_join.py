@@ -21,6 +21,7 @@ from tests.online_training.conftest import (
     read_examples,
     read_topic,
 )
+from tests.online_training.example_stream import stops_by_itself
 
 
 def _join(kafka, topics, **config) -> Joiner:
@@ -224,14 +225,9 @@ def test_a_restart_after_end_markers_were_committed_stops_at_the_end(kafka, topi
     producer.flush(timeout=30)
     producer.close()
     restarted = Joiner(kafka, topics, JoinerConfig(group_id=group))
-    stop = threading.Event()
-    running = threading.Thread(target=restarted.run, args=(stop,), daemon=True)
-    running.start()
-    running.join(timeout=40)
-    finished = not running.is_alive()
-    stop.set()
-    running.join(timeout=30)
-    assert finished, "the restarted joiner did not stop at the end of the stream"
+    assert stops_by_itself(restarted.run), (
+        "the restarted joiner did not stop at the end of the stream"
+    )
     assert sorted(restarted.report.ended_partitions) == [0, 1, 2, 3]
     labels, batches = read_examples(kafka, topics)
     assert sorted(labels) == [p * 100 + i for p in range(4) for i in range(10)]

@@ -25,6 +25,7 @@ from tests.online_training.example_stream import (
     publisher_for,
     send_examples,
     small_model,
+    stops_by_itself,
     unique_model_name,
 )
 from tests.online_training.test_sync import assert_redis_holds
@@ -237,14 +238,9 @@ def test_a_restart_after_end_markers_were_committed_stops_at_the_end(
 
     sent += _end_markers(kafka, topics.examples, [2, 3])
     restarted = trainer()
-    stop = threading.Event()
-    running = threading.Thread(target=restarted.run, args=(stop,), daemon=True)
-    running.start()
-    running.join(timeout=40)
-    finished = not running.is_alive()
-    stop.set()
-    running.join(timeout=30)
-    assert finished, "the restarted trainer did not stop at the end of the stream"
+    assert stops_by_itself(restarted.run), (
+        "the restarted trainer did not stop at the end of the stream"
+    )
     assert sorted(restarted.report.ended_partitions) == list(range(PARTITIONS))
     assert restarted.report.examples == 0, "everything before the markers was committed"
     assert _committed(kafka, group, topics.examples) == sent
