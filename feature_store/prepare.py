@@ -638,11 +638,16 @@ class _Buckets:
                 self.writers[int(bucket)] = writer
             writer.write_table(part)
 
+    def _drain(self) -> list[pa.Table]:
+        """The in-memory batches, no longer held here: freed as soon as they are unified."""
+        tables, self.memory = self.memory, []
+        return tables
+
     def tables(self, listed: set[str]) -> Iterator[pa.Table]:
         for writer in self.writers.values():
             writer.close()
         if self.count == 1:
-            yield _unify(self.memory, listed)
+            yield _unify(self._drain(), listed)
             return
         for bucket in range(self.count):
             path = self.directory / f"{bucket}.parquet"
@@ -793,7 +798,12 @@ def _order_and_write(
         written += table.num_rows
         out = table.select(output_order)
         for index, split in enumerate(SPLITS):
-            part = out.filter(pa.array(split_of == index))
+            if sizes is not None:
+                # A time split's rows of one split are contiguous: a slice, not a copy.
+                start, stop = np.searchsorted(split_of, [index, index + 1])
+                part = out.slice(start, stop - start)
+            else:
+                part = out.filter(pa.array(split_of == index))
             if part.num_rows == 0:
                 continue
             writer = writers.get(split)
@@ -804,6 +814,7 @@ def _order_and_write(
             stats[split]["rows"] += part.num_rows
             stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
         progress("write", table.num_rows)
+        del table, out, part  # this bucket is freed before the next one is read
     for writer in writers.values():
         writer.close()
     empty = [split for split in SPLITS if stats[split]["rows"] == 0]
