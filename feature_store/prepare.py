@@ -3,9 +3,11 @@
 The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
 is bounded by the batch, the vocabularies and one time bucket, not by the row count:
 
-1. scan: parse label and event time of every row, check every value a later pass relies on
-   (all errors are raised here, before anything is written), keep the event times;
-2. fit: count vocabulary values and dense statistics over the fit rows (`fit_on`);
+1. scan: parse label and event time of every row (reading only those columns), keep the
+   event times;
+2. fit: read every column, checking every value a later pass relies on (all errors are raised
+   by here, before anything is written), and count vocabulary values and dense statistics over
+   the fit rows (`fit_on`);
 3. encode: apply the fitted `Preprocessor` batch by batch, writing rows into time buckets
    (one in memory when everything fits in one);
 4. order: sort each bucket by (time, user, item, source row), build sequence and count features
@@ -447,9 +449,10 @@ def _first_bad_timestamp(column: pa.Array) -> int:
 def _scan(reader: _Reader, progress: Progress) -> tuple[np.ndarray, np.ndarray | None, int]:
     """All event times (as sort keys), the fit rows (None: all rows), and the row count.
 
-    Reading every column here checks every value before anything is written."""
+    Only the label and time columns (and join keys) are read: the fit pass that follows reads
+    and checks every other column, still before anything is written."""
     keys: list[np.ndarray] = []
-    for batch in reader.batches():
+    for batch in reader.batches(columns=[]):
         keys.append(batch.time_key)
         progress("scan", len(batch.time_key))
     time_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
