@@ -473,12 +473,13 @@ def main() -> None:
             runs[case.name].append(answer)
             shown = {k: v for k, v in answer.items() if k not in ("distinct", "stage_seconds")}
             print(f"round {round_index + 1} {case.name}: {json.dumps(shown)}", flush=True)
-    results = [_median_case(case, runs[case.name]) for case in cases]
-    write_document(arguments, layout, sizes, results)
+        # Written after every round, so that a long run stopped early keeps what it measured.
+        results = [_median_case(case, runs[case.name]) for case in cases]
+        write_document(arguments, layout, sizes, results, rounds_done=round_index + 1)
 
 
 def write_document(
-    arguments: argparse.Namespace, layout: dict, sizes: dict, results: list[dict]
+    arguments: argparse.Namespace, layout: dict, sizes: dict, results: list[dict], rounds_done: int
 ) -> None:
     # Imported here: it loads torch, which the measured children must not.
     import pandas as pd
@@ -542,6 +543,7 @@ def write_document(
             "parquet_gb": layout["bytes"]["parquet"] / 1e9,
             "slice_files": len(sizes.get("slice", sizes["full"])[0]),
             "rounds": arguments.rounds,
+            "rounds_done": rounds_done,
             "full_rounds": arguments.full_rounds or arguments.rounds,
             "categorical_columns": 22,
             "dense_columns": len(DENSE),
