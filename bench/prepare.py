@@ -14,7 +14,7 @@ Each measurement runs in a fresh subprocess; its wall time is taken around the c
 - pandas, as a user would: `pd.read_csv` of every file, `pd.concat`, `pd.factorize` of every
   categorical column (less work than a preparation: no vocabulary file, no dense transforms, no
   lists, no sorting, no splits written). It runs under an address-space limit (`--pandas-limit-gb`)
-  so that running out fails cleanly with a MemoryError: on all N rows, once, and on the slice;
+  so that running out fails cleanly (MemoryError or ENOMEM): on all N rows, once, and on the slice;
   also `pd.read_parquet` + factorize on the slice.
 
 Every case runs once per round (`--rounds`; at most `--full-rounds` on all N rows, where one
@@ -28,6 +28,7 @@ round can take minutes); medians are reported. Every child is also killed if its
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -282,8 +283,14 @@ def child_pandas(file_format: str, paths: list[str], columns: list[str]) -> dict
         frame = pd.concat([read(path) for path in paths], ignore_index=True)
         read_seconds = time.perf_counter() - start
         distinct = {column: len(pd.factorize(frame[column])[1]) for column in columns}
-    except MemoryError:
-        return {"error": "MemoryError", "seconds_until_error": time.perf_counter() - start}
+    except (MemoryError, OSError) as error:
+        # Out of address space shows as a MemoryError or as an OSError (ENOMEM) from pyarrow.
+        if isinstance(error, OSError) and error.errno != errno.ENOMEM:
+            raise
+        return {
+            "error": f"{type(error).__name__}: {error}",
+            "seconds_until_error": time.perf_counter() - start,
+        }
     return {
         "seconds": time.perf_counter() - start,
         "read_seconds": read_seconds,
@@ -523,7 +530,7 @@ def write_document(
         "pd.read_parquet. pandas does less work: it writes nothing, and builds no lists, dense "
         "transforms, sorted splits or artifact.",
         f"pandas runs under RLIMIT_AS = {arguments.pandas_limit_gb} GiB so that running out of "
-        "memory is a clean MemoryError"
+        "memory is a clean MemoryError (or OSError ENOMEM)"
         + ("; on all rows it ran once." if smallest == "slice" else "."),
         "The machine is shared with other jobs: each run records the 1-minute load average at "
         "its start (load_average_1min_at_start); on 2 cores, a load above 2 slows every case.",
