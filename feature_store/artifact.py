@@ -129,17 +129,17 @@ class Vocabulary:
     def lookup(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(ids, known): each value's id, and whether it is in the vocabulary (nulls are not)."""
         valid = ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        filled = values.fill_null("" if self.is_string else 0)
-        keys = self._keys(filled)
+        distinct, index = _distinct(values.fill_null("" if self.is_string else 0))
+        keys = self._keys(distinct)
         ids = np.full(len(keys), len(self.values), dtype=np.int64)
         if len(self._sorted_keys):
             position = np.searchsorted(self._sorted_keys, keys)
             position = np.minimum(position, len(self._sorted_keys) - 1)
-            known = (self._sorted_keys[position] == keys) & valid
+            known = self._sorted_keys[position] == keys
             ids[known] = self._ids_of_sorted[position[known]]
         else:
             known = np.zeros(len(keys), dtype=bool)
-        return ids, known
+        return ids[index], known[index] & valid
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,8 @@ class Preprocessor:
         if feature.ids == "hash":
             valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
             if feature.type == "string":
-                ids = string_hash64(raw.fill_null(""), feature_seed(feature.name))
+                distinct, index = _distinct(raw.fill_null(""))
+                ids = string_hash64(distinct, feature_seed(feature.name))[index]
             else:
                 ids = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
             return ids, valid
@@ -375,6 +376,15 @@ class Preprocessor:
         if not (directory / ARTIFACT_FILE).exists():
             raise ArtifactError(f"no preprocessing artifact in {directory}")
         return cls.from_files({path.name: path.read_bytes() for path in directory.iterdir()})
+
+
+def _distinct(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(distinct values, each value's index among them): a batch of Zipf ids holds few distinct
+    values, so hashing and searching them once each is most of the per-row work saved."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    encoded = pc.dictionary_encode(values)
+    return encoded.dictionary, np.asarray(encoded.indices, dtype=np.int64)
 
 
 def _ipc_bytes(values: pa.Array) -> bytes:

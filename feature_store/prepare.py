@@ -3,9 +3,11 @@
 The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
 is bounded by the batch, the vocabularies and one time bucket, not by the row count:
 
-1. scan: parse label and event time of every row, check every value a later pass relies on
-   (all errors are raised here, before anything is written), keep the event times;
-2. fit: count vocabulary values and dense statistics over the fit rows (`fit_on`);
+1. scan: parse label and event time of every row (reading only those columns), keep the
+   event times;
+2. fit: read every column, checking every value a later pass relies on (all errors are raised
+   by here, before anything is written), and count vocabulary values and dense statistics over
+   the fit rows (`fit_on`);
 3. encode: apply the fitted `Preprocessor` batch by batch, writing rows into time buckets
    (one in memory when everything fits in one);
 4. order: sort each bucket by (time, user, item, source row), build sequence and count features
@@ -473,9 +475,10 @@ def _iso8601_ns(column: pa.Array) -> np.ndarray:
 def _scan(reader: _Reader, progress: Progress) -> tuple[np.ndarray, np.ndarray | None, int]:
     """All event times (as sort keys), the fit rows (None: all rows), and the row count.
 
-    Reading every column here checks every value before anything is written."""
+    Only the label and time columns (and join keys) are read: the fit pass that follows reads
+    and checks every other column, still before anything is written."""
     keys: list[np.ndarray] = []
-    for batch in reader.batches():
+    for batch in reader.batches(columns=[]):
         keys.append(batch.time_key)
         progress("scan", len(batch.time_key))
     time_keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
@@ -715,11 +718,16 @@ class _Buckets:
                 self.writers[int(bucket)] = writer
             writer.write_table(part)
 
+    def _drain(self) -> list[pa.Table]:
+        """The in-memory batches, no longer held here: freed as soon as they are unified."""
+        tables, self.memory = self.memory, []
+        return tables
+
     def tables(self, listed: set[str]) -> Iterator[pa.Table]:
         for writer in self.writers.values():
             writer.close()
         if self.count == 1:
-            yield _unify(self.memory, listed)
+            yield _unify(self._drain(), listed)
             return
         for bucket in range(self.count):
             path = self.directory / f"{bucket}.parquet"
@@ -870,7 +878,12 @@ def _order_and_write(
         written += table.num_rows
         out = table.select(output_order)
         for index, split in enumerate(SPLITS):
-            part = out.filter(pa.array(split_of == index))
+            if sizes is not None:
+                # A time split's rows of one split are contiguous: a slice, not a copy.
+                start, stop = np.searchsorted(split_of, [index, index + 1])
+                part = out.slice(start, stop - start)
+            else:
+                part = out.filter(pa.array(split_of == index))
             if part.num_rows == 0:
                 continue
             writer = writers.get(split)
@@ -881,6 +894,7 @@ def _order_and_write(
             stats[split]["rows"] += part.num_rows
             stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
         progress("write", table.num_rows)
+        del table, out, part  # this bucket is freed before the next one is read
     for writer in writers.values():
         writer.close()
     empty = [split for split in SPLITS if stats[split]["rows"] == 0]
