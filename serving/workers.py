@@ -5,7 +5,9 @@ watcher, micro-batcher), built by `worker_app` from the ServeConfig the parent p
 environment (`EMBTAB_SERVE_CONFIG`, JSON; it may carry Redis credentials, and a process's
 environment is readable by its user only). uvicorn's parent holds the listening socket and its
 workers accept on it, so one port spreads connections over N processes, and N cores score in
-parallel. Each response says which worker answered in the `x-embtab-worker` header (its pid).
+parallel. Each response says which worker answered in the `x-embtab-worker` header (its pid). Every
+worker has the single process's connection guards (header deadline, connection cap), each for
+its own connections: uvicorn imports them by name (`WORKER_PROTOCOL`) in the worker.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from serving.app import create_app
+from serving.app import ACCEPT_BURST, connection_limit, create_app, guarded_protocol
 from serving.errors import ServingError
 from serving.redis_nodes import RedisConfig
 from serving.service import ScoringService, ServeConfig
@@ -29,6 +31,18 @@ CONFIG_ENV = "EMBTAB_SERVE_CONFIG"
 # and uvicorn's default of 5 s would restart it over and over.
 WORKER_HEALTHCHECK_S = 120
 WORKER_HEADER = "x-embtab-worker"
+WORKER_PROTOCOL = "serving.workers:GuardedProtocol"
+
+
+def __getattr__(name: str) -> type:
+    """`GuardedProtocol`: the h11 protocol with the parent's header deadline and connection cap,
+    built when uvicorn asks for it in a worker (a module attribute, so it is found by name)."""
+    if name != "GuardedProtocol":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if CONFIG_ENV not in os.environ:
+        raise ServingError(f"{CONFIG_ENV} is not set; start workers with serve_workers")
+    config = config_from_json(os.environ[CONFIG_ENV])
+    return guarded_protocol(config.header_timeout_s, connection_limit(config.max_connections))
 
 
 def config_to_json(config: ServeConfig) -> str:
@@ -74,4 +88,6 @@ def serve_workers(config: ServeConfig, workers: int) -> None:
         access_log=False,
         lifespan="on",
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+        backlog=ACCEPT_BURST,
+        http=WORKER_PROTOCOL,
     )

@@ -54,3 +54,32 @@ def test_connections_whose_headers_never_finish_lock_no_one_out(redis_service, t
         service.stop()
     lines = log.read_text(errors="replace").splitlines()
     assert len(lines) < 20, f"{len(lines)} log lines, the first: {lines[:5]}"
+
+
+def test_every_worker_closes_connections_whose_headers_never_finish(redis_service):
+    """`--workers N`: each uvicorn worker runs the same header deadline as one process."""
+    name = unique_name("slow-headers-workers")
+    publish(tiny_model("hash"), name, redis_service.redis_url)
+    flags = ("--header-timeout-s", str(HEADER_TIMEOUT_S), "--workers", "2")
+    service = Service(redis_service.redis_url, 16, name, flags)
+    slow: list[socket.socket] = []
+    try:
+        service.wait_ready(timeout_s=120)
+        for _ in range(8):
+            connection = socket.create_connection(("127.0.0.1", service.port), timeout=5)
+            connection.sendall(b"POST /score HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+            slow.append(connection)
+        started = time.monotonic()
+        for connection in slow:
+            connection.settimeout(HEADER_TIMEOUT_S + 10)
+            try:
+                while connection.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+        waited = time.monotonic() - started
+    finally:
+        for connection in slow:
+            connection.close()
+        service.stop()
+    assert waited < HEADER_TIMEOUT_S + 5, f"slow connections held for {waited:.1f} s"
