@@ -258,6 +258,14 @@ class Preprocessor:
     def encode_ids(self, feature: FeatureDef, raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(ids, keep) of raw scalar ids of an id feature: keep is False where the id becomes
         no lookup (unseen in a vocabulary without an OOV id, or a null hashed id)."""
+        ids, keep, _ = self.encode_ids_counted(feature, raw)
+        return ids, keep
+
+    def encode_ids_counted(
+        self, feature: FeatureDef, raw: pa.Array
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """`encode_ids` plus how many of the ids the vocabulary does not hold (0 for hashed
+        ids; nulls count as not held), from the same lookup: `/score` counts them."""
         is_text = pa.types.is_string(raw.type) or pa.types.is_large_string(raw.type)
         is_int = pa.types.is_integer(raw.type)
         if pa.types.is_null(raw.type):
@@ -276,22 +284,11 @@ class Preprocessor:
                 ids = string_hash64(raw.fill_null(""), feature_seed(feature.name))
             else:
                 ids = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
-            return ids, valid
+            return ids, valid, 0
         vocabulary = self.vocabularies[feature.name]
         ids, known = vocabulary.lookup(raw)
-        return ids, (np.ones(len(ids), dtype=bool) if vocabulary.oov else known)
-
-    def unknown_count(self, name: str, raw: pa.Array) -> int:
-        """How many of a feature's raw ids its vocabulary does not hold (0 for hashed ids)."""
-        feature = self.spec.feature(name)
-        source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
-        if source.ids == "hash" or not feature.has_ids and feature.kind != "sequence":
-            return 0
-        if isinstance(raw, pa.ChunkedArray):
-            raw = raw.combine_chunks()
-        values = pc.list_flatten(raw) if pa.types.is_list(raw.type) else raw
-        _, known = self.vocabularies[source.name].lookup(values)
-        return int((~known).sum())
+        unknown = int((~known).sum())
+        return ids, (np.ones(len(ids), dtype=bool) if vocabulary.oov else known), unknown
 
     # -- files ---------------------------------------------------------------------------
 
