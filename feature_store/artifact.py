@@ -66,32 +66,43 @@ def feature_seed(name: str) -> int:
 
 def string_hash64(strings: pa.Array, seed: int) -> np.ndarray:
     """A 64-bit hash of each (non-null) string, vectorised over the bytes; returns int64."""
-    strings = pc.cast(strings, pa.large_string())
     if isinstance(strings, pa.ChunkedArray):
         strings = strings.combine_chunks()
+    if pa.types.is_string(strings.type):
+        offset_type = np.int32
+    else:
+        strings = pc.cast(strings, pa.large_string())
+        offset_type = np.int64
     count = len(strings)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)[
+    offsets = np.frombuffer(strings.buffers()[1], dtype=offset_type)[
         strings.offset : strings.offset + count + 1
-    ]
+    ].astype(np.int64)
     data_buffer = strings.buffers()[2]
     data = (
         np.frombuffer(data_buffer, dtype=np.uint8)
         if data_buffer is not None
         else np.zeros(1, np.uint8)
     )
-    starts = offsets[:-1]
     lengths = np.diff(offsets)
+    # Longest strings first: at byte k the strings still being read are a prefix, so each step
+    # works on views (no gather or scatter of the hashes); `reading[k]` is that prefix's length.
+    order = np.argsort(-lengths, kind="stable")
+    cursor = offsets[:-1][order]
+    reading = count - np.searchsorted(
+        np.sort(lengths), np.arange(int(lengths[order[0]])), side="right"
+    )
+    hashes = np.full(count, _FNV_OFFSET ^ np.uint64(seed), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        hashes = np.full(count, _FNV_OFFSET ^ np.uint64(seed), dtype=np.uint64)
-        # Strings sorted by length: at step k only the strings longer than k are still read.
-        order = np.argsort(lengths, kind="stable")
-        sorted_lengths = lengths[order]
-        for k in range(int(sorted_lengths[-1]) if count else 0):
-            active = order[np.searchsorted(sorted_lengths, k, side="right") :]
-            hashes[active] = (hashes[active] ^ data[starts[active] + k]) * _FNV_PRIME
-        hashes = splitmix64(hashes ^ lengths.astype(np.uint64))
+        for n in reading.tolist():
+            head = hashes[:n]
+            head ^= data[cursor[:n]]
+            head *= _FNV_PRIME
+            cursor[:n] += 1
+        unsorted = np.empty_like(hashes)
+        unsorted[order] = hashes
+        hashes = splitmix64(unsorted ^ lengths.astype(np.uint64))
     return hashes.view(np.int64)
 
 
