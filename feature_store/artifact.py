@@ -39,9 +39,12 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 # A vocabulary remembers the hashes of the strings of its small lookups (a `/score` request's
 # ids, which recur request after request): hashing 100 ids costs ~0.2 ms, the dictionary a few
-# microseconds. Bounded: the memo starts afresh when it would pass _MEMO_SIZE strings.
+# microseconds. Bounded: the memo starts afresh when it would pass _MEMO_SIZE strings. A few
+# strings it does not know are hashed in Python: numpy's fixed cost per call is ~50 us.
 _MEMO_BATCH = 1024
 _MEMO_SIZE = 1 << 16
+_FEW = 16
+_MASK = (1 << 64) - 1
 
 
 class ArtifactError(DataError):
@@ -62,6 +65,19 @@ def splitmix64(values: np.ndarray) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+def _string_hash64_one(value: bytes, seed: int) -> int:
+    """`string_hash64` of one string's UTF-8 bytes, in Python ints (same FNV-1a and splitmix64)."""
+    prime = int(_FNV_PRIME)
+    h = int(_FNV_OFFSET) ^ (seed & _MASK)
+    for byte in value:
+        h = ((h ^ byte) * prime) & _MASK
+    z = ((h ^ len(value)) + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
 
 
 def feature_seed(name: str) -> int:
@@ -153,8 +169,11 @@ class Vocabulary:
         keys = [memo.get(value) for value in raw]
         missing = [index for index, key in enumerate(keys) if key is None]
         if missing:
-            taken = values.take(pa.array(missing, pa.int64()))
-            hashed = string_hash64(taken, self.seed).tolist()
+            if len(missing) <= _FEW:
+                hashed = [_string_hash64_one(raw[index], self.seed) for index in missing]
+            else:
+                taken = values.take(pa.array(missing, pa.int64()))
+                hashed = string_hash64(taken, self.seed).tolist()
             if len(memo) + len(missing) > _MEMO_SIZE:
                 memo.clear()
             for index, key in zip(missing, hashed, strict=True):
@@ -163,9 +182,12 @@ class Vocabulary:
 
     def lookup(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """(ids, known): each value's id, and whether it is in the vocabulary (nulls are not)."""
-        valid = ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        filled = values.fill_null("" if self.is_string else 0)
-        keys = self._keys(filled)
+        if values.null_count:
+            valid = ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            values = values.fill_null("" if self.is_string else 0)
+        else:
+            valid = np.ones(len(values), dtype=bool)
+        keys = self._keys(values)
         ids = np.full(len(keys), len(self.values), dtype=np.int64)
         if len(self._sorted_keys):
             position = np.searchsorted(self._sorted_keys, keys)
