@@ -7,6 +7,10 @@ What runs:
 2. An embedded Redis; the checkpoint is published to it (fp32, 4 shards) and the online feature
    store is filled from the training split (user profiles and behaviour sequences, item
    attributes), so a request carries only the user id, 100 item ids and the two dense features.
+   Dense values are raw, as a client sends them (`user_activity` / `item_popularity` are counts
+   of earlier events; the service applies the artifact's log1p), and ids are prepared indices
+   (the integer fast path) or, in the raw-id case, the raw strings of the artifact's
+   vocabularies (user "1m_42", item the movie's title).
 3. `embtab serve` in its own process; this process is the load generator: closed-loop clients
    on keep-alive HTTP/1.1 connections (a small asyncio client: httpx would spend more of the
    2 cores on the client than the server spends on a request), each sending the next request as
@@ -15,7 +19,11 @@ What runs:
 Cases: the in-process baseline (the same model scoring the same requests with their features
 already in memory: no HTTP, no Redis), then the service with the cache warm at concurrency 1, 8
 and 32, and with no row cache (every row from Redis) at concurrency 1, each `--seconds` long;
-and the first `COLD_REQUESTS` requests after a start with an empty cache. Latency is measured
+and the first `COLD_REQUESTS` requests after a start with an empty cache. At concurrency 1 the
+same requests are also sent with raw string ids (`service_warm_raw_ids`); that case and the
+prepared one alternate in `PAIRED_ROUNDS` slices (ABBA order), so a change in the machine's load
+falls on both alike. Before it is timed, the first `PARITY_REQUESTS` requests are scored in both
+forms and must get identical scores. Latency is measured
 at the client, from writing the request to reading the whole answer; this process's cyclic
 garbage collector is paused while it measures, so its own pauses are not counted.
 
@@ -38,6 +46,7 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,10 +55,12 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embtab.machine import machine_info
 from embtab.services import free_port, start_redis
+from feature_store.artifact import Preprocessor
 from feature_store.offline import open_prepared
 from feature_store.online import OnlineFeatureStore
 from models.batches import batch_from_columns
@@ -67,6 +78,8 @@ DISTINCT_REQUESTS = 2000
 COLD_REQUESTS = 300
 BASELINE_REQUESTS = 2000
 CONCURRENCY = (1, 8, 32)
+PAIRED_ROUNDS = 4
+PARITY_REQUESTS = 50
 RESULTS = Path(__file__).parent / "results" / "serving.json"
 
 
@@ -105,9 +118,13 @@ def fill_online_store(url: str, schema) -> OnlineFeatureStore:
     return store
 
 
-def request_bodies(seed: int = 0) -> tuple[list[bytes], list[dict]]:
+def request_bodies(
+    preprocessing: Preprocessor, seed: int = 0
+) -> tuple[list[bytes], list[bytes], list[dict]]:
     """DISTINCT_REQUESTS requests: users and items of the training split (so the online store
-    knows them), 100 distinct random items each, dense features as of the end of that split."""
+    knows them), 100 distinct random items each, dense features as of the end of that split as
+    raw counts. Returns the bodies with prepared ids, the same bodies with raw string ids, and
+    the prepared form as dicts (for the in-process baseline)."""
     dataset = open_prepared(DATASET)
     train_split = dataset.read(
         "train", columns=["user_id", "item_id", "user_activity", "item_popularity"]
@@ -115,36 +132,54 @@ def request_bodies(seed: int = 0) -> tuple[list[bytes], list[dict]]:
     users = train_split.column("user_id").to_numpy()
     items = train_split.column("item_id").to_numpy()
     activity = dict(
-        zip(users.tolist(), train_split.column("user_activity").to_numpy().tolist(), strict=True)
+        zip(users.tolist(), raw_counts(train_split.column("user_activity")), strict=True)
     )
     popularity = dict(
-        zip(items.tolist(), train_split.column("item_popularity").to_numpy().tolist(), strict=True)
+        zip(items.tolist(), raw_counts(train_split.column("item_popularity")), strict=True)
     )
+    user_names = preprocessing.vocabularies["user_id"].values
+    item_names = preprocessing.vocabularies["item_id"].values
     known_users, known_items = np.unique(users), np.unique(items)
     rng = np.random.default_rng(seed)
-    bodies, plain = [], []
+    bodies, raw_bodies, plain = [], [], []
     for user in rng.choice(known_users, DISTINCT_REQUESTS):
         chosen = rng.choice(known_items, CANDIDATES, replace=False)
         body = {
             "user_id": int(user),
-            "context": {"user_activity": float(activity.get(int(user), 0.0))},
+            "context": {"user_activity": activity.get(int(user), 0)},
             "candidates": [
                 {
                     "item_id": int(item),
-                    "features": {"item_popularity": float(popularity.get(int(item), 0.0))},
+                    "features": {"item_popularity": popularity.get(int(item), 0)},
                 }
                 for item in chosen
             ],
         }
+        raw = {
+            **body,
+            "user_id": user_names[int(user)].as_py(),
+            "candidates": [
+                {**candidate, "item_id": item_names[candidate["item_id"]].as_py()}
+                for candidate in body["candidates"]
+            ],
+        }
         plain.append(body)
         bodies.append(json.dumps(body).encode())
-    return bodies, plain
+        raw_bodies.append(json.dumps(raw).encode())
+    return bodies, raw_bodies, plain
+
+
+def raw_counts(prepared: pa.ChunkedArray) -> list[int]:
+    """A count feature's raw values (events so far) from its prepared log1p(count)."""
+    return [round(math.expm1(value)) for value in prepared.to_numpy().tolist()]
 
 
 def baseline(checkpoint: Path, store: OnlineFeatureStore, plain: list[dict]) -> dict:
     """The same scoring in process: features already in memory, no HTTP, no Redis. The model
-    is built as the service builds it (plain tables, no optimizer state) with every row loaded."""
+    is built as the service builds it (plain tables, no optimizer state) with every row loaded;
+    the raw dense values go through the checkpoint's artifact, as the service applies it."""
     trained = load_checkpoint(checkpoint)
+    preprocessing = trained.model.spec.preprocessing
     model = servable_model(trained.manifest, dense_state(trained.model))
     for table in trained.model.embeddings.physical_tables():
         for ids, rows in trained.model.embeddings.export_rows(table.name):
@@ -155,10 +190,10 @@ def baseline(checkpoint: Path, store: OnlineFeatureStore, plain: list[dict]) -> 
         items = np.array([c["item_id"] for c in body["candidates"]], dtype=np.int64)
         features = store.get_request(body["user_id"], items)
         columns = {name: features.column(name) for name in features.schema.names}
-        columns["user_activity"] = np.full(len(items), body["context"]["user_activity"], np.float32)
-        columns["item_popularity"] = np.array(
-            [c["features"]["item_popularity"] for c in body["candidates"]], np.float32
-        )
+        activity = [body["context"]["user_activity"]] * len(items)
+        popularity = [c["features"]["item_popularity"] for c in body["candidates"]]
+        columns["user_activity"] = model_input(preprocessing, "user_activity", activity)
+        columns["item_popularity"] = model_input(preprocessing, "item_popularity", popularity)
         prepared.append(columns)
     latencies = []
     with collector_paused(), torch.inference_mode():
@@ -168,6 +203,10 @@ def baseline(checkpoint: Path, store: OnlineFeatureStore, plain: list[dict]) -> 
             torch.sigmoid(model(batch.sparse, batch.dense)).numpy()
             latencies.append(time.perf_counter() - started)
     return summarize("in_process_baseline", 1, latencies, sum(latencies), {"threads": 1})
+
+
+def model_input(preprocessing: Preprocessor, name: str, raw: list) -> np.ndarray:
+    return preprocessing.encode(name, pa.array(raw, pa.float64())).to_numpy()
 
 
 class Connection:
@@ -326,6 +365,74 @@ def measured(case: str, port: int, concurrency: int, bodies, seconds, count) -> 
     return summarize(case, concurrency, latencies, wall, extra)
 
 
+def measured_paired(port: int, cases: dict[str, list[bytes]], seconds: float) -> list[dict]:
+    """Each case at concurrency 1 for `seconds` in all, in PAIRED_ROUNDS slices that alternate
+    in ABBA order: the cases are compared under the same drift of the machine's load."""
+    latencies: dict[str, list[float]] = {name: [] for name in cases}
+    wall = dict.fromkeys(cases, 0.0)
+    errors = dict.fromkeys(cases, 0)
+    degraded = dict.fromkeys(cases, 0)
+    counted: dict[str, dict[str, float]] = {name: {} for name in cases}
+    names = list(cases)
+    for round_ in range(PAIRED_ROUNDS):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            before = server_counters(port)
+            with collector_paused():
+                slice_latencies, slice_wall, slice_errors, slice_degraded = asyncio.run(
+                    load(port, cases[name], 1, seconds / PAIRED_ROUNDS, None)
+                )
+            after = server_counters(port)
+            latencies[name] += slice_latencies
+            wall[name] += slice_wall
+            errors[name] += slice_errors
+            degraded[name] += slice_degraded
+            for key, value in after.items():
+                counted[name][key] = counted[name].get(key, 0.0) + value - before.get(key, 0.0)
+    return [
+        summarize(
+            name,
+            1,
+            latencies[name],
+            wall[name],
+            {
+                "errors": errors[name],
+                "degraded": degraded[name],
+                "slices": PAIRED_ROUNDS,
+                **phase_metrics({}, counted[name]),
+            },
+        )
+        for name in names
+    ]
+
+
+def check_raw_ids_score_alike(port: int, bodies: list[bytes], raw_bodies: list[bytes]) -> int:
+    """The first PARITY_REQUESTS requests, each sent with prepared and with raw ids, must get
+    identical scores: otherwise the raw-id case would time a different computation."""
+
+    async def both() -> None:
+        connection = Connection(port)
+        await connection.open()
+        try:
+            for index in range(PARITY_REQUESTS):
+                scores = []
+                for body in (bodies[index], raw_bodies[index]):
+                    status, payload = await connection.post(body)
+                    if status != 200:
+                        raise RuntimeError(f"request {index}: status {status}: {payload[:300]!r}")
+                    scores.append(json.loads(payload)["scores"])
+                if scores[0] != scores[1]:
+                    gap = np.abs(np.subtract(scores[0], scores[1])).max()
+                    raise RuntimeError(
+                        f"request {index}: raw ids score differently from prepared ids "
+                        f"(largest difference {gap:.3g})"
+                    )
+        finally:
+            connection.close()
+
+    asyncio.run(both())
+    return PARITY_REQUESTS
+
+
 class Service:
     """`embtab serve` in its own process."""
 
@@ -393,14 +500,20 @@ class Service:
             self.process.wait()
 
 
-def run_cases(url: str, bodies: list[bytes], seconds: float) -> list[dict]:
+def run_cases(
+    url: str, bodies: list[bytes], raw_bodies: list[bytes], seconds: float
+) -> tuple[list[dict], int]:
+    """The service's cases, and how many requests were checked to score alike in both forms."""
     results = []
     service = Service(url, cache_mb=256)
     try:
         service.wait_ready()
         results.append(measured("service_cold_start", service.port, 1, bodies, None, COLD_REQUESTS))
         asyncio.run(load(service.port, bodies, 8, 5.0, None))  # warm-up: every row local
-        for concurrency in CONCURRENCY:
+        checked = check_raw_ids_score_alike(service.port, bodies, raw_bodies)
+        paired = {"service_warm": bodies, "service_warm_raw_ids": raw_bodies}
+        results += measured_paired(service.port, paired, seconds)
+        for concurrency in CONCURRENCY[1:]:
             results.append(
                 measured("service_warm", service.port, concurrency, bodies, seconds, None)
             )
@@ -413,7 +526,7 @@ def run_cases(url: str, bodies: list[bytes], seconds: float) -> list[dict]:
         results.append(measured("service_no_cache", uncached.port, 1, bodies, seconds, None))
     finally:
         uncached.stop()
-    return results
+    return results, checked
 
 
 def main() -> None:
@@ -435,10 +548,12 @@ def main() -> None:
             published = publish_checkpoint(
                 ParamPublisher(nodes, MODEL_NAME), str(path), num_shards=4
             )
-            store = fill_online_store(url, load_checkpoint(path).model.schema)
-            bodies, plain = request_bodies()
+            trained = load_checkpoint(path).model
+            store = fill_online_store(url, trained.schema)
+            bodies, raw_bodies, plain = request_bodies(trained.spec.preprocessing)
             results = [baseline(path, store, plain)]
-            results += run_cases(url, bodies, arguments.seconds)
+            service_results, parity_checked = run_cases(url, bodies, raw_bodies, arguments.seconds)
+            results += service_results
             redis_version = nodes.meta.info("server")["redis_version"]
             nodes.close()
     finally:
@@ -447,6 +562,7 @@ def main() -> None:
     by_case = {(r["case"], r["concurrency"]): r for r in results}
     base = by_case[("in_process_baseline", 1)]
     warm_c1 = by_case[("service_warm", 1)]
+    raw_c1 = by_case[("service_warm_raw_ids", 1)]
     summary = {
         "p50_ms_c1": warm_c1["p50_ms"],
         "p99_ms_c1": warm_c1["p99_ms"],
@@ -455,6 +571,10 @@ def main() -> None:
         "p99_ms_c1_no_cache": by_case[("service_no_cache", 1)]["p99_ms"],
         "p99_ms_c1_cold_start": by_case[("service_cold_start", 1)]["p99_ms"],
         "in_process_p50_ms": base["p50_ms"],
+        "p50_ms_c1_raw_ids": raw_c1["p50_ms"],
+        "p99_ms_c1_raw_ids": raw_c1["p99_ms"],
+        "raw_id_overhead": round(raw_c1["p99_ms"] / warm_c1["p99_ms"], 3),
+        "raw_id_overhead_p50": round(raw_c1["p50_ms"] / warm_c1["p50_ms"], 3),
     }
     report = {
         "machine": machine_info(**{"redis-server": redis_version}),
@@ -474,6 +594,12 @@ def main() -> None:
             "candidates_per_request": CANDIDATES,
             "distinct_requests": DISTINCT_REQUESTS,
             "seconds_per_case": arguments.seconds,
+            "raw_id_case": (
+                "the same requests with user and item ids as the raw strings of the artifact's "
+                f"vocabularies; alternated with the prepared case in {PAIRED_ROUNDS} slices; "
+                f"{parity_checked} requests checked to get identical scores in both forms"
+            ),
+            "dense_values": "raw counts; the service (and the baseline) apply the artifact's log1p",
             "client": "asyncio keep-alive HTTP/1.1, closed loop, in the bench process",
             "server": "embtab serve (uvicorn, 1 process, torch threads 1, max wait 2 ms)",
         },

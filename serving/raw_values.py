@@ -126,10 +126,9 @@ class RawValueEncoder:
                 [flat[i] for i in raw_positions],
                 pa.string() if source.type == "string" else pa.int64(),
             )
-            ids, present = self.preprocessing.encode_ids(source, raw)
+            ids, present, unseen = self.preprocessing.encode_ids_counted(source, raw)
             out[raw_positions] = ids
             keep[raw_positions] = present
-            unseen = self.preprocessing.unknown_count(source.name, raw)
             if unseen:
                 self.unknown[name] += unseen
         out[prepared] = [flat[i] for i in np.flatnonzero(prepared)]
