@@ -156,10 +156,11 @@ def soak(arguments: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     with embedded_services() as services:
         nodes = RedisNodes(RedisConfig.parse(services.redis_url, socket_timeout_s=30.0))
         published = publish_checkpoint(ParamPublisher(nodes, MODEL_NAME), str(path), num_shards=4)
-        fill_online_store(services.redis_url, load_checkpoint(path).model.schema)
+        model = load_checkpoint(path).model
+        fill_online_store(services.redis_url, model.schema)
         redis_version = nodes.meta.info("server")["redis_version"]
         nodes.close()
-        bodies, _ = request_bodies()
+        bodies, _, _ = request_bodies(model.spec.preprocessing)
         service = Service(services.redis_url, cache_mb=arguments.cache_mb)
         stream = None
         try:

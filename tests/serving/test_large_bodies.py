@@ -130,7 +130,7 @@ RAW_CASES = {
 @pytest.fixture(scope="module")
 def preparation(tmp_path_factory, monkeypatch_module) -> Preparation:
     directory = tmp_path_factory.mktemp("raw")
-    write_raw_files(directory)
+    write_raw_files(directory, "csv", "string")
     monkeypatch_module.setenv("EMBTAB_DATA", str(directory / "cache"))
     dataset = prepare_from_spec(directory / "spec.yaml")
     schema = dataset.schema
