@@ -106,6 +106,8 @@ class RawValueEncoder:
         if feature.kind in ("dense", "count"):
             return self._numbers(feature, values, where)
         source = self.features[feature.of] if feature.kind == "sequence" else feature
+        if source.type == "string" and all(type(value) is int for value in values):
+            return values  # prepared ids, as embtab's own tools send them: nothing to encode
         scalar = feature.kind == "categorical"
         flat: list[object] = []
         lengths: list[int] = []

@@ -3,8 +3,9 @@
 Issue 23 asks for at most 2x the light client's p99; on this 2-core machine the light client's
 p99 measured 1.6x-2.2x with the heavy client (14 runs of this and earlier shapes of the test),
 against 18x before large bodies were parsed in a worker process. What still costs is not
-measured; probably the event loop receiving each 4 MB body and piping it to the worker. This test holds what is reached (at most 3x, with room for the
-machine's noise) so that it cannot regress; the 2x target is open.
+measured; probably the event loop receiving each 4 MB body and piping it to the worker. This
+test holds what is reached (at most 3x, with room for the machine's noise) so that it cannot
+regress; the 2x target is open.
 
 `embtab serve` runs in its own process. A heavy client (a process of its own) posts 4 MB bodies
 back to back while a light client scores 10 candidates at a time. A heavy body is 100
