@@ -127,6 +127,33 @@ def string_hash64(strings: pa.Array, seed: int) -> np.ndarray:
     return hashes.view(np.int64)
 
 
+def dense_steps(
+    feature: FeatureDef, raw: pa.Array, stats: tuple[float, float] | None
+) -> np.ndarray:
+    """A dense or count feature's raw numbers (float64, NaN where missing) through its
+    transforms in the spec's order. With `stats` None, only the steps before `standardise`:
+    what fitting its mean and standard deviation sees."""
+    try:
+        # A copy: the transforms below write into it, and Arrow's buffers are read-only.
+        numbers = np.array(
+            pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
+            dtype=np.float64,
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise RawValueError(feature.name, f"feature {feature.name!r} takes numbers") from error
+    for step in feature.transform:
+        if step == "clip":
+            numbers = np.clip(numbers, *feature.clip)
+        elif step == "log1p":
+            numbers = np.log1p(np.maximum(numbers, 0.0))
+        elif stats is None:
+            break
+        else:
+            mean, std = stats
+            numbers = (numbers - mean) / std
+    return numbers
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Sorted distinct raw values; a value's id is its position, the OOV id is `len(values)`."""
@@ -301,24 +328,9 @@ class Preprocessor:
 
     def dense_values(self, feature: FeatureDef, raw: pa.Array) -> np.ndarray:
         """Numbers through clip, log1p and standardise (in the spec's order); null -> 0."""
-        try:
-            # A copy: the transforms below write into it, and Arrow's buffers are read-only.
-            numbers = np.array(
-                pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
-                dtype=np.float64,
-            )
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise RawValueError(feature.name, f"feature {feature.name!r} takes numbers") from error
-        missing = np.isnan(numbers)
-        for step in feature.transform:
-            if step == "clip":
-                numbers = np.clip(numbers, *feature.clip)
-            elif step == "log1p":
-                numbers = np.log1p(np.maximum(numbers, 0.0))
-            else:
-                mean, std = self.dense_stats[feature.name]
-                numbers = (numbers - mean) / std
-        numbers[missing] = 0.0
+        stats = self.dense_stats[feature.name] if "standardise" in feature.transform else None
+        numbers = dense_steps(feature, raw, stats)
+        numbers[np.isnan(numbers)] = 0.0
         return numbers.astype(np.float32)
 
     def encode_ids(self, feature: FeatureDef, raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ is bounded by the batch, the vocabularies and one time bucket, not by the row co
    with their per-user state carried across buckets, and write the splits.
 
 Everything is written into a temporary directory renamed into place at the end
-(`offline.write_dataset_dir`), so a failed run leaves the previous prepared copy untouched.
+(`offline.install_prepared`), so a failed run leaves the previous prepared copy untouched.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from feature_store.artifact import Preprocessor, Vocabulary, feature_seed, splitmix64
+from feature_store.artifact import (
+    Preprocessor,
+    Vocabulary,
+    dense_steps,
+    feature_seed,
+    splitmix64,
+)
 from feature_store.offline import SPLITS, Dataset, install_prepared, prepared_root
 from feature_store.spec import DatasetSpec, FeatureDef, JoinSpec, SourceSpec
 from feature_store.wheels import DataError
@@ -625,7 +631,7 @@ def _fit(
                 values = batch.columns[feature.name]
                 if mask is not None:
                     values = values.filter(mask)
-                numbers = _before_standardise(feature, values)
+                numbers = dense_steps(feature, values, None)
                 moments[feature.name].add(numbers[~np.isnan(numbers)])
         progress("fit", rows)
     vocabularies: dict[str, Vocabulary] = {}
@@ -665,22 +671,6 @@ def _fit(
         for key, column in roles.items()
     }
     return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths), distinct
-
-
-def _before_standardise(feature: FeatureDef, values: pa.Array) -> np.ndarray:
-    numbers = np.asarray(
-        pc.cast(values, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
-        dtype=np.float64,
-    )
-    for step in feature.transform:
-        if step == "standardise":
-            break
-        numbers = (
-            np.clip(numbers, *feature.clip)
-            if step == "clip"
-            else np.log1p(np.maximum(numbers, 0.0))
-        )
-    return numbers
 
 
 # -- pass 3: encode into time buckets ------------------------------------------------------
