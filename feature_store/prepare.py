@@ -94,7 +94,6 @@ def prepare_spec(
         listed = _encode(spec, reader, preprocessor, boundaries, buckets, progress)
         info = _order_and_write(spec, preprocessor, buckets, listed, rows, scratch, progress)
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
-        preprocessor = info.pop("preprocessor")
         preprocessor.save(scratch / "artifact")
         info.update(distinct)
         return install_prepared(spec.name, scratch, preprocessor.schema(), info)
@@ -897,7 +896,6 @@ def _order_and_write(
         "splits": stats,
         "rows": rows,
         "positives": sum(s["positives"] for s in stats.values()),
-        "preprocessor": preprocessor,
     }
 
 
@@ -963,8 +961,7 @@ def _history(
     timeline[_ranges(timeline_start + carried_lengths, own_counts)] = values_sorted[present_sorted]
     # How many own present values precede each event within its group.
     present_before = np.cumsum(present_sorted) - present_sorted
-    group_present_start = (np.cumsum(present_sorted) - present_sorted)[starts]
-    seen = carried_lengths[group_of] + present_before - group_present_start[group_of]
+    seen = carried_lengths[group_of] + present_before - present_before[starts][group_of]
     first = np.maximum(seen - length, 0)
     begin_sorted = timeline_start[group_of] + first
     lengths_sorted = seen - first
