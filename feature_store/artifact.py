@@ -17,6 +17,7 @@ free when it is fitted), so a lookup is a binary search, not a Python dict.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -244,8 +245,10 @@ class Preprocessor:
     cardinalities: dict[str, int]
     max_lengths: dict[str, int]
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
+        """The hash of everything the transform depends on; computed once (the fields never
+        change), though checkpoints, publishing and serving all ask for it."""
         digest = hashlib.sha256(self._manifest_body().encode())
         for name in sorted(self.vocabularies):
             digest.update(name.encode())
