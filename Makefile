@@ -22,9 +22,11 @@ test: install
 demo: install
 	$(BIN)/embtab demo
 
+# lint-imports checks the package arrows of docs/architecture.md (pyproject.toml's contracts).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff check --fix .
