@@ -56,7 +56,7 @@ from models.batches import Batch, BatchLoader
 from models.build import MODEL_CLASSES, ModelSpec, graphhash_mappings, plan_model
 from models.checkpoint import GRAPHHASH_PREFIX, graphhash_from_tensors, spec_from_manifest
 from models.config import RunConfig, to_dict
-from models.errors import ModelConfigError, ModelError, NonFiniteLossError
+from models.errors import ModelConfigError, NonFiniteLossError
 from models.event_clock import EventClock
 from models.metrics import auc, logloss_from_logits
 from models.sharded_checkpoint import (
@@ -77,8 +77,9 @@ DEFAULT_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column
 MAX_COLUMN_SHARD = 128
 
 
-class DistributedError(ModelError):
-    """Distributed training that could not run: a rank died, timed out, or could not start."""
+class DistributedError(RuntimeError):
+    """Distributed training that could not run: a rank died, timed out, or could not start (a
+    failure of the run, not of its input: bad settings are ModelConfigError)."""
 
 
 class RankFailedError(DistributedError):

@@ -1,17 +1,19 @@
 """Typed errors of serving: each says what was wrong and what is accepted.
 
 `RequestError` and its subclasses are the client's fault and map to a 4xx status; `StoreError`
-and its subclasses are about Redis or what is published there.
+and its subclasses are about Redis or what is published there. Bad input is also a
+`ValueError` (a request, a name, rows or a publish that cannot be taken as given); a Redis that
+is down or refuses the credentials is not: it is a failure of the service, not of the input.
 """
 
 from __future__ import annotations
 
 
-class ServingError(ValueError):
+class ServingError(Exception):
     """Base class for every error raised by serving."""
 
 
-class RequestError(ServingError):
+class RequestError(ServingError, ValueError):
     """A scoring request the service cannot answer as sent; `status` is its HTTP status."""
 
     status = 400
@@ -49,19 +51,19 @@ class StoreError(ServingError):
     """Redis or the parameter layout in it is not what the caller needs."""
 
 
-class KeyNameError(StoreError):
+class KeyNameError(StoreError, ValueError):
     """A model or table name that cannot be part of a Redis key."""
 
 
-class EncodingError(StoreError):
+class EncodingError(StoreError, ValueError):
     """Rows that cannot be encoded as asked, or stored bytes that do not decode."""
 
 
-class VersionNotFoundError(StoreError):
+class VersionNotFoundError(StoreError, LookupError):
     """No live version of a model, or a version whose namespace is gone."""
 
 
-class PublishError(StoreError):
+class PublishError(StoreError, ValueError):
     """A publish that cannot go on (bad tables, wrong shapes, a version that is not live)."""
 
 

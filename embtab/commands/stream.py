@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from embtab.commands.data import load_with_progress
@@ -32,7 +31,6 @@ from feature_store.offline import Dataset
 from feature_store.online import (
     NAMESPACE,
     NoOnlineLayout,
-    OnlineFeatureError,
     OnlineFeatureStore,
 )
 from models.build import build_model, graphhash_mappings, plan_model
@@ -40,7 +38,6 @@ from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
 from models.distributed import DistributedConfig
 from models.sharded_checkpoint import ShardedCheckpoint
 from models.train import seed_everything
-from online_training.batching import DeliveryError
 from online_training.joiner import Joiner, JoinerConfig
 from online_training.kafka import (
     ENVIRONMENT,
@@ -52,14 +49,11 @@ from online_training.kafka import (
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sharded_trainer import ShardedStreamJob, train_stream_distributed
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerError
+from online_training.trainer import StartingPoint, Trainer, TrainerConfig
 from serving.keys import check_name
 from serving.param_store import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes, redact_url
 from serving.row_encoding import ENCODINGS
-
-# Failures of the services a stream command talks to: reported in one line, not a traceback.
-ERRORS = (OnlineFeatureError, KafkaError, DeliveryError, TrainerError)
 
 
 def _add_replay_arguments(parser: argparse.ArgumentParser) -> None:

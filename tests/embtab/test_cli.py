@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
-from embtab.cli import main
+import numpy as np
+
+from embtab.cli import is_user_error, main
+from feature_store.schema import Schema, SchemaError
+from serving.errors import RedisUnavailableError
 
 
 def test_data_info_reports_movielens_1m_counts(capsys):
@@ -39,3 +43,23 @@ def test_services_up_prints_both_urls_and_stops(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["redis"].startswith("redis://127.0.0.1:")
     assert result["kafka"].startswith("127.0.0.1:")
+
+
+def test_a_bad_input_error_is_one_line_without_a_traceback(capsys):
+    assert main(["data", "info", "imagenet"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_value_error_from_a_library_is_a_bug_and_keeps_its_traceback():
+    """Only our typed errors are the user's to fix; numpy's ValueError inside a command is
+    ours, and its traceback is what finds it."""
+    try:
+        np.reshape(np.arange(3), (2, 2))
+    except ValueError as error:
+        assert not is_user_error(error)
+    assert not is_user_error(RedisUnavailableError("Redis at 127.0.0.1:1 did not answer"))
+    try:
+        Schema.from_json('{"dataset": "x", "features": [{"name": "a", "kind": "nonsense"}]}')
+    except SchemaError as error:
+        assert is_user_error(error)

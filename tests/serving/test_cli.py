@@ -87,3 +87,14 @@ def test_publish_without_redis_says_how_to_give_one(tmp_path, capsys, monkeypatc
     assert "--redis redis://host:port/0" in capsys.readouterr().err
     assert main(["publish", str(tmp_path / "missing.safetensors"), "--redis", "redis://x"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_an_unreachable_redis_is_reported_with_its_traceback(tmp_path, capsys):
+    """A Redis that does not answer is a failure of the service, not of the input: the CLI
+    shows where it happened (a traceback) and exits 1, unlike a bad-input error (one line, 2)."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model("full"))
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    assert main(["publish", str(checkpoint), "--redis", unreachable]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in error and "RedisUnavailableError" in error
+    assert error.rstrip().splitlines()[-1].startswith("embtab: error: ")
