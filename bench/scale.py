@@ -43,7 +43,8 @@ from embtab.machine import machine_info
 from embtab.services import start_redis
 from feature_store.datasets import load
 from models.config import DCNConfig, RunConfig, TablesConfig, TrainConfig
-from models.distributed import DistributedConfig, plan_sharding, train_distributed
+from models.distributed import DistributedConfig, train_distributed
+from models.sharding_plan import plan_sharding
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 # MLPerf DLRM on Criteo 1TB: per-feature cardinalities with ids hashed into at most 40M rows

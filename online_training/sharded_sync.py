@@ -33,13 +33,13 @@ from embedding_tables.collisionless import DEFAULT_ROW, resolve_capacity
 from embedding_tables.idmap import EMPTY
 from embedding_tables.sharded_collisionless import owner_of
 from embedding_tables.sharding import torchrec_name
-from models.distributed import table_key
 from models.sharded_checkpoint import (
     OWNED_PREFIX,
     export_checkpoint,
     local_regions,
     save_sharded,
 )
+from models.sharding_plan import table_key
 from online_training.sync import ParamSync, SyncConfig, SyncError
 from serving.errors import VersionNotFoundError
 from serving.param_store import ParamPublisher, PublishResult, TableLayout

@@ -36,19 +36,15 @@ import torch.nn.functional as F
 from kafka import KafkaConsumer, TopicPartition
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from models.batch_slices import pad_batch
 from models.batches import empty_batch
 from models.config import TrainConfig
-from models.distributed import (
-    DistributedConfig,
-    launch,
-    launched_by_torchrun,
-    load_sharded_model,
-    pad_batch,
-    torchrun_rank,
-)
+from models.distributed import DistributedConfig
 from models.errors import NonFiniteLossError
 from models.event_clock import EventClock
+from models.rank_launch import launch, launched_by_torchrun, torchrun_rank
 from models.sharded_checkpoint import dense_parameters, save_sharded
+from models.sharding_plan import load_sharded_model
 from online_training import messages
 from online_training.kafka import KafkaSettings, Topics, make_consumer
 from online_training.learner import EVENT_TIME, LABEL, AppliedBatch, WindowedAUC, examples_batch
@@ -254,14 +250,14 @@ def starting_point(
     """The sharded model a rank starts from (collective): the trainer's own state if it has
     one, else the sharded checkpoint (of `embtab train --nproc`, any number of ranks)."""
     if state_path is not None and Path(state_path).exists():
-        dmp, manifest = load_sharded_model(state_path, config)
+        dmp, manifest = load_sharded_model(state_path, config.sharding)
         return StartingPoint.from_state(dmp, state_entry(manifest, Path(state_path), redis_model))
     if checkpoint is None:
         raise TrainerConfigError(
             "a sharded streaming trainer starts from a sharded checkpoint (embtab train --nproc "
             "N) or its own state; neither was given"
         )
-    dmp, manifest = load_sharded_model(checkpoint, config)
+    dmp, manifest = load_sharded_model(checkpoint, config.sharding)
     return StartingPoint(model=dmp, origin_manifest=manifest)
 
 
@@ -313,5 +309,6 @@ def train_stream_distributed(job: ShardedStreamJob) -> list[dict[str, Any]]:
         consumer.close()
     Path(job.staging).mkdir(parents=True, exist_ok=True)
     if launched_by_torchrun():
-        return [torchrun_rank(stream_rank, (job,), job.distributed)]
+        distributed = job.distributed
+        return [torchrun_rank(stream_rank, (job,), distributed.world_size, distributed.timeout_s)]
     return launch(stream_rank, (job,), job.distributed.world_size, job.distributed.timeout_s)

@@ -15,8 +15,9 @@ from feature_store.offline import SPLITS
 from models.build import plan_model
 from models.checkpoint import load_checkpoint
 from models.config import MODEL_CONFIGS, RunConfig, TrainConfig, to_dict
-from models.distributed import DistributedConfig, launched_by_torchrun, train_distributed
+from models.distributed import DistributedConfig, train_distributed
 from models.errors import ModelConfigError
+from models.rank_launch import launched_by_torchrun
 from models.sharded_checkpoint import export_checkpoint
 from models.train import split_evaluator, train
 

@@ -27,7 +27,7 @@ from embedding_tables.sharded_collisionless import (
     save_owned,
     state_from_entries,
 )
-from models.distributed import launch
+from models.rank_launch import launch
 
 BATCH, BAG = 64, 3
 CONFIG = TableConfig(

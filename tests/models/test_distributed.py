@@ -25,17 +25,11 @@ from models.batches import BatchLoader
 from models.build import plan_model
 from models.checkpoint import load_checkpoint
 from models.config import DCNConfig, RunConfig, TablesConfig, TrainConfig
-from models.distributed import (
-    DistributedConfig,
-    RankFailedError,
-    ShardingPlanError,
-    launch,
-    plan_sharding,
-    sharded_model_shell,
-    train_distributed,
-)
+from models.distributed import DistributedConfig, train_distributed
 from models.errors import ModelConfigError
+from models.rank_launch import RankFailedError, launch
 from models.sharded_checkpoint import ShardedCheckpoint, export_checkpoint
+from models.sharding_plan import ShardingPlanError, plan_sharding, sharded_model_shell
 from models.train import evaluate
 
 STEPS = 8

@@ -19,8 +19,10 @@ from feature_store import datasets
 from feature_store.offline import Dataset
 from models.checkpoint import load_checkpoint, read_tensors
 from models.config import TrainConfig
-from models.distributed import DistributedConfig, launch, load_sharded_model, train_distributed
+from models.distributed import DistributedConfig, train_distributed
+from models.rank_launch import launch
 from models.sharded_checkpoint import export_checkpoint, save_sharded
+from models.sharding_plan import load_sharded_model
 from online_training.kafka import KafkaSettings, Topics
 from online_training.sharded_trainer import (
     ShardedLearner,
@@ -173,7 +175,7 @@ def _learn(checkpoint: str, steps: list[list[tuple[int, int]]], out: str) -> lis
     """A rank's part of `steps` (per step, the [start, stop) rows of the stream each rank
     holds), then the model saved to `out`; the global losses."""
     rank = dist.get_rank()
-    dmp, _ = load_sharded_model(checkpoint, DistributedConfig(world_size=dist.get_world_size()))
+    dmp, _ = load_sharded_model(checkpoint, sharding={})
     learner = ShardedLearner(dmp, TrainConfig(dense_lr=3e-3))
     rows = example_rows(datasets.load("movielens-1m"), 1000)
     losses = []
