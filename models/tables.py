@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from embedding_tables.config import TableConfig
-from feature_store.schema import Schema, SchemaError
+from feature_store.schema import FeatureSpec, Schema, SchemaError
 from models.batches import sparse_features
 from models.config import TablesConfig, from_dict
 from models.errors import ModelConfigError
@@ -63,28 +64,60 @@ def build_tables(
     graph_features = set(schema.id_columns.values())
     tables = []
     for spec in schema.categorical:
-        method = config.method
-        if spec.cardinality < config.compress_min_rows:
-            method = "full"
-        elif method in GRAPH_METHODS and spec.name not in graph_features:
-            method = GRAPH_FALLBACK
-        budget = config.budget
-        if spec.hashed and method in ID_INDEXED_METHODS:
-            budget = None if method == "full" else config.budget
-            method = RAW_ID_METHOD
+        method = feature_method(
+            spec,
+            config.method,
+            compressed=spec.cardinality >= config.compress_min_rows,
+            graph_features=graph_features,
+        )
         fields: dict[str, Any] = {
             "name": spec.name,
             "num_embeddings": spec.cardinality,
             "dim": dim,
-            "method": method,
+            "method": method.name,
             "pooling": config.pooling,
         }
-        if method != "full":
+        if method.name != "full":
             fields.update(config.options)
-            fields["budget"] = budget
+            fields["budget"] = config.budget if method.budgeted else None
         fields.update(config.overrides.get(spec.name, {}))
         tables.append(from_dict(TableConfig, fields, f"table {spec.name!r}"))
-    feature_to_table = {spec.name: spec.name for spec in schema.categorical}
+    return tables, feature_routes(schema)
+
+
+@dataclass(frozen=True)
+class FeatureMethod:
+    """The method one categorical feature's table gets. `budgeted` False: the table keeps the
+    full table's size (a full table, or the hash table that raw ids get in place of one)."""
+
+    name: str
+    budgeted: bool
+
+
+def feature_method(
+    spec: FeatureSpec, method: str, *, compressed: bool, graph_features: set[str]
+) -> FeatureMethod:
+    """The method of `spec`'s table when a config asks for `method`.
+
+    A table too small to compress stays full; a graph method applies to the user and item id
+    tables (`graph_features`) only, the others fall back to hashing; raw 64-bit ids get a hash
+    table where the method would index rows by id.
+    """
+    if not compressed:
+        method = "full"
+    elif method in GRAPH_METHODS and spec.name not in graph_features:
+        method = GRAPH_FALLBACK
+    budgeted = method != "full"
+    if spec.hashed and method in ID_INDEXED_METHODS:
+        return FeatureMethod(RAW_ID_METHOD, budgeted)
+    return FeatureMethod(method, budgeted)
+
+
+def feature_routes(schema: Schema) -> dict[str, str]:
+    """The table each sparse feature reads: its own, or for a sequence feature the table of the
+    categorical feature whose ids it shares."""
+    categorical = [spec.name for spec in schema.categorical]
+    feature_to_table = {name: name for name in categorical}
     feature_to_table.update(
         {spec.name: spec.shares_ids_with or spec.name for spec in schema.sequence}
     )
@@ -94,7 +127,7 @@ def build_tables(
             f"sequence feature(s) read table(s) {missing} that no categorical feature defines; "
             "give each sequence feature `shares_ids_with` a categorical feature of the model"
         )
-    return tables, feature_to_table
+    return feature_to_table
 
 
 def _unified_table(

@@ -22,6 +22,9 @@ How each method spends the budget on one compressed table of n ids (rows are `di
   tables (MovieLens `zip_code`) fall back to `hash` at the same budget.
 - `double_hash`: two hash functions into one table of int(n x budget) rows, the two rows
   summed (the hashing baseline of the GraphHash paper); a GraphHash table with no clusters.
+
+Which method a table gets (full when small, the graph fallback, a hash table for raw 64-bit
+ids) is decided by `models.tables.feature_method`, the rule `embtab train` follows too.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError
 from embedding_tables.planning import ELEMENT_BYTES, TBE_DIM_MULTIPLE, plan_table
 from embtab.compression.errors import InfeasibleCellError, StudyConfigError
-from feature_store.schema import Schema
+from feature_store.schema import FeatureSpec, Schema
+from models.tables import UNIFIED_TABLE, FeatureMethod, feature_method, feature_routes
 
-UNIFIED_TABLE = "unified"
-GRAPH_FALLBACK = "hash"
 MAX_QR_PARTITIONS = 8
 
 
@@ -128,8 +130,7 @@ def cell_tables(
         raise InfeasibleCellError(
             f"no table has >= {compress_min_rows} ids to compress; lower compress_min_rows"
         )
-    feature_to_table = {f.name: f.name for f in categorical}
-    feature_to_table.update({f.name: f.shares_ids_with or f.name for f in schema.sequence})
+    feature_to_table = feature_routes(schema)
     full_tables = {
         f.name: TableConfig(name=f.name, num_embeddings=f.cardinality, dim=dim, pooling="mean")
         for f in categorical
@@ -137,22 +138,30 @@ def cell_tables(
     full_bytes = sum(table.full_bytes for table in full_tables.values())
     compressed_full_bytes = sum(full_tables[name].full_bytes for name in compressed)
     decisions: dict[str, Any] = {}
-    if spec.table_method == "full":
-        tables = list(full_tables.values())
-        compressed = []
-    elif spec.table_method == "unified":
+    if spec.table_method == "unified":
         tables, feature_to_table = _unified(full_tables, feature_to_table, compressed, budget, seed)
     else:
-        graph_ids = set(schema.id_columns.values()) if spec.mappings == "graph" else None
+        # A graph method clusters the user and item id tables only; without a graph (double_hash)
+        # it applies to every compressed table.
+        graph_features = (
+            set(schema.id_columns.values()) if spec.mappings == "graph" else set(full_tables)
+        )
         tables = []
-        for name, full in full_tables.items():
-            if name not in compressed:
-                tables.append(full)
-                continue
-            table, decided = _compress(full, spec, budget, seed, graph_ids)
+        for feature in categorical:
+            method = feature_method(
+                feature,
+                spec.table_method,
+                compressed=feature.name in compressed,
+                graph_features=graph_features,
+            )
+            table, decided = _compress(
+                full_tables[feature.name], feature, method, spec, budget, seed
+            )
             tables.append(table)
             if decided:
-                decisions[name] = decided
+                decisions[feature.name] = decided
+        if spec.table_method == "full":
+            compressed = []
     _check_rows(tables, budget)
     return CellTables(
         tables=tuple(tables),
@@ -212,12 +221,22 @@ def _unified(
 
 
 def _compress(
-    full: TableConfig, spec: MethodSpec, budget: float, seed: int, graph_ids: set[str] | None
+    full: TableConfig,
+    feature: FeatureSpec,
+    method: FeatureMethod,
+    spec: MethodSpec,
+    budget: float,
+    seed: int,
 ) -> tuple[TableConfig, dict[str, Any]]:
-    """One compressed table and what was decided for it (empty if nothing beyond the budget)."""
-    if graph_ids is not None and full.name not in graph_ids:
-        table = dataclasses.replace(full, method=GRAPH_FALLBACK, budget=budget, seed=seed)
-        return table, {"method": GRAPH_FALLBACK, "why": "not a user or item id table"}
+    """One table and what was decided for it (empty if nothing beyond the budget)."""
+    if method.name == "full":
+        return full, {}
+    if not method.budgeted:
+        return dataclasses.replace(full, method=method.name), {}
+    if method.name != spec.table_method:
+        why = "raw 64-bit ids" if feature.hashed else "not a user or item id table"
+        table = dataclasses.replace(full, method=method.name, budget=budget, seed=seed)
+        return table, {"method": method.name, "why": why}
     table = dataclasses.replace(
         full, method=spec.table_method, budget=budget, seed=seed, **spec.options
     )

@@ -219,6 +219,28 @@ def test_collisionless_capacity_is_the_budget_and_graph_methods_hash_other_table
     assert methods["user_id"] == ("graphhash", "double") and methods["zip_code"][0] == "hash"
 
 
+def test_raw_64_bit_ids_get_hash_tables_in_every_cell():
+    """A spec's `ids: hash` feature holds raw int64 ids: no cell may index a table by them."""
+    raw_users = Schema(
+        dataset="own-data",
+        features=(
+            FeatureSpec("user_id", "categorical", 5000, hashed=True),
+            FeatureSpec("item_id", "categorical", 3000),
+            FeatureSpec("device", "categorical", 7, hashed=True),
+        ),
+        id_columns={"user": "user_id", "item": "item_id"},
+    )
+    full = {t.name: t for t in cell_tables(raw_users, "full", 1.0, 16, 1000).tables}
+    assert (full["user_id"].method, full["user_id"].budget) == ("hash", None)
+    assert (full["device"].method, full["device"].budget) == ("hash", None)
+    assert full["item_id"].method == "full"
+    for method in ("qr_mult", "graphhash", "double_hash"):
+        cell = cell_tables(raw_users, method, 0.1, 16, 1000)
+        user = next(t for t in cell.tables if t.name == "user_id")
+        assert (user.method, user.budget) == ("hash", 0.1), method
+        assert cell.decisions["user_id"] == {"method": "hash", "why": "raw 64-bit ids"}
+
+
 def test_infeasible_cells_say_why():
     with pytest.raises(InfeasibleCellError, match="budget 1.0 only"):
         cell_tables(MOVIELENS_1M, "full", 0.5, 16, 1000)
