@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from embtab.services import EmbeddedProcess, ServiceError, redis_server_binary, start_redis
+from feature_store.redis_client import loopback_url, redis_client
 
 CLUSTER_READY_TIMEOUT_S = 30.0
 MIN_CLUSTER_NODES = 3  # what `redis-cli --cluster create` accepts for masters
@@ -87,16 +84,7 @@ def start_redis_cluster(num_nodes: int = 3) -> EmbeddedCluster:
 
 def _wait_ready(nodes: list[EmbeddedProcess]) -> None:
     """Until every node reports cluster_state ok and knows all the others."""
-    clients = [
-        redis.Redis(
-            host="127.0.0.1",
-            port=node.port,
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            retry=Retry(NoBackoff(), 0),
-        )
-        for node in nodes
-    ]
+    clients = [redis_client(loopback_url(node.port), timeout_s=1.0, retries=0) for node in nodes]
     deadline = time.monotonic() + CLUSTER_READY_TIMEOUT_S
     states: list[dict] = []
     try:

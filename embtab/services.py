@@ -171,18 +171,10 @@ def start_redis(
 
     def ready(port: int) -> bool:
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
-        # No retries: redis-py's default retry turns one 0.5 s timeout into about 50 s.
-        client = redis.Redis(
-            host="127.0.0.1",
-            port=port,
-            password=password,
-            socket_timeout=0.5,
-            socket_connect_timeout=0.5,
-            retry=Retry(NoBackoff(), 0),
-        )
+        from feature_store.redis_client import loopback_url, redis_client
+
+        client = redis_client(loopback_url(port, password), timeout_s=0.5, retries=0)
         try:
             return bool(client.ping())
         except redis.RedisError:

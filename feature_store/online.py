@@ -24,9 +24,8 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
+from feature_store.redis_client import redis_client
 from feature_store.schema import FeatureSpec, Schema
 
 NAMESPACE = "embtab:features"
@@ -61,17 +60,6 @@ class CorruptFeatureValue(OnlineFeatureError):
 
 class NoOnlineLayout(OnlineFeatureError, ValueError):
     """A data set whose features have no online layout."""
-
-
-def redis_client(url: str, *, timeout_s: float = 1.0, retries: int = 1) -> redis.Redis:
-    """A Redis client that fails fast: explicit socket timeouts and at most `retries` quick
-    retries (redis-py's default retry turns one socket timeout into about 50 s of waiting)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries),
-    )
 
 
 @dataclass(frozen=True)

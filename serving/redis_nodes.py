@@ -4,8 +4,8 @@ With several URLs, shard `s` lives on node `s % len(urls)` (client-side sharding
 must list the same URLs in the same order) and the model's metadata on the first. With a
 Redis Cluster, keys carry hash tags (see `serving.keys`) and the cluster client routes them.
 
-Every client gets explicit socket and connect timeouts and a bounded retry: redis-py's default
-retry turns one timeout into tens of seconds of retries, and serving must degrade fast instead.
+Every client comes from `feature_store.redis_client`: explicit socket and connect timeouts and
+a bounded retry, so that serving degrades fast instead of waiting on redis-py's default retry.
 URLs may carry credentials (`redis://user:password@host:port/db`, `rediss://` for TLS); they are
 passed to redis-py as they are and only ever shown through `redact_url`.
 """
@@ -19,11 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.retry import Retry
-
+from feature_store.redis_client import redis_client
 from serving.errors import StoreError
 
 URL_SCHEMES = ("redis", "rediss", "unix")
@@ -97,21 +93,17 @@ class RedisNodes:
 
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
-        retry = Retry(NoBackoff(), config.retries)
-        options = {
-            "socket_timeout": config.socket_timeout_s,
-            "socket_connect_timeout": config.connect_timeout_s,
-            "max_connections": config.max_connections,
-        }
-        if config.cluster:
-            cluster = RedisCluster.from_url(
-                config.urls[0], retry=retry, require_full_coverage=True, **options
+        self.clients: list[Any] = [
+            redis_client(
+                url,
+                timeout_s=config.socket_timeout_s,
+                connect_timeout_s=config.connect_timeout_s,
+                retries=config.retries,
+                max_connections=config.max_connections,
+                cluster=config.cluster,
             )
-            self.clients: list[Any] = [cluster]
-        else:
-            self.clients = [
-                redis.Redis.from_url(url, retry=retry, **options) for url in config.urls
-            ]
+            for url in config.urls
+        ]
         self._pool: ThreadPoolExecutor | None = None
 
     @property
