@@ -27,7 +27,7 @@ from serving.errors import (
 from serving.keys import ModelKeys
 from serving.param_store import ParamPublisher, ParamReader, StoreOptions, TableLayout
 from serving.redis_nodes import RedisConfig, RedisNodes, redact_url
-from serving.row_encoding import ENCODINGS, int8_error_bound
+from serving.row_encoding import ENCODINGS, QUANTISED_LEVELS, quantised_error_bound
 from tests.serving.serving_helpers import METHODS, publish, tiny_model, unique_name
 
 
@@ -57,7 +57,7 @@ def small_table(rows: int = 50, dim: int = 4) -> tuple[TableLayout, np.ndarray]:
 def test_every_method_and_encoding_round_trips(method, nodes, redis_url, record_property):
     model = model_for(method)
     embeddings = model.embeddings
-    worst_int8 = 0.0
+    worst = dict.fromkeys(QUANTISED_LEVELS, 0.0)
     for encoding in ENCODINGS:
         name = unique_name(method)
         result = publish(model, name, redis_url, encoding)
@@ -79,12 +79,14 @@ def test_every_method_and_encoding_round_trips(method, nodes, redis_url, record_
                 assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
             else:
                 error = np.abs(got - want).max(axis=1)
-                assert (error <= int8_error_bound(want)).all(), f"{layout.name}: int8 error"
-                worst_int8 = max(worst_int8, float(error.max(initial=0.0)))
+                bound = quantised_error_bound(want, encoding)
+                assert (error <= bound).all(), f"{layout.name}: {encoding} error"
+                worst[encoding] = max(worst[encoding], float(error.max(initial=0.0)))
             if method == "collisionless" and layout.name in embeddings.self_managed:
                 assert layout.keyed_by == "id"
-    record_property("int8_max_abs_error", worst_int8)
-    print(f"{method}: int8 max abs error {worst_int8:.2e}")
+    for encoding, error in worst.items():
+        record_property(f"{encoding}_max_abs_error", error)
+        print(f"{method}: {encoding} max abs error {error:.2e}")
 
 
 def test_collisionless_default_rows_ride_with_the_dense_blob(nodes, redis_url):

@@ -1,4 +1,5 @@
-"""Row encodings: fp32 exact, fp16 within half precision, int8 within its per-row bound."""
+"""Row encodings: fp32 exact, fp16 within half precision, int8 and int4 within their per-row
+bounds, int4's nibbles in their documented order."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from serving.row_encoding import (
     decode_values,
     encode_ids,
     encode_rows,
-    int8_error_bound,
+    quantised_error_bound,
     row_bytes,
 )
 
@@ -26,12 +27,22 @@ finite_rows = arrays(
 )
 
 
-@given(finite_rows)
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+@given(rows=finite_rows)
 @settings(max_examples=60, deadline=None)
-def test_int8_error_stays_within_half_a_step_per_row(rows):
-    decoded = decode_rows(encode_rows(rows, "int8"), "int8", rows.shape[1])
+def test_quantised_error_stays_within_half_a_step_per_row(encoding, rows):
+    decoded = decode_rows(encode_rows(rows, encoding), encoding, rows.shape[1])
     error = np.abs(decoded - rows).max(axis=1)
-    assert (error <= int8_error_bound(rows)).all()
+    assert (error <= quantised_error_bound(rows, encoding)).all()
+
+
+def test_int4_codes_are_nibbles_low_first_after_scale_and_bias():
+    rows = np.array([[0.0, 15.0, 3.0, 7.0, 1.0]], np.float32)  # scale 1, bias 0
+    encoded = encode_rows(rows, "int4")
+    assert encoded.shape == (1, 8 + 3)
+    assert encoded[0, :8].view("<f4").tolist() == [1.0, 0.0]
+    assert encoded[0, 8:].tolist() == [0xF0, 0x73, 0x01]
+    assert np.array_equal(decode_rows(encoded, "int4", 5), rows)
 
 
 @given(finite_rows)
@@ -44,14 +55,16 @@ def test_fp32_is_exact_and_fp16_is_half_precision(rows):
 
 
 def test_encoded_sizes():
-    assert [row_bytes(e, 16) for e in ("fp32", "fp16", "int8")] == [64, 32, 24]
+    assert [row_bytes(e, 16) for e in ("fp32", "fp16", "int8", "int4")] == [64, 32, 24, 16]
+    assert row_bytes("int4", 5) == 11
     rows = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     assert encode_rows(rows, "int8").shape == (5, 24)
 
 
-def test_constant_rows_encode_exactly_in_int8():
+@pytest.mark.parametrize("encoding", ["int8", "int4"])
+def test_constant_rows_encode_exactly(encoding):
     rows = np.full((3, 8), 0.5, np.float32)
-    assert np.array_equal(decode_rows(encode_rows(rows, "int8"), "int8", 8), rows)
+    assert np.array_equal(decode_rows(encode_rows(rows, encoding), encoding, 8), rows)
 
 
 def test_ids_are_8_byte_little_endian_fields():
@@ -74,7 +87,7 @@ def test_absent_values_decode_as_zeros_not_found():
     [
         (np.array([[np.nan, 1.0]], np.float32), "fp32", "NaN or inf"),
         (np.array([[1e6, 1.0]], np.float32), "fp16", "fp16's range"),
-        (np.zeros((2, 2), np.float32), "bf16", "accepted: fp32, fp16, int8"),
+        (np.zeros((2, 2), np.float32), "bf16", "accepted: fp32, fp16, int8, int4"),
     ],
 )
 def test_unencodable_rows_are_refused_with_the_reason(rows, encoding, message):

@@ -78,7 +78,9 @@ def test_served_scores_equal_the_models_for_every_method(method, nodes, redis_se
     assert scorer.snapshot.cache.stats().rows == counts.fetched
 
 
-@pytest.mark.parametrize(("encoding", "tolerance"), [("fp16", 1e-4), ("int8", 2e-3)])
+@pytest.mark.parametrize(
+    ("encoding", "tolerance"), [("fp16", 1e-4), ("int8", 2e-3), ("int4", 1e-2)]
+)
 def test_compressed_encodings_stay_close_to_the_model(encoding, tolerance, nodes, redis_service):
     model = model_for("qr")
     name = unique_name(encoding)
