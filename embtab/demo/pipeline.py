@@ -19,7 +19,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from models.train import train
 from online_training.joiner import Joiner, JoinerConfig
 from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
 from online_training.learner import AppliedBatch
+from online_training.pipeline import PipelineConfig, StreamPipeline
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig, SyncRecord
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
@@ -227,16 +228,6 @@ class ScoringService:
             self.process.wait(timeout=10)
 
 
-def _guarded(task: Callable[[], Any], failures: list[BaseException]) -> Callable[[], None]:
-    def body() -> None:
-        try:
-            task()
-        except BaseException as error:  # reported by the waiting thread
-            failures.append(error)
-
-    return body
-
-
 class ProgressiveRecorder:
     """Trainer hooks: each batch's online scores (before its update) next to the frozen model's
     scores, and click production times until the delta that covers them is live."""
@@ -355,54 +346,25 @@ def replay_split(
         online=None,
         sleep=paced_sleep,
     )
-    failures: list[BaseException] = []
-    reports: dict[str, Any] = {}
-    threads = [
-        threading.Thread(
-            target=_guarded(lambda: reports.__setitem__("trainer", trainer.run(stop)), failures),
-            daemon=True,
-        ),
-        threading.Thread(
-            target=_guarded(lambda: reports.__setitem__("joiner", joiner.run(stop)), failures),
-            daemon=True,
-        ),
-    ]
-    for thread in threads:
-        thread.start()
+    pipeline = StreamPipeline(trainer, joiner, producer, PipelineConfig(settle_s=5.0))
     status.attach(split, trainer)
     try:
-        deadline = time.monotonic() + 120
-        while trainer.status().version is None and not failures:
-            if time.monotonic() > deadline:
-                raise StageError("the online trainer never attached to the published model")
-            time.sleep(0.2)
-        time.sleep(5.0)  # the consumer groups settle before the first event is produced
-        produce = threading.Thread(
-            target=_guarded(lambda: reports.__setitem__("producer", producer.run()), failures),
-            daemon=True,
-        )
-        produce.start()
-        threads.append(produce)
-        while any(thread.is_alive() for thread in threads) and not failures:
-            time.sleep(0.5)
-        if failures:
-            raise StageError(f"{type(failures[0]).__name__}: {failures[0]}")
+        reports = pipeline.run(stop)
+    except Exception as failure:  # a stage's own error, re-raised by the pipeline
+        raise StageError(f"{type(failure).__name__}: {failure}") from failure
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
         status.detach()
         nodes.close()
         run.windows.extend(recorder.windows(config.window, split))
         run.freshness_s.extend(recorder.freshness_s)
         offset = run.throughput[-1][0] if run.throughput else 0.0
         run.throughput.extend((offset + at, count) for at, count in recorder.throughput)
-    report = reports["trainer"]
+    report = reports.trainer
     run.stream.append(
         {
             "split": split,
-            "events": reports["producer"].impressions if "producer" in reports else None,
-            "joined": reports["joiner"].examples if "joiner" in reports else None,
+            "events": reports.producer.impressions,
+            "joined": reports.joiner.examples,
             "trained": report.examples,
             "examples_per_s": report.examples_per_s,
             "deltas": report.deltas,
