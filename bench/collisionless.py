@@ -24,11 +24,8 @@ Collisions: ids of a measured batch that do not get a row of their own and so sh
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +47,7 @@ from embedding_tables.collisionless import DEFAULT_ROW, CollisionlessTable
 from embedding_tables.config import TableConfig
 from embedding_tables.hashing import hash64
 from embedding_tables.idmap import IdSlotMap
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 
 BATCH = 100_000
 VOCABULARY = 5_000_000
@@ -261,11 +258,12 @@ def main() -> None:
         "train_speedup_vs_mch_lru": ours_lru["train_ids_per_s_median"]
         / mch_lru["train_ids_per_s_median"],
     }
-    document = {
-        "machine": host,
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": {
+    write_results(
+        arguments.output,
+        host,
+        results,
+        summary,
+        config={
             "batch": BATCH,
             "vocabulary": VOCABULARY,
             "zipf_exponent": ZIPF_EXPONENT,
@@ -274,12 +272,7 @@ def main() -> None:
             "warm_batches": arguments.warm_batches,
             "measured_batches": arguments.measured_batches,
         },
-        "results": results,
-        "summary": summary,
-    }
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(summary, indent=1))
+    )
 
 
 if __name__ == "__main__":

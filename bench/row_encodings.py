@@ -20,13 +20,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import argparse
-import datetime
-import json
 import time
 
 import torch
 
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from embtab.services import start_redis
 from feature_store.datasets import load
 from models.base import Model
@@ -112,17 +110,7 @@ def main() -> int:
     finally:
         nodes.close()
         server.stop()
-    document = {
-        "name": "row_encodings",
-        "machine": machine_info(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "results": results,
-        "summary": summary,
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_results(arguments.out, machine_info(), results, summary)
     return 0
 
 

@@ -22,11 +22,8 @@ embedded Redis node serves: pipelined HMGETs of 100 rows of 64 bytes over 16 sha
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,7 @@ from torchrec.distributed.planner import Topology
 from embedding_tables.config import TableConfig
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.sharding import ShardableEmbeddingCollection
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from embtab.services import start_redis
 from feature_store.datasets import load
 from models.config import DCNConfig, RunConfig, TablesConfig, TrainConfig
@@ -225,11 +222,18 @@ def main() -> None:
     print(f"one redis node: {node['rows_per_s']:,.0f} rows/s", flush=True)
     first = {r["world_size"]: r["losses"] for r in results if r["round"] == 0}
     gap = max(abs(a - b) for a, b in zip(first[1], first[2], strict=True))
-    report = {
-        "machine": machine,
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "setup": {
+    write_results(
+        arguments.out,
+        machine,
+        results,
+        {
+            "examples_per_s_1rank": speed[1],
+            "examples_per_s_2rank": speed[2],
+            "speedup_2rank_vs_1rank": speed[2] / speed[1],
+            "loss_gap_2rank_vs_1rank": gap,
+            "redis_node_rows_per_s": node["rows_per_s"],
+        },
+        setup={
             "dataset": arguments.dataset,
             "model": "dcn",
             "tables": "full, mean pooling, dim 16",
@@ -237,20 +241,9 @@ def main() -> None:
             "threads_per_rank": 1,
             "backend": "gloo on loopback",
         },
-        "results": results,
-        "criteo_1tb_plans": plans,
-        "redis_node": node,
-        "summary": {
-            "examples_per_s_1rank": speed[1],
-            "examples_per_s_2rank": speed[2],
-            "speedup_2rank_vs_1rank": speed[2] / speed[1],
-            "loss_gap_2rank_vs_1rank": gap,
-            "redis_node_rows_per_s": node["rows_per_s"],
-        },
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["summary"], indent=2))
+        criteo_1tb_plans=plans,
+        redis_node=node,
+    )
 
 
 if __name__ == "__main__":

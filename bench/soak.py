@@ -36,7 +36,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import signal
@@ -61,7 +60,7 @@ from bench.serving import (
     server_counters,
     summarize,
 )
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from embtab.services import embedded_services
 from feature_store.offline import open_prepared
 from models.checkpoint import load_checkpoint
@@ -259,11 +258,12 @@ def main() -> int:
     host["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     summary = summary_of(run)
     published = run["published"]
-    report = {
-        "machine": host,
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "setup": {
+    write_results(
+        arguments.out,
+        host,
+        [run["warmup"], *run["windows"], {"case": "stream", **run["trained"]}],
+        summary,
+        setup={
             "dataset": DATASET,
             "model": "dcn (DCN-v2 defaults of models.config.DCNConfig, full tables, dim 16)",
             **run["model_info"],
@@ -281,13 +281,8 @@ def main() -> int:
             "server": "embtab serve (uvicorn, 1 process, torch threads 1, max wait 2 ms)",
             "client": "asyncio keep-alive HTTP/1.1, closed loop, in the bench process",
         },
-        "results": [run["warmup"], *run["windows"], {"case": "stream", **run["trained"]}],
-        "summary": summary,
-        "baseline": "the first window after warm-up: p99_last_over_first_window",
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+        baseline="the first window after warm-up: p99_last_over_first_window",
+    )
     return 0
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from feature_store.datasets import load
 from feature_store.schema import Schema
 from feature_store.synthetic import SyntheticCriteo, SyntheticCriteoConfig
@@ -236,21 +234,17 @@ def main() -> int:
     end_to_end = end_to_end_examples_per_second(arguments.end_to_end_steps, train)
     results.append({"dataset": "movielens-1m", "case": "ours-full end-to-end", **end_to_end})
     print(f"end to end: {end_to_end['examples_per_s']:,.0f} examples/s", file=sys.stderr)
-    report = {
-        "machine": machine_info(),
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "results": results,
-        "summary": {
+    write_results(
+        arguments.out,
+        machine_info(),
+        results,
+        {
             "full_vs_torchrec": max(ratios.values()),
             "full_vs_torchrec_ml1m": ratios["movielens-1m"],
             "full_vs_torchrec_criteo": ratios["synthetic-criteo"],
             "examples_per_s_dcn_ml1m": end_to_end["examples_per_s"],
         },
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["summary"], indent=2))
+    )
     return 0
 
 
