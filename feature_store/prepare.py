@@ -1,17 +1,22 @@
 """One preparation path: a data-set spec over raw files -> Parquet splits + schema + artifact.
 
 The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
-is bounded by the batch, the vocabularies and one time bucket, not by the row count:
+is bounded by the batch, the vocabularies and the time buckets held, not by the row count:
 
 1. scan: parse label and event time of every row (reading only those columns), keep the
    event times;
 2. fit: read every column, checking every value a later pass relies on (all errors are raised
    by here, before anything is written), and count vocabulary values and dense statistics over
    the fit rows (`fit_on`);
-3. encode: apply the fitted `Preprocessor` batch by batch, writing rows into time buckets
-   (one in memory when everything fits in one);
+3. encode: apply the fitted `Preprocessor` batch by batch into time buckets, and hand each
+   bucket on as soon as the reading has passed its last row (a nearly time-ordered source holds
+   about one bucket; any other is spilled to temporary Parquet files, read back in order);
 4. order: sort each bucket by (time, user, item, source row), build sequence and count features
-   with their per-user state carried across buckets, and write the splits.
+   with their per-user state carried across buckets, and write the splits (on a background
+   thread, overlapping the encoding of the next bucket).
+
+String ids are read dictionary-encoded (Parquet's own dictionaries, or the CSV reader's), so
+each batch's distinct values are counted, hashed and looked up once, not once per row.
 
 Everything is written into a temporary directory renamed into place at the end
 (`offline.install_prepared`), so a failed run leaves the previous prepared copy untouched.
@@ -25,6 +30,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,14 +47,16 @@ from feature_store.artifact import (
     dense_steps,
     feature_seed,
     splitmix64,
+    string_hash64,
 )
 from feature_store.offline import SPLITS, Dataset, install_prepared, prepared_root
 from feature_store.spec import DatasetSpec, FeatureDef, JoinSpec, SourceSpec
 from feature_store.wheels import DataError
 
-BATCH_ROWS = 262_144
-BUCKET_ROWS = 2_000_000
+BATCH_ROWS = 524288
+BUCKET_ROWS = 1_000_000
 ROW_GROUP_ROWS = 65_536
+DICTIONARY_IDS = 1 << 15
 _TIME_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 Progress = Callable[[str, int], None]
@@ -83,16 +91,15 @@ def prepare_spec(
     reader.check_columns()
 
     time_keys, fit_mask, rows = _scan(reader, progress)
-    preprocessor, distinct = _fit(spec, reader, fit_mask, progress)
+    preprocessor, distinct, listed = _fit(spec, reader, fit_mask, progress)
     root = prepared_root(spec.name)
     root.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
     try:
-        boundaries = _bucket_boundaries(time_keys, bucket_rows)
+        buckets = _Buckets(scratch / "buckets", time_keys, bucket_rows, batch_rows)
         del time_keys
-        buckets = _Buckets(scratch / "buckets", len(boundaries) + 1)
-        listed = _encode(spec, reader, preprocessor, boundaries, buckets, progress)
-        info = _order_and_write(spec, preprocessor, buckets, listed, rows, scratch, progress)
+        tables = _encode(spec, reader, preprocessor, listed, buckets, progress)
+        info = _order_and_write(spec, preprocessor, tables, listed, rows, scratch)
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
         preprocessor.save(scratch / "artifact")
         info.update(distinct)
@@ -136,6 +143,17 @@ class _Reader:
             key = _feature_by_column(spec, join.key)
             self.types.setdefault(join.key, _source_type(key, spec.source) if key else pa.string())
         self.types[spec.label.column] = pa.float64()
+        # String ids are read dictionary-encoded: each batch's distinct values are then decoded,
+        # counted and looked up once, and its rows carry int32 indices into them.
+        join_keys = {join.key for join in spec.joins}
+        self.dictionary_columns = frozenset(
+            feature.column
+            for feature in spec.features
+            if feature.kind == "categorical"
+            and feature.type == "string"
+            and feature.column in self.types
+            and feature.column not in join_keys
+        )
         unit = spec.time.unit
         self.types[spec.time.column] = pa.string() if unit == "iso8601" else pa.float64()
 
@@ -162,7 +180,10 @@ class _Reader:
         first_row = 0
         for path in self.files:
             file_rows = 0
-            for table in _read_file(self.spec.source, path, wanted, self.batch_rows):
+            tables = _read_file(
+                self.spec.source, path, wanted, self.batch_rows, self.dictionary_columns
+            )
+            for table in tables:
                 yield self._canonical(path, table, file_rows, first_row, columns)
                 file_rows += table.num_rows
                 first_row += table.num_rows
@@ -278,15 +299,30 @@ def _column_names(source: SourceSpec, path: Path) -> list[str]:
 
 
 def _read_file(
-    source: SourceSpec, path: Path, types: dict[str, pa.DataType], batch_rows: int
+    source: SourceSpec,
+    path: Path,
+    types: dict[str, pa.DataType],
+    batch_rows: int,
+    dictionary: frozenset[str] = frozenset(),
 ) -> Iterator[pa.Table]:
-    """Tables of at most about `batch_rows` rows with exactly `types`' columns and types."""
+    """Tables of at most about `batch_rows` rows with exactly `types`' columns and types; the
+    `dictionary` columns of text come dictionary-encoded (dictionary<int32, string>)."""
     if source.format == "parquet":
-        parquet = pq.ParquetFile(path)
+        stored = pq.read_schema(path)
+        as_dictionary = [
+            name
+            for name in dictionary
+            if name in types
+            and (
+                pa.types.is_string(stored.field(name).type)
+                or pa.types.is_large_string(stored.field(name).type)
+            )
+        ]
+        parquet = pq.ParquetFile(path, read_dictionary=as_dictionary)
         row = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(types)):
             table = pa.Table.from_batches([batch])
-            yield _cast(table, types, path, row)
+            yield _cast(table, types, path, row, dictionary)
             row += batch.num_rows
         return
     read_options = pacsv.ReadOptions(
@@ -297,8 +333,12 @@ def _read_file(
     parse_options = pacsv.ParseOptions(
         delimiter=source.field_delimiter, quote_char=source.quote_char or False
     )
+    column_types = {
+        name: pa.dictionary(pa.int32(), pa.string()) if name in dictionary else data_type
+        for name, data_type in types.items()
+    }
     convert_options = pacsv.ConvertOptions(
-        column_types=types,
+        column_types=column_types,
         include_columns=list(types),
         null_values=list(source.null_values),
         strings_can_be_null=True,
@@ -340,10 +380,19 @@ def _type_name(data_type: pa.DataType) -> str:
     return "text"
 
 
-def _cast(table: pa.Table, types: dict[str, pa.DataType], path: Path, row: int) -> pa.Table:
+def _cast(
+    table: pa.Table,
+    types: dict[str, pa.DataType],
+    path: Path,
+    row: int,
+    dictionary: frozenset[str] = frozenset(),
+) -> pa.Table:
     columns = []
     for name, data_type in types.items():
         column = table.column(name)
+        if _is_text_dictionary(column.type) and name in dictionary:
+            columns.append(column)
+            continue
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         delimited = pa.types.is_list(data_type) and pa.types.is_string(column.type)
@@ -360,6 +409,14 @@ def _cast(table: pa.Table, types: dict[str, pa.DataType], path: Path, row: int) 
                 ) from error
         columns.append(column)
     return pa.table(columns, names=list(types))
+
+
+def _is_text_dictionary(data_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_dictionary(data_type)
+        and pa.types.is_string(data_type.value_type)
+        and data_type.index_type == pa.int32()
+    )
 
 
 def _first_failure(values: pa.Array, convert: Callable[[pa.Array], object]) -> int:
@@ -523,26 +580,69 @@ def _random_split(spec: DatasetSpec, first_row: int, count: int) -> np.ndarray:
 
 
 class _Counter:
-    """Value counts of one column, merged as batches arrive (memory ~ distinct values)."""
+    """Value counts of one column, merged as batches arrive (memory ~ distinct values).
+
+    Counts are merged by a 64-bit key: the value itself for integers, `string_hash64` for
+    text (computed once per batch's distinct values); two distinct strings that share a key
+    are refused, not merged."""
+
+    MERGE_EVERY = 16
 
     def __init__(self) -> None:
-        self.parts: list[pa.Table] = []
+        self.keys: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self.values: list[pa.Array] = []
 
-    def add(self, values: pa.Array) -> None:
-        counts = pc.value_counts(values.drop_null())
-        self.parts.append(
-            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
-        )
-        if len(self.parts) > 16:
-            self.parts = [self.merged()]
+    def add(self, column: pa.Array) -> None:
+        """Count the non-null values of `column` (plain, or dictionary-encoded)."""
+        if pa.types.is_dictionary(column.type):
+            indices = np.asarray(column.indices.drop_null(), dtype=np.int64)
+            counts = np.bincount(indices, minlength=len(column.dictionary))
+            present = np.flatnonzero(counts)
+            values = column.dictionary.take(pa.array(present))
+            counts = counts[present]
+        else:
+            counted = pc.value_counts(column.drop_null())
+            values = counted.field("values")
+            counts = np.asarray(counted.field("counts"), dtype=np.int64)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            values = values.cast(pa.string())
+            keys = string_hash64(values, 0)
+        else:
+            values = values.cast(pa.int64())
+            keys = np.asarray(values, dtype=np.int64)
+        self.keys.append(keys)
+        self.counts.append(counts.astype(np.int64))
+        self.values.append(values)
+        if len(self.keys) > self.MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate(self.keys)
+        counts = np.concatenate(self.counts)
+        values = pa.concat_arrays(self.values)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1] if len(keys) else order
+        merged = values.take(pa.array(order[starts]))
+        if pa.types.is_string(values.type) and len(starts) < len(keys):
+            group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(keys)]))
+            same = pc.equal(values.take(pa.array(order)), merged.take(pa.array(group_of)))
+            if not pc.all(same).as_py():
+                raise PrepareError(
+                    "two distinct values of one column share a 64-bit hash; rename one of "
+                    "them (text ids are counted by their hash)"
+                )
+        self.keys = [sorted_keys[starts]]
+        self.counts = [np.add.reduceat(counts[order], starts) if len(keys) else counts]
+        self.values = [merged]
 
     def merged(self) -> pa.Table:
-        if not self.parts:
+        if not self.keys:
             return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        table = pa.concat_tables(self.parts)
-        return (
-            table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
-        )
+        if len(self.keys) > 1:
+            self._merge()
+        return pa.table({"value": self.values[0], "count": self.counts[0]})
 
 
 class _Moments:
@@ -586,9 +686,10 @@ class _Moments:
 
 def _fit(
     spec: DatasetSpec, reader: _Reader, fit_mask: np.ndarray | None, progress: Progress
-) -> tuple[Preprocessor, dict[str, int]]:
-    """The fitted preprocessor, and how many distinct users and items all rows hold (the
-    `users` and `items` of info.json)."""
+) -> tuple[Preprocessor, dict[str, int], set[str]]:
+    """The fitted preprocessor, how many distinct users and items all rows hold (the `users`
+    and `items` of info.json), and the categorical features some row of which becomes an empty
+    bag (stored as list<int64>, every other one as int64)."""
     roles = {f"{role}s": column for role, column in spec.roles.items() if role in ("user", "item")}
     # Index ids need no vocabulary: they are counted only to report distinct users and items.
     counters = {
@@ -596,8 +697,18 @@ def _fit(
         for f in spec.features
         if f.has_ids and (f.ids != "index" or f.name in roles.values())
     }
-    # With fit_on all the vocabulary counters see every row; else the roles get their own.
-    everyone = {} if fit_mask is None else {column: _Counter() for column in roles.values()}
+    # A categorical feature whose values can be dropped (no OOV id) is a list column; whether
+    # any is dropped is known once its vocabulary is, from every row's distinct values.
+    droppable = [
+        f.name
+        for f in spec.features
+        if f.kind == "categorical" and f.ids == "vocabulary" and not f.oov
+    ]
+    # With fit_on all the vocabulary counters see every row; else these get their own.
+    everyone = (
+        {} if fit_mask is None else {name: _Counter() for name in {*roles.values(), *droppable}}
+    )
+    with_nulls: set[str] = set()
     moments = {
         f.name: _Moments()
         for f in spec.features
@@ -612,6 +723,8 @@ def _fit(
             else pa.array(fit_mask[batch.first_row : batch.first_row + rows])
         )
         for feature in spec.features:
+            if feature.kind == "categorical" and batch.columns[feature.name].null_count:
+                with_nulls.add(feature.name)
             if feature.kind == "multi_valued":
                 lengths = pc.list_value_length(batch.columns[feature.name]).fill_null(0)
                 max_lengths[feature.name] = max(
@@ -669,7 +782,18 @@ def _fit(
         key: (everyone.get(column) or counters[column]).merged().num_rows
         for key, column in roles.items()
     }
-    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths), distinct
+    listed = {
+        f.name
+        for f in spec.features
+        if f.kind == "categorical" and (f.ids == "hash" or not f.oov) and f.name in with_nulls
+    }
+    listed.update(
+        name
+        for name in droppable
+        if (everyone.get(name) or counters[name]).merged().num_rows > len(vocabularies[name].values)
+    )
+    preprocessor = Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths)
+    return preprocessor, distinct, listed
 
 
 # -- pass 3: encode into time buckets ------------------------------------------------------
@@ -685,95 +809,129 @@ def _bucket_boundaries(time_keys: np.ndarray, bucket_rows: int) -> np.ndarray:
 
 
 class _Buckets:
-    """Encoded rows grouped by time range: in memory for one bucket, else temp Parquet files."""
+    """Encoded rows grouped by time range, handed on in time order as each range completes.
 
-    def __init__(self, directory: Path, count: int) -> None:
+    Where the source is nearly in time order (a bucket's rows are all read while at most
+    `HELD_BUCKETS` buckets' worth of rows are held), buckets stay in memory and each is handed
+    on as soon as the reading has passed its last row; otherwise every bucket is spilled to a
+    temporary Parquet file and they are read back one by one at the end."""
+
+    HELD_BUCKETS = 2
+
+    def __init__(self, directory: Path, time_keys: np.ndarray, bucket_rows: int, batch_rows: int):
+        self.boundaries = _bucket_boundaries(time_keys, bucket_rows)
+        self.count = len(self.boundaries) + 1
+        bucket_of = np.searchsorted(self.boundaries, time_keys, side="right")
+        sizes = np.bincount(bucket_of, minlength=self.count)
+        last_row = np.full(self.count, -1, dtype=np.int64)
+        np.maximum.at(last_row, bucket_of, np.arange(len(time_keys)))
+        del bucket_of
+        # Buckets are handed on in order: bucket b once every row of buckets 0..b is read.
+        self.ready_after = np.maximum.accumulate(last_row)
+        rows_before = np.r_[0, np.cumsum(sizes)[:-1]]
+        held = int((self.ready_after + 1 - rows_before).max()) + batch_rows
+        self.in_memory = self.count == 1 or held <= self.HELD_BUCKETS * bucket_rows
         self.directory = directory
-        self.count = count
-        self.memory: list[pa.Table] = []
+        self.memory: dict[int, list[pa.Table]] = {}
         self.writers: dict[int, pq.ParquetWriter] = {}
-        if count > 1:
+        self.next_bucket = 0
+        if not self.in_memory:
             directory.mkdir(parents=True)
 
-    def add(self, bucket_of: np.ndarray, table: pa.Table) -> None:
-        if self.count == 1:
-            self.memory.append(table)
-            return
-        for bucket in np.unique(bucket_of):
-            part = table.filter(pa.array(bucket_of == bucket))
-            writer = self.writers.get(int(bucket))
+    def add(self, time_key: np.ndarray, table: pa.Table, rows_read: int) -> Iterator[pa.Table]:
+        """File a batch's rows; yields the buckets completed once `rows_read` rows are read."""
+        bucket_of = np.searchsorted(self.boundaries, time_key, side="right")
+        first, last = int(bucket_of.min()), int(bucket_of.max())
+        for bucket in range(first, last + 1):
+            part = table if first == last else table.filter(pa.array(bucket_of == bucket))
+            if part.num_rows == 0:
+                continue
+            if self.in_memory:
+                self.memory.setdefault(bucket, []).append(part)
+                continue
+            writer = self.writers.get(bucket)
             if writer is None:
-                writer = pq.ParquetWriter(self.directory / f"{int(bucket)}.parquet", part.schema)
-                self.writers[int(bucket)] = writer
+                writer = pq.ParquetWriter(self.directory / f"{bucket}.parquet", part.schema)
+                self.writers[bucket] = writer
             writer.write_table(part)
+        if self.in_memory:
+            while self.next_bucket < self.count and self.ready_after[self.next_bucket] < rows_read:
+                yield from self._hand_on(self.next_bucket)
+                self.next_bucket += 1
 
-    def _drain(self) -> list[pa.Table]:
-        """The in-memory batches, no longer held here: freed as soon as they are unified."""
-        tables, self.memory = self.memory, []
-        return tables
-
-    def tables(self, listed: set[str]) -> Iterator[pa.Table]:
+    def rest(self) -> Iterator[pa.Table]:
+        """The buckets not yet handed on, in time order (all of them when spilled)."""
         for writer in self.writers.values():
             writer.close()
-        if self.count == 1:
-            yield _unify(self._drain(), listed)
+        for bucket in range(self.next_bucket, self.count):
+            yield from self._hand_on(bucket)
+        self.next_bucket = self.count
+
+    def _hand_on(self, bucket: int) -> Iterator[pa.Table]:
+        if self.in_memory:
+            tables = self.memory.pop(bucket, [])
+            if tables:
+                yield pa.concat_tables(tables).combine_chunks()
             return
-        for bucket in range(self.count):
-            path = self.directory / f"{bucket}.parquet"
-            if path.exists():
-                yield _unify([pq.read_table(path)], listed)
-                path.unlink()
-
-
-def _unify(tables: list[pa.Table], listed: set[str]) -> pa.Table:
-    """Categorical columns as list<int64> where any batch dropped an id, else int64."""
-    fixed = []
-    for table in tables:
-        for name in listed:
-            column = table.column(name)
-            if not pa.types.is_list(column.type):
-                values = column.combine_chunks()
-                offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
-                table = table.set_column(
-                    table.schema.get_field_index(name),
-                    name,
-                    pa.ListArray.from_arrays(offsets, values),
-                )
-        fixed.append(table)
-    return pa.concat_tables(fixed).combine_chunks()
+        path = self.directory / f"{bucket}.parquet"
+        if path.exists():
+            table = pq.read_table(path)
+            path.unlink()
+            yield table
 
 
 def _encode(
     spec: DatasetSpec,
     reader: _Reader,
     preprocessor: Preprocessor,
-    boundaries: np.ndarray,
+    listed: set[str],
     buckets: _Buckets,
     progress: Progress,
-) -> set[str]:
-    """Encode every batch into its bucket; returns the categorical features stored as lists."""
-    listed: set[str] = set()
+) -> Iterator[pa.Table]:
+    """Encode every batch into its time bucket; yields the buckets in time order."""
     for batch in reader.batches():
         rows = len(batch.label)
         columns: dict[str, pa.Array] = {}
         for feature in spec.features:
             if feature.kind in ("sequence", "count"):
                 continue
-            encoded = preprocessor.encode(feature.name, batch.columns[feature.name])
-            if feature.kind == "categorical" and pa.types.is_list(encoded.type):
-                listed.add(feature.name)
-            columns[feature.name] = encoded
+            column = batch.columns[feature.name]
+            columns[feature.name] = _encoded(preprocessor, feature, column, feature.name in listed)
         columns["__time_key"] = pa.array(batch.time_key)
         columns["timestamp"] = pa.array(batch.timestamp)
         columns["label"] = pa.array(batch.label)
         columns["__row"] = pa.array(np.arange(batch.first_row, batch.first_row + rows))
         if spec.split.by == "random":
             columns["__split"] = pa.array(_random_split(spec, batch.first_row, rows))
-        table = pa.table(columns)
-        bucket_of = np.searchsorted(boundaries, batch.time_key, side="right")
-        buckets.add(bucket_of, _unify([table], listed))
+        yield from buckets.add(batch.time_key, pa.table(columns), batch.first_row + rows)
         progress("encode", rows)
-    return listed
+    yield from buckets.rest()
+
+
+def _encoded(
+    preprocessor: Preprocessor, feature: FeatureDef, column: pa.Array, listed: bool
+) -> pa.Array:
+    """`Preprocessor.encode` of one batch's column; a categorical column as list<int64> when
+    `listed`. A dictionary-encoded column is encoded once per distinct value (and null)."""
+    if feature.kind != "categorical":
+        return preprocessor.encode(feature.name, column)
+    if pa.types.is_dictionary(column.type):
+        dictionary = column.dictionary
+        ids, keep = preprocessor.encode_ids(
+            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)])
+        )
+        index = np.asarray(column.indices.fill_null(len(dictionary)), dtype=np.int64)
+        ids, keep = ids[index], keep[index]
+    else:
+        ids, keep = preprocessor.encode_ids(feature, column)
+    if listed:
+        offsets = np.r_[0, np.cumsum(keep)].astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep], pa.int64()))
+    if not keep.all():
+        raise RuntimeError(
+            f"feature {feature.name!r} dropped an id though fitting found that none would be"
+        )
+    return pa.array(ids, pa.int64())
 
 
 # -- pass 4: order, sequences, splits ------------------------------------------------------
@@ -831,28 +989,30 @@ def _scalar_ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def _order_and_write(
     spec: DatasetSpec,
     preprocessor: Preprocessor,
-    buckets: _Buckets,
+    tables: Iterator[pa.Table],
     listed: set[str],
     rows: int,
     scratch: Path,
-    progress: Progress,
 ) -> dict:
     user = spec.roles.get("user")
     item = spec.roles.get("item")
     derived = [f for f in spec.features if f.kind in ("sequence", "count")]
     states = {f.name: _PerKeyState(f.max_length if f.kind == "sequence" else 0) for f in derived}
     sizes = _split_sizes(spec, rows) if spec.split.by == "time" else None
-    writers: dict[str, pq.ParquetWriter] = {}
+    writer = _SplitWriter(scratch, _dictionary_columns(preprocessor))
     stats = {split: {"rows": 0, "positives": 0} for split in SPLITS}
     written = 0
     output_order = [f.name for f in spec.features] + ["label", "timestamp"]
-    for table in buckets.tables(listed):
+    for table in tables:
         sort_keys = [("__time_key", "ascending")]
         for role_column in (user, item):
             if role_column is not None and role_column not in listed:
                 sort_keys.append((role_column, "ascending"))
         sort_keys.append(("__row", "ascending"))
-        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
+        # int64 indices: Arrow's take is about twice as fast with them as with uint64 ones.
+        order = np.asarray(pc.sort_indices(table, sort_keys=sort_keys)).view(np.int64)
+        if not np.array_equal(order, np.arange(table.num_rows)):
+            table = table.take(pa.array(order))
         for feature in derived:
             table = table.append_column(
                 feature.name, _derived(feature, table, user, states[feature.name], preprocessor)
@@ -875,17 +1035,11 @@ def _order_and_write(
                 part = out.filter(pa.array(split_of == index))
             if part.num_rows == 0:
                 continue
-            writer = writers.get(split)
-            if writer is None:
-                writer = pq.ParquetWriter(scratch / f"{split}.parquet", part.schema)
-                writers[split] = writer
-            writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+            writer.write(split, part)
             stats[split]["rows"] += part.num_rows
             stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
-        progress("write", table.num_rows)
-        del table, out, part  # this bucket is freed before the next one is read
-    for writer in writers.values():
-        writer.close()
+        del table, out, part  # this bucket is freed once written, before the next is read
+    writer.close()
     empty = [split for split in SPLITS if stats[split]["rows"] == 0]
     if empty:
         raise PrepareError(
@@ -897,6 +1051,57 @@ def _order_and_write(
         "rows": rows,
         "positives": sum(s["positives"] for s in stats.values()),
     }
+
+
+def _dictionary_columns(preprocessor: Preprocessor) -> list[str]:
+    """The output columns (Parquet leaf paths) worth dictionary-encoding: ids of at most
+    `DICTIONARY_IDS` distinct values, and the label. Larger id columns are written plain:
+    trying a dictionary on them costs time and saves little."""
+    columns = ["label"]
+    for feature in preprocessor.schema().features:
+        if feature.kind == "dense" or feature.cardinality > DICTIONARY_IDS:
+            continue
+        listed = feature.kind == "sequence" or feature.max_length > 1
+        columns.append(f"{feature.name}.list.element" if listed else feature.name)
+    return columns
+
+
+class _SplitWriter:
+    """Writes the splits' Parquet files on a background thread (Parquet encoding releases the
+    GIL), so that writing one bucket overlaps encoding the next; at most `PENDING` parts wait."""
+
+    PENDING = 2
+
+    def __init__(self, directory: Path, dictionary: list[str]) -> None:
+        self.directory = directory
+        self.dictionary = dictionary
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: list[Future] = []
+
+    def write(self, split: str, part: pa.Table) -> None:
+        self.pending.append(self.pool.submit(self._write, split, part))
+        while len(self.pending) > self.PENDING:
+            self.pending.pop(0).result()
+
+    def _write(self, split: str, part: pa.Table) -> None:
+        writer = self.writers.get(split)
+        if writer is None:
+            # Columns named but absent (a categorical stored as a list) are ignored by Parquet.
+            writer = pq.ParquetWriter(
+                self.directory / f"{split}.parquet", part.schema, use_dictionary=self.dictionary
+            )
+            self.writers[split] = writer
+        writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
+            for writer in self.writers.values():
+                writer.close()
 
 
 def _derived(
