@@ -89,18 +89,19 @@ def prepare_spec(
     files = resolve_files(spec.source, spec.base_dir, "source.paths")
     reader = _Reader(spec, files, batch_rows)
     reader.check_columns()
-
-    time_keys, fit_mask, rows = _scan(reader, progress)
-    preprocessor, distinct, listed = _fit(spec, reader, fit_mask, progress)
     root = prepared_root(spec.name)
     root.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
     try:
+        reader.stash_text_in(scratch / "parsed")
+        time_keys, fit_mask, rows = _scan(reader, progress)
+        preprocessor, distinct, listed = _fit(spec, reader, fit_mask, progress)
         buckets = _Buckets(scratch / "buckets", time_keys, bucket_rows, batch_rows)
         del time_keys
         tables = _encode(spec, reader, preprocessor, listed, buckets, progress)
         info = _order_and_write(spec, preprocessor, tables, listed, rows, scratch)
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
+        shutil.rmtree(scratch / "parsed", ignore_errors=True)
         preprocessor.save(scratch / "artifact")
         info.update(distinct)
         return install_prepared(spec.name, scratch, preprocessor.schema(), info)
@@ -156,6 +157,14 @@ class _Reader:
         )
         unit = spec.time.unit
         self.types[spec.time.column] = pa.string() if unit == "iso8601" else pa.float64()
+        self.stash: Path | None = None
+
+    def stash_text_in(self, directory: Path) -> None:
+        """Parse CSV/TSV text once: the first pass writes every column it parsed, per file, to an
+        Arrow stream in `directory` and later passes read that instead of parsing again."""
+        if self.spec.source.format != "parquet":
+            directory.mkdir(parents=True)
+            self.stash = directory
 
     def check_columns(self) -> None:
         for path in self.files:
@@ -178,17 +187,41 @@ class _Reader:
             or any(join.key == column for join in self.spec.joins)
         }
         first_row = 0
-        for path in self.files:
+        for index, path in enumerate(self.files):
             file_rows = 0
-            tables = _read_file(
-                self.spec.source, path, wanted, self.batch_rows, self.dictionary_columns
-            )
-            for table in tables:
+            for table in self._tables(index, path, wanted):
                 yield self._canonical(path, table, file_rows, first_row, columns)
                 file_rows += table.num_rows
                 first_row += table.num_rows
             if file_rows == 0:
                 raise PrepareError(f"{path} has no rows; every source file needs at least one")
+
+    def _tables(self, index: int, path: Path, wanted: dict[str, pa.DataType]) -> Iterator[pa.Table]:
+        if self.stash is None:
+            yield from _read_file(
+                self.spec.source, path, wanted, self.batch_rows, self.dictionary_columns
+            )
+            return
+        stashed = self.stash / f"{index}.arrow"
+        if stashed.exists():
+            with pa.OSFile(str(stashed)) as handle:
+                for batch in pa.ipc.open_stream(handle):
+                    yield pa.Table.from_batches([batch]).select(list(wanted))
+            return
+        parsed = _read_file(
+            self.spec.source, path, self.types, self.batch_rows, self.dictionary_columns
+        )
+        partial_path = stashed.with_suffix(".partial")
+        with pa.OSFile(str(partial_path), "wb") as handle:
+            writer = None
+            for table in parsed:
+                if writer is None:
+                    writer = pa.ipc.new_stream(handle, table.schema)
+                writer.write_table(table)
+                yield table.select(list(wanted))
+            if writer is not None:
+                writer.close()
+        partial_path.rename(stashed)
 
     def _canonical(
         self,
