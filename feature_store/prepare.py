@@ -3,8 +3,9 @@
 The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
 is bounded by the batch, the vocabularies and the time buckets held, not by the row count:
 
-1. scan: parse label and event time of every row (reading only those columns), keep the
-   event times;
+1. scan: parse label and event time of every row, keep the event times (of Parquet files
+   only those columns are read; CSV/TSV text is parsed whole, once, and what it parsed is kept
+   in a temporary Arrow stream that the next passes read);
 2. fit: read every column, checking every value a later pass relies on (all errors are raised
    by here, before anything is written), and count vocabulary values and dense statistics over
    the fit rows (`fit_on`);
@@ -654,7 +655,7 @@ class _Counter:
         keys = np.concatenate(self.keys)
         counts = np.concatenate(self.counts)
         values = pa.concat_arrays(self.values)
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys)
         sorted_keys = keys[order]
         starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1] if len(keys) else order
         merged = values.take(pa.array(order[starts]))
@@ -904,7 +905,7 @@ class _Buckets:
         if self.in_memory:
             tables = self.memory.pop(bucket, [])
             if tables:
-                yield pa.concat_tables(tables).combine_chunks()
+                yield pa.concat_tables(tables)
             return
         path = self.directory / f"{bucket}.parquet"
         if path.exists():
