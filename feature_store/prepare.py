@@ -45,7 +45,6 @@ from feature_store.artifact import (
     dense_steps,
     feature_seed,
     splitmix64,
-    string_hash64,
 )
 from feature_store.offline import Dataset, install_prepared, prepared_root
 from feature_store.ordering import time_split_sizes, write_ordered_splits
@@ -133,16 +132,13 @@ def _random_split(spec: DatasetSpec, first_row: int, count: int) -> np.ndarray:
 class _Counter:
     """Value counts of one column, merged as batches arrive (memory ~ distinct values).
 
-    Counts are merged by a 64-bit key: the value itself for integers, `string_hash64` for
-    text (computed once per batch's distinct values); two distinct strings that share a key
-    are refused, not merged."""
+    A dictionary-encoded batch is counted by its indices (no value is hashed per row); the
+    batches' counts are merged by value every `MERGE_EVERY` batches."""
 
     MERGE_EVERY = 16
 
     def __init__(self) -> None:
-        self.keys: list[np.ndarray] = []
-        self.counts: list[np.ndarray] = []
-        self.values: list[pa.Array] = []
+        self.parts: list[pa.Table] = []
 
     def add(self, column: pa.Array) -> None:
         """Count the non-null values of `column` (plain, or dictionary-encoded)."""
@@ -150,50 +146,23 @@ class _Counter:
             indices = np.asarray(column.indices.drop_null(), dtype=np.int64)
             counts = np.bincount(indices, minlength=len(column.dictionary))
             present = np.flatnonzero(counts)
-            values = column.dictionary.take(pa.array(present))
-            counts = counts[present]
+            values, counts = column.dictionary.take(pa.array(present)), counts[present]
         else:
             counted = pc.value_counts(column.drop_null())
-            values = counted.field("values")
-            counts = np.asarray(counted.field("counts"), dtype=np.int64)
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            values = values.cast(pa.string())
-            keys = string_hash64(values, 0)
-        else:
-            values = values.cast(pa.int64())
-            keys = np.asarray(values, dtype=np.int64)
-        self.keys.append(keys)
-        self.counts.append(counts.astype(np.int64))
-        self.values.append(values)
-        if len(self.keys) > self.MERGE_EVERY:
-            self._merge()
-
-    def _merge(self) -> None:
-        keys = np.concatenate(self.keys)
-        counts = np.concatenate(self.counts)
-        values = pa.concat_arrays(self.values)
-        order = np.argsort(keys)
-        sorted_keys = keys[order]
-        starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1] if len(keys) else order
-        merged = values.take(pa.array(order[starts]))
-        if pa.types.is_string(values.type) and len(starts) < len(keys):
-            group_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(keys)]))
-            same = pc.equal(values.take(pa.array(order)), merged.take(pa.array(group_of)))
-            if not pc.all(same).as_py():
-                raise PrepareError(
-                    "two distinct values of one column share a 64-bit hash; rename one of "
-                    "them (text ids are counted by their hash)"
-                )
-        self.keys = [sorted_keys[starts]]
-        self.counts = [np.add.reduceat(counts[order], starts) if len(keys) else counts]
-        self.values = [merged]
+            values, counts = counted.field("values"), counted.field("counts")
+        self.parts.append(pa.table({"value": values, "count": pa.array(counts, pa.int64())}))
+        if len(self.parts) > self.MERGE_EVERY:
+            self.merged()
 
     def merged(self) -> pa.Table:
-        if not self.keys:
+        if not self.parts:
             return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
-        if len(self.keys) > 1:
-            self._merge()
-        return pa.table({"value": self.values[0], "count": self.counts[0]})
+        table = pa.concat_tables(self.parts)
+        merged = (
+            table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        )
+        self.parts = [merged]
+        return merged
 
 
 class _Moments:
