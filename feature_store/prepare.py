@@ -1,17 +1,26 @@
 """One preparation path: a data-set spec over raw files -> Parquet splits + schema + artifact.
 
 The files are streamed as record batches (pyarrow's CSV reader or Parquet row groups), so memory
-is bounded by the batch, the vocabularies and one time bucket, not by the row count:
+is bounded by the batch, the vocabularies and the time buckets held, not by the row count:
 
-1. scan: parse label and event time of every row (reading only those columns), keep the
-   event times;
+1. scan: parse label and event time of every row, keep the event times (of Parquet files
+   only those columns are read; CSV/TSV text is parsed whole, once, and what it parsed is kept
+   in a temporary Arrow stream that the next passes read);
 2. fit: read every column, checking every value a later pass relies on (all errors are raised
    by here, before anything is written), and count vocabulary values and dense statistics over
    the fit rows (`fit_on`);
-3. encode: apply the fitted `Preprocessor` batch by batch, writing rows into time buckets
-   (one in memory when everything fits in one);
+3. encode: apply the fitted `Preprocessor` batch by batch into time buckets, and hand each
+   bucket on as soon as the reading has passed its last row (a nearly time-ordered source holds
+   about one bucket; any other is spilled to temporary Parquet files, read back in order);
 4. order: sort each bucket by (time, user, item, source row), build sequence and count features
-   with their per-user state carried across buckets, and write the splits.
+   with their per-user state carried across buckets, and write the splits (on a background
+   thread, overlapping the encoding of the next bucket).
+
+String ids are read dictionary-encoded (Parquet's own dictionaries, or the CSV reader's), so
+each batch's distinct values are counted, hashed and looked up once, not once per row.
+
+Reading and checking the files is `raw_source`'s job, the last pass `ordering`'s; this module
+runs the passes and holds the fit and the buckets.
 
 Everything is written into a temporary directory renamed into place at the end
 (`offline.install_prepared`), so a failed run leaves the previous prepared copy untouched.
@@ -19,20 +28,15 @@ Everything is written into a temporary directory renamed into place at the end
 
 from __future__ import annotations
 
-import csv
-import glob
 import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from feature_store.artifact import (
@@ -42,32 +46,14 @@ from feature_store.artifact import (
     feature_seed,
     splitmix64,
 )
-from feature_store.offline import SPLITS, Dataset, install_prepared, prepared_root
-from feature_store.spec import DatasetSpec, FeatureDef, JoinSpec, SourceSpec
-from feature_store.wheels import DataError
+from feature_store.offline import Dataset, install_prepared, prepared_root
+from feature_store.ordering import time_split_sizes, write_ordered_splits
+from feature_store.raw_source import BATCH_ROWS, PrepareError, RawReader, resolve_files
+from feature_store.spec import DatasetSpec, FeatureDef
 
-BATCH_ROWS = 262_144
-BUCKET_ROWS = 2_000_000
-ROW_GROUP_ROWS = 65_536
-_TIME_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+BUCKET_ROWS = 1_000_000
 
 Progress = Callable[[str, int], None]
-
-
-class PrepareError(DataError):
-    """Raw data that does not fit the spec; names the file, the rows, the column and what is
-    accepted. Raised before anything is written."""
-
-
-@dataclass(frozen=True)
-class _RawBatch:
-    """One batch of source rows in canonical raw form (after joins, lists split, label, time)."""
-
-    columns: dict[str, pa.Array]  # feature name -> raw values (lists for multi_valued)
-    time_key: np.ndarray  # int64 in the source's unit (ns for ISO-8601): sorts exactly
-    timestamp: np.ndarray  # the prepared event time in seconds (int64 for unit s)
-    label: np.ndarray  # int8
-    first_row: int  # global index of the batch's first source row
 
 
 def prepare_spec(
@@ -79,21 +65,21 @@ def prepare_spec(
 ) -> Dataset:
     """Prepare the spec'd data set under its name (replacing an older copy only when complete)."""
     files = resolve_files(spec.source, spec.base_dir, "source.paths")
-    reader = _Reader(spec, files, batch_rows)
+    reader = RawReader(spec, files, batch_rows)
     reader.check_columns()
-
-    time_keys, fit_mask, rows = _scan(reader, progress)
-    preprocessor, distinct = _fit(spec, reader, fit_mask, progress)
     root = prepared_root(spec.name)
     root.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root.parent))
     try:
-        boundaries = _bucket_boundaries(time_keys, bucket_rows)
+        reader.stash_text_in(scratch / "parsed")
+        time_keys, fit_mask, rows = _scan(reader, progress)
+        preprocessor, distinct, listed = _fit(spec, reader, fit_mask, progress)
+        buckets = _Buckets(scratch / "buckets", time_keys, bucket_rows, batch_rows)
         del time_keys
-        buckets = _Buckets(scratch / "buckets", len(boundaries) + 1)
-        listed = _encode(spec, reader, preprocessor, boundaries, buckets, progress)
-        info = _order_and_write(spec, preprocessor, buckets, listed, rows, scratch, progress)
+        tables = _encode(spec, reader, preprocessor, listed, buckets, progress)
+        info = write_ordered_splits(spec, preprocessor, tables, listed, rows, scratch)
         shutil.rmtree(scratch / "buckets", ignore_errors=True)
+        shutil.rmtree(scratch / "parsed", ignore_errors=True)
         preprocessor.save(scratch / "artifact")
         info.update(distinct)
         return install_prepared(spec.name, scratch, preprocessor.schema(), info)
@@ -102,382 +88,10 @@ def prepare_spec(
         raise
 
 
-def resolve_files(source: SourceSpec, base_dir: str, where: str) -> list[Path]:
-    """The source's files in a stable order; a pattern that matches nothing is an error."""
-    base = Path(base_dir)
-    files: list[Path] = []
-    for pattern in source.paths:
-        full = pattern if Path(pattern).is_absolute() else str(base / pattern)
-        matched = sorted(Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file())
-        if not matched:
-            raise PrepareError(f"{where}: {pattern!r} matched no file (looked in {base})")
-        files.extend(p for p in matched if p not in files)
-    return files
-
-
-# -- reading -------------------------------------------------------------------------------
-
-
-class _Reader:
-    """Streams a spec's source files as `_RawBatch`es; checks columns and values as it goes."""
-
-    def __init__(self, spec: DatasetSpec, files: list[Path], batch_rows: int) -> None:
-        self.spec = spec
-        self.files = files
-        self.batch_rows = batch_rows
-        self.joins = [_SideTable(spec, join) for join in spec.joins]
-        joined = {column for join in spec.joins for column in join.columns}
-        self.types: dict[str, pa.DataType] = {}
-        for feature in spec.features:
-            if feature.kind in ("sequence", "count") or feature.column in joined:
-                continue
-            self.types[feature.column] = _source_type(feature, spec.source)
-        for join in spec.joins:
-            key = _feature_by_column(spec, join.key)
-            self.types.setdefault(join.key, _source_type(key, spec.source) if key else pa.string())
-        self.types[spec.label.column] = pa.float64()
-        unit = spec.time.unit
-        self.types[spec.time.column] = pa.string() if unit == "iso8601" else pa.float64()
-
-    def check_columns(self) -> None:
-        for path in self.files:
-            names = _column_names(self.spec.source, path)
-            missing = [column for column in self.types if column not in names]
-            if missing:
-                raise PrepareError(
-                    f"{path}: no column {missing[0]!r}, which the spec names; the file has "
-                    f"columns: {', '.join(names)}"
-                )
-
-    def batches(self, columns: list[str] | None = None) -> Iterator[_RawBatch]:
-        """Raw batches of every file in order; `columns` limits the feature columns read."""
-        wanted = {
-            column: data_type
-            for column, data_type in self.types.items()
-            if columns is None
-            or column in (self.spec.label.column, self.spec.time.column)
-            or column in columns
-            or any(join.key == column for join in self.spec.joins)
-        }
-        first_row = 0
-        for path in self.files:
-            file_rows = 0
-            for table in _read_file(self.spec.source, path, wanted, self.batch_rows):
-                yield self._canonical(path, table, file_rows, first_row, columns)
-                file_rows += table.num_rows
-                first_row += table.num_rows
-            if file_rows == 0:
-                raise PrepareError(f"{path} has no rows; every source file needs at least one")
-
-    def _canonical(
-        self,
-        path: Path,
-        table: pa.Table,
-        file_row: int,
-        first_row: int,
-        columns: list[str] | None,
-    ) -> _RawBatch:
-        spec = self.spec
-        for join in self.joins:
-            table = join.join(table)
-        raw: dict[str, pa.Array] = {}
-        for feature in spec.features:
-            if feature.kind in ("sequence", "count"):
-                continue
-            if columns is not None and feature.column not in columns:
-                continue
-            column = table.column(feature.column).combine_chunks()
-            if feature.kind == "multi_valued":
-                column = _as_list(feature, column, path, file_row)
-            raw[feature.name] = column
-        label = _label(spec, table.column(spec.label.column).combine_chunks(), path, file_row)
-        time_key, timestamp = _time(
-            spec, table.column(spec.time.column).combine_chunks(), path, file_row
-        )
-        return _RawBatch(raw, time_key, timestamp, label, first_row)
-
-
-class _SideTable:
-    """A join's side file, held in memory (users, items: small next to the events)."""
-
-    def __init__(self, spec: DatasetSpec, join: JoinSpec) -> None:
-        self.join_spec = join
-        key_feature = _feature_by_column(spec, join.key)
-        key_type = _source_type(key_feature, join.source) if key_feature else pa.string()
-        types = {join.key: key_type}
-        for column in join.columns:
-            feature = _feature_by_column(spec, column)
-            types[column] = _source_type(feature, join.source) if feature else pa.string()
-        files = resolve_files(join.source, spec.base_dir, f"joins[key={join.key}].paths")
-        for path in files:
-            names = _column_names(join.source, path)
-            missing = [column for column in types if column not in names]
-            if missing:
-                raise PrepareError(
-                    f"{path}: no column {missing[0]!r}, which joins[key={join.key}] names; the "
-                    f"file has columns: {', '.join(names)}"
-                )
-        tables = [t for path in files for t in _read_file(join.source, path, types, BATCH_ROWS)]
-        side = pa.concat_tables(tables).combine_chunks()
-        keys = side.column(join.key)
-        if pc.count_distinct(keys).as_py() != len(keys):
-            raise PrepareError(
-                f"joins[key={join.key}]: the key column {join.key!r} repeats values in "
-                f"{', '.join(map(str, files))}; a side file holds one row per key"
-            )
-        self.keys = keys.combine_chunks()
-        self.side = side
-
-    def join(self, table: pa.Table) -> pa.Table:
-        position = pc.index_in(table.column(self.join_spec.key), value_set=self.keys)
-        for column in self.join_spec.columns:
-            table = table.append_column(column, pc.take(self.side.column(column), position))
-        return table
-
-
-def _feature_by_column(spec: DatasetSpec, column: str) -> FeatureDef | None:
-    for feature in spec.features:
-        if feature.column == column and feature.kind not in ("sequence", "count"):
-            return feature
-    return None
-
-
-def _source_type(feature: FeatureDef, source: SourceSpec) -> pa.DataType:
-    if feature.kind == "dense":
-        return pa.float64()
-    scalar = pa.string() if feature.type == "string" else pa.int64()
-    if feature.kind == "multi_valued" and (source.format == "parquet"):
-        return pa.list_(scalar)
-    if feature.kind == "multi_valued":
-        return pa.string()
-    return scalar
-
-
-def _column_names(source: SourceSpec, path: Path) -> list[str]:
-    if source.format == "parquet":
-        try:
-            return pq.read_schema(path).names
-        except pa.ArrowInvalid as error:
-            raise PrepareError(f"{path} is not a Parquet file: {error}") from error
-    if source.column_names:
-        return list(source.column_names)
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        quoting = csv.QUOTE_MINIMAL if source.quote_char else csv.QUOTE_NONE
-        header = next(
-            csv.reader(
-                handle,
-                delimiter=source.field_delimiter,
-                quotechar=source.quote_char or '"',
-                quoting=quoting,
-            ),
-            None,
-        )
-    if header is None:
-        raise PrepareError(f"{path} is empty: no header line")
-    return header
-
-
-def _read_file(
-    source: SourceSpec, path: Path, types: dict[str, pa.DataType], batch_rows: int
-) -> Iterator[pa.Table]:
-    """Tables of at most about `batch_rows` rows with exactly `types`' columns and types."""
-    if source.format == "parquet":
-        parquet = pq.ParquetFile(path)
-        row = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(types)):
-            table = pa.Table.from_batches([batch])
-            yield _cast(table, types, path, row)
-            row += batch.num_rows
-        return
-    read_options = pacsv.ReadOptions(
-        column_names=list(source.column_names) or None,
-        skip_rows=1 if source.header and source.column_names else 0,
-        block_size=max(1 << 20, batch_rows * 64),
-    )
-    parse_options = pacsv.ParseOptions(
-        delimiter=source.field_delimiter, quote_char=source.quote_char or False
-    )
-    convert_options = pacsv.ConvertOptions(
-        column_types=types,
-        include_columns=list(types),
-        null_values=list(source.null_values),
-        strings_can_be_null=True,
-    )
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=read_options,
-            parse_options=parse_options,
-            convert_options=convert_options,
-        )
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
-    except pa.ArrowInvalid as error:
-        if "Empty CSV file" in str(error):
-            raise PrepareError(f"{path} is empty: no header line") from None
-        if "conversion error" in str(error):
-            # pyarrow names neither the row nor the column: read the file again as text and
-            # find the first value that does not convert.
-            as_text = {name: pa.string() for name in types}
-            row = 0
-            for table in _read_file(source, path, as_text, batch_rows):
-                _cast(table, types, path, row)
-                row += table.num_rows
-        raise PrepareError(f"{path}: {error}; {_accepted(types)}") from None
-
-
-def _accepted(types: dict[str, pa.DataType]) -> str:
-    return "accepted: " + ", ".join(f"{column} as {_type_name(t)}" for column, t in types.items())
-
-
-def _type_name(data_type: pa.DataType) -> str:
-    if pa.types.is_floating(data_type):
-        return "a number"
-    if pa.types.is_integer(data_type):
-        return "an integer"
-    if pa.types.is_list(data_type):
-        return f"a list of {_type_name(data_type.value_type)}s"
-    return "text"
-
-
-def _cast(table: pa.Table, types: dict[str, pa.DataType], path: Path, row: int) -> pa.Table:
-    columns = []
-    for name, data_type in types.items():
-        column = table.column(name)
-        if pa.types.is_dictionary(column.type):
-            column = column.cast(column.type.value_type)
-        delimited = pa.types.is_list(data_type) and pa.types.is_string(column.type)
-        if column.type != data_type and not delimited:
-            try:
-                column = column.cast(data_type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-                bad = _first_failure(
-                    column.combine_chunks(), partial(pa.Array.cast, target_type=data_type)
-                )
-                raise PrepareError(
-                    f"{path}: row {row + bad + 1}, column {name!r}: {column[bad].as_py()!r} "
-                    f"({column.type}) does not convert; accepted: {_type_name(data_type)}"
-                ) from error
-        columns.append(column)
-    return pa.table(columns, names=list(types))
-
-
-def _first_failure(values: pa.Array, convert: Callable[[pa.Array], object]) -> int:
-    """The index of the first value `convert` refuses, by bisection (`values` holds one)."""
-    low, high = 0, len(values)
-    while high - low > 1:
-        middle = (low + high) // 2
-        try:
-            convert(values.slice(low, middle - low))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            high = middle
-        else:
-            low = middle
-    return low
-
-
-def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -> pa.Array:
-    """A multi-valued column as list<scalar>: a list column, or a delimited string split."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return column
-    if feature.separator is None:
-        raise PrepareError(
-            f"{path}: column {feature.column!r} is text; a multi_valued feature over text needs "
-            "`separator` (e.g. '|')"
-        )
-    lists = pc.split_pattern(column.fill_null(""), feature.separator)
-    flat = pc.list_flatten(lists)
-    lengths = np.asarray(pc.list_value_length(lists), dtype=np.int64)
-    keep = np.asarray(pc.not_equal(flat, ""), dtype=bool)
-    kept = np.bincount(np.repeat(np.arange(len(lengths)), lengths)[keep], minlength=len(lengths))
-    values = flat.filter(pa.array(keep))
-    if feature.type == "int":
-        try:
-            values = values.cast(pa.int64())
-        except pa.ArrowInvalid as error:
-            raise PrepareError(
-                f"{path}: rows {file_row + 1}-{file_row + len(column)}, column "
-                f"{feature.column!r}: {error}; accepted: integers separated by "
-                f"{feature.separator!r}"
-            ) from None
-    offsets = np.r_[0, np.cumsum(kept)].astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), values)
-
-
-def _refuse_nulls(column: pa.Array, path: Path, file_row: int, what: str, needs: str) -> None:
-    """Every event needs a label and a time: the first empty one is an error naming its row."""
-    nulls = np.asarray(column.is_null(), dtype=bool)
-    if nulls.any():
-        row = file_row + int(np.argmax(nulls)) + 1
-        raise PrepareError(f"{path}: row {row}: the {what} is empty; every event needs {needs}")
-
-
-def _label(spec: DatasetSpec, column: pa.Array, path: Path, file_row: int) -> np.ndarray:
-    _refuse_nulls(column, path, file_row, f"label column {spec.label.column!r}", "a label")
-    values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    rule = spec.label
-    if rule.op is None:
-        bad = (values != 0) & (values != 1)
-        if bad.any():
-            row = file_row + int(np.argmax(bad)) + 1
-            raise PrepareError(
-                f"{path}: row {row}: label {values[bad][0].item()!r} in column {rule.column!r}; "
-                "accepted: 0 or 1 (or a rule: label.op and label.value)"
-            )
-        return values.astype(np.int8)
-    compare = {
-        ">=": np.greater_equal,
-        ">": np.greater,
-        "<=": np.less_equal,
-        "<": np.less,
-        "==": np.equal,
-        "!=": np.not_equal,
-    }[rule.op]
-    return compare(values, rule.value).astype(np.int8)
-
-
-def _time(
-    spec: DatasetSpec, column: pa.Array, path: Path, file_row: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sort key, prepared seconds) of an event-time column."""
-    _refuse_nulls(column, path, file_row, f"event-time column {spec.time.column!r}", "a time")
-    unit = spec.time.unit
-    if unit == "iso8601":
-        try:
-            key = _iso8601_ns(column)
-        except pa.ArrowInvalid:
-            bad = _first_failure(column, _iso8601_ns)
-            raise PrepareError(
-                f"{path}: row {file_row + bad + 1}: {column[bad].as_py()!r} in column "
-                f"{spec.time.column!r} is not an ISO-8601 time; accepted: e.g. "
-                "2024-05-01T12:30:00, 2024-05-01 12:30:00.250 or 2024-05-01T12:30:00+02:00 "
-                "(without an offset, UTC)"
-            ) from None
-        return key, key / 1e9
-    numbers = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    scale = _TIME_SCALE[unit]
-    key = np.round(numbers).astype(np.int64) if unit != "s" else numbers.astype(np.int64)
-    return key, (key if unit == "s" else numbers / scale)
-
-
-def _iso8601_ns(column: pa.Array) -> np.ndarray:
-    """ISO-8601 text -> int64 ns since the epoch, UTC; times with a zone offset (Z, +02:00)
-    are converted to UTC, times without one are taken as UTC."""
-    zoned = np.asarray(
-        pc.match_substring_regex(column, r"(?:Z|[+-]\d{2}:?\d{2})$").fill_null(False), dtype=bool
-    )
-    key = np.empty(len(column), dtype=np.int64)
-    for mask, target in ((~zoned, pa.timestamp("ns")), (zoned, pa.timestamp("ns", tz="UTC"))):
-        if mask.any():
-            parsed = pc.cast(column.filter(pa.array(mask)), target)
-            key[mask] = np.asarray(parsed.cast(pa.int64()), dtype=np.int64)
-    return key
-
-
 # -- pass 1: scan --------------------------------------------------------------------------
 
 
-def _scan(reader: _Reader, progress: Progress) -> tuple[np.ndarray, np.ndarray | None, int]:
+def _scan(reader: RawReader, progress: Progress) -> tuple[np.ndarray, np.ndarray | None, int]:
     """All event times (as sort keys), the fit rows (None: all rows), and the row count.
 
     Only the label and time columns (and join keys) are read: the fit pass that follows reads
@@ -496,17 +110,10 @@ def _scan(reader: _Reader, progress: Progress) -> tuple[np.ndarray, np.ndarray |
     split_of = _random_split(spec, 0, rows) if spec.split.by == "random" else None
     if split_of is not None:
         return time_keys, split_of == 0, rows
-    train_rows = _split_sizes(spec, rows)[0]
+    train_rows = time_split_sizes(spec, rows)[0]
     ordered = np.sort(time_keys, kind="stable")
     boundary = ordered[train_rows] if train_rows < rows else ordered[-1] + 1
     return time_keys, time_keys < boundary, rows
-
-
-def _split_sizes(spec: DatasetSpec, rows: int) -> tuple[int, int, int]:
-    """(train, valid, test) row counts of a time split, as `offline.time_split` makes them."""
-    test = int(round(rows * spec.split.test))
-    valid = int(round(rows * spec.split.valid))
-    return rows - test - valid, valid, test
 
 
 def _random_split(spec: DatasetSpec, first_row: int, count: int) -> np.ndarray:
@@ -523,26 +130,39 @@ def _random_split(spec: DatasetSpec, first_row: int, count: int) -> np.ndarray:
 
 
 class _Counter:
-    """Value counts of one column, merged as batches arrive (memory ~ distinct values)."""
+    """Value counts of one column, merged as batches arrive (memory ~ distinct values).
+
+    A dictionary-encoded batch is counted by its indices (no value is hashed per row); the
+    batches' counts are merged by value every `MERGE_EVERY` batches."""
+
+    MERGE_EVERY = 16
 
     def __init__(self) -> None:
         self.parts: list[pa.Table] = []
 
-    def add(self, values: pa.Array) -> None:
-        counts = pc.value_counts(values.drop_null())
-        self.parts.append(
-            pa.table({"value": counts.field("values"), "count": counts.field("counts")})
-        )
-        if len(self.parts) > 16:
-            self.parts = [self.merged()]
+    def add(self, column: pa.Array) -> None:
+        """Count the non-null values of `column` (plain, or dictionary-encoded)."""
+        if pa.types.is_dictionary(column.type):
+            indices = np.asarray(column.indices.drop_null(), dtype=np.int64)
+            counts = np.bincount(indices, minlength=len(column.dictionary))
+            present = np.flatnonzero(counts)
+            values, counts = column.dictionary.take(pa.array(present)), counts[present]
+        else:
+            counted = pc.value_counts(column.drop_null())
+            values, counts = counted.field("values"), counted.field("counts")
+        self.parts.append(pa.table({"value": values, "count": pa.array(counts, pa.int64())}))
+        if len(self.parts) > self.MERGE_EVERY:
+            self.merged()
 
     def merged(self) -> pa.Table:
         if not self.parts:
             return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
         table = pa.concat_tables(self.parts)
-        return (
+        merged = (
             table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
         )
+        self.parts = [merged]
+        return merged
 
 
 class _Moments:
@@ -585,10 +205,11 @@ class _Moments:
 
 
 def _fit(
-    spec: DatasetSpec, reader: _Reader, fit_mask: np.ndarray | None, progress: Progress
-) -> tuple[Preprocessor, dict[str, int]]:
-    """The fitted preprocessor, and how many distinct users and items all rows hold (the
-    `users` and `items` of info.json)."""
+    spec: DatasetSpec, reader: RawReader, fit_mask: np.ndarray | None, progress: Progress
+) -> tuple[Preprocessor, dict[str, int], set[str]]:
+    """The fitted preprocessor, how many distinct users and items all rows hold (the `users`
+    and `items` of info.json), and the categorical features some row of which becomes an empty
+    bag (stored as list<int64>, every other one as int64)."""
     roles = {f"{role}s": column for role, column in spec.roles.items() if role in ("user", "item")}
     # Index ids need no vocabulary: they are counted only to report distinct users and items.
     counters = {
@@ -596,8 +217,18 @@ def _fit(
         for f in spec.features
         if f.has_ids and (f.ids != "index" or f.name in roles.values())
     }
-    # With fit_on all the vocabulary counters see every row; else the roles get their own.
-    everyone = {} if fit_mask is None else {column: _Counter() for column in roles.values()}
+    # A categorical feature whose values can be dropped (no OOV id) is a list column; whether
+    # any is dropped is known once its vocabulary is, from every row's distinct values.
+    droppable = [
+        f.name
+        for f in spec.features
+        if f.kind == "categorical" and f.ids == "vocabulary" and not f.oov
+    ]
+    # With fit_on all the vocabulary counters see every row; else these get their own.
+    everyone = (
+        {} if fit_mask is None else {name: _Counter() for name in {*roles.values(), *droppable}}
+    )
+    with_nulls: set[str] = set()
     moments = {
         f.name: _Moments()
         for f in spec.features
@@ -612,6 +243,8 @@ def _fit(
             else pa.array(fit_mask[batch.first_row : batch.first_row + rows])
         )
         for feature in spec.features:
+            if feature.kind == "categorical" and batch.columns[feature.name].null_count:
+                with_nulls.add(feature.name)
             if feature.kind == "multi_valued":
                 lengths = pc.list_value_length(batch.columns[feature.name]).fill_null(0)
                 max_lengths[feature.name] = max(
@@ -669,7 +302,18 @@ def _fit(
         key: (everyone.get(column) or counters[column]).merged().num_rows
         for key, column in roles.items()
     }
-    return Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths), distinct
+    listed = {
+        f.name
+        for f in spec.features
+        if f.kind == "categorical" and (f.ids == "hash" or not f.oov) and f.name in with_nulls
+    }
+    listed.update(
+        name
+        for name in droppable
+        if (everyone.get(name) or counters[name]).merged().num_rows > len(vocabularies[name].values)
+    )
+    preprocessor = Preprocessor(spec, vocabularies, dense_stats, cardinalities, max_lengths)
+    return preprocessor, distinct, listed
 
 
 # -- pass 3: encode into time buckets ------------------------------------------------------
@@ -685,307 +329,126 @@ def _bucket_boundaries(time_keys: np.ndarray, bucket_rows: int) -> np.ndarray:
 
 
 class _Buckets:
-    """Encoded rows grouped by time range: in memory for one bucket, else temp Parquet files."""
+    """Encoded rows grouped by time range, handed on in time order as each range completes.
 
-    def __init__(self, directory: Path, count: int) -> None:
+    Where the source is nearly in time order (a bucket's rows are all read while at most
+    `HELD_BUCKETS` buckets' worth of rows are held), buckets stay in memory and each is handed
+    on as soon as the reading has passed its last row; otherwise every bucket is spilled to a
+    temporary Parquet file and they are read back one by one at the end."""
+
+    HELD_BUCKETS = 2
+
+    def __init__(self, directory: Path, time_keys: np.ndarray, bucket_rows: int, batch_rows: int):
+        self.boundaries = _bucket_boundaries(time_keys, bucket_rows)
+        self.count = len(self.boundaries) + 1
+        bucket_of = np.searchsorted(self.boundaries, time_keys, side="right")
+        sizes = np.bincount(bucket_of, minlength=self.count)
+        last_row = np.full(self.count, -1, dtype=np.int64)
+        np.maximum.at(last_row, bucket_of, np.arange(len(time_keys)))
+        del bucket_of
+        # Buckets are handed on in order: bucket b once every row of buckets 0..b is read.
+        self.ready_after = np.maximum.accumulate(last_row)
+        rows_before = np.r_[0, np.cumsum(sizes)[:-1]]
+        held = int((self.ready_after + 1 - rows_before).max()) + batch_rows
+        self.in_memory = self.count == 1 or held <= self.HELD_BUCKETS * bucket_rows
         self.directory = directory
-        self.count = count
-        self.memory: list[pa.Table] = []
+        self.memory: dict[int, list[pa.Table]] = {}
         self.writers: dict[int, pq.ParquetWriter] = {}
-        if count > 1:
+        self.next_bucket = 0
+        if not self.in_memory:
             directory.mkdir(parents=True)
 
-    def add(self, bucket_of: np.ndarray, table: pa.Table) -> None:
-        if self.count == 1:
-            self.memory.append(table)
-            return
-        for bucket in np.unique(bucket_of):
-            part = table.filter(pa.array(bucket_of == bucket))
-            writer = self.writers.get(int(bucket))
+    def add(self, time_key: np.ndarray, table: pa.Table, rows_read: int) -> Iterator[pa.Table]:
+        """File a batch's rows; yields the buckets completed once `rows_read` rows are read."""
+        bucket_of = np.searchsorted(self.boundaries, time_key, side="right")
+        first, last = int(bucket_of.min()), int(bucket_of.max())
+        for bucket in range(first, last + 1):
+            part = table if first == last else table.filter(pa.array(bucket_of == bucket))
+            if part.num_rows == 0:
+                continue
+            if self.in_memory:
+                self.memory.setdefault(bucket, []).append(part)
+                continue
+            writer = self.writers.get(bucket)
             if writer is None:
-                writer = pq.ParquetWriter(self.directory / f"{int(bucket)}.parquet", part.schema)
-                self.writers[int(bucket)] = writer
+                writer = pq.ParquetWriter(self.directory / f"{bucket}.parquet", part.schema)
+                self.writers[bucket] = writer
             writer.write_table(part)
+        if self.in_memory:
+            while self.next_bucket < self.count and self.ready_after[self.next_bucket] < rows_read:
+                yield from self._hand_on(self.next_bucket)
+                self.next_bucket += 1
 
-    def _drain(self) -> list[pa.Table]:
-        """The in-memory batches, no longer held here: freed as soon as they are unified."""
-        tables, self.memory = self.memory, []
-        return tables
-
-    def tables(self, listed: set[str]) -> Iterator[pa.Table]:
+    def rest(self) -> Iterator[pa.Table]:
+        """The buckets not yet handed on, in time order (all of them when spilled)."""
         for writer in self.writers.values():
             writer.close()
-        if self.count == 1:
-            yield _unify(self._drain(), listed)
+        for bucket in range(self.next_bucket, self.count):
+            yield from self._hand_on(bucket)
+        self.next_bucket = self.count
+
+    def _hand_on(self, bucket: int) -> Iterator[pa.Table]:
+        if self.in_memory:
+            tables = self.memory.pop(bucket, [])
+            if tables:
+                yield pa.concat_tables(tables)
             return
-        for bucket in range(self.count):
-            path = self.directory / f"{bucket}.parquet"
-            if path.exists():
-                yield _unify([pq.read_table(path)], listed)
-                path.unlink()
-
-
-def _unify(tables: list[pa.Table], listed: set[str]) -> pa.Table:
-    """Categorical columns as list<int64> where any batch dropped an id, else int64."""
-    fixed = []
-    for table in tables:
-        for name in listed:
-            column = table.column(name)
-            if not pa.types.is_list(column.type):
-                values = column.combine_chunks()
-                offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
-                table = table.set_column(
-                    table.schema.get_field_index(name),
-                    name,
-                    pa.ListArray.from_arrays(offsets, values),
-                )
-        fixed.append(table)
-    return pa.concat_tables(fixed).combine_chunks()
+        path = self.directory / f"{bucket}.parquet"
+        if path.exists():
+            table = pq.read_table(path)
+            path.unlink()
+            yield table
 
 
 def _encode(
     spec: DatasetSpec,
-    reader: _Reader,
+    reader: RawReader,
     preprocessor: Preprocessor,
-    boundaries: np.ndarray,
+    listed: set[str],
     buckets: _Buckets,
     progress: Progress,
-) -> set[str]:
-    """Encode every batch into its bucket; returns the categorical features stored as lists."""
-    listed: set[str] = set()
+) -> Iterator[pa.Table]:
+    """Encode every batch into its time bucket; yields the buckets in time order."""
     for batch in reader.batches():
         rows = len(batch.label)
         columns: dict[str, pa.Array] = {}
         for feature in spec.features:
             if feature.kind in ("sequence", "count"):
                 continue
-            encoded = preprocessor.encode(feature.name, batch.columns[feature.name])
-            if feature.kind == "categorical" and pa.types.is_list(encoded.type):
-                listed.add(feature.name)
-            columns[feature.name] = encoded
+            column = batch.columns[feature.name]
+            columns[feature.name] = _encoded(preprocessor, feature, column, feature.name in listed)
         columns["__time_key"] = pa.array(batch.time_key)
         columns["timestamp"] = pa.array(batch.timestamp)
         columns["label"] = pa.array(batch.label)
         columns["__row"] = pa.array(np.arange(batch.first_row, batch.first_row + rows))
         if spec.split.by == "random":
             columns["__split"] = pa.array(_random_split(spec, batch.first_row, rows))
-        table = pa.table(columns)
-        bucket_of = np.searchsorted(boundaries, batch.time_key, side="right")
-        buckets.add(bucket_of, _unify([table], listed))
+        yield from buckets.add(batch.time_key, pa.table(columns), batch.first_row + rows)
         progress("encode", rows)
-    return listed
+    yield from buckets.rest()
 
 
-# -- pass 4: order, sequences, splits ------------------------------------------------------
-
-
-class _PerKeyState:
-    """Per key (a user, an item): how many events it had and its last values, across buckets."""
-
-    def __init__(self, history: int) -> None:
-        self.history = history
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.counts = np.zeros(0, dtype=np.int64)
-        self.last = np.zeros((0, history), dtype=np.int64)  # newest last, right-aligned
-        self.lengths = np.zeros(0, dtype=np.int64)
-
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(counts, last values, lengths) of `keys` (zeros for keys never seen)."""
-        position = np.searchsorted(self.keys, keys)
-        position = np.minimum(position, max(len(self.keys) - 1, 0))
-        found = (self.keys[position] == keys) if len(self.keys) else np.zeros(len(keys), bool)
-        counts = np.where(found, self.counts[position] if len(self.keys) else 0, 0)
-        last = np.zeros((len(keys), self.history), dtype=np.int64)
-        lengths = np.zeros(len(keys), dtype=np.int64)
-        if len(self.keys):
-            last[found] = self.last[position[found]]
-            lengths[found] = self.lengths[position[found]]
-        return counts, last, lengths
-
-    def update(
-        self, keys: np.ndarray, counts: np.ndarray, last: np.ndarray, lengths: np.ndarray
-    ) -> None:
-        merged = np.concatenate([self.keys, keys])
-        order = np.argsort(merged, kind="stable")
-        merged = merged[order]
-        # A key present in both keeps the new entry (the later one in stable order).
-        keep = np.r_[merged[1:] != merged[:-1], True]
-        self.keys = merged[keep]
-        self.counts = np.concatenate([self.counts, counts])[order][keep]
-        self.last = np.concatenate([self.last, last])[order][keep]
-        self.lengths = np.concatenate([self.lengths, lengths])[order][keep]
-
-
-def _scalar_ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, present) of a categorical column (int64, or list<int64> with empty bags)."""
-    if pa.types.is_list(column.type):
-        lengths = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
-        flat = np.asarray(pc.list_flatten(column), dtype=np.int64)
-        ids = np.zeros(len(lengths), dtype=np.int64)
-        present = lengths > 0
-        ids[present] = flat[np.r_[0, np.cumsum(lengths)][:-1][present]]
-        return ids, present
-    return np.asarray(column, dtype=np.int64), np.ones(len(column), dtype=bool)
-
-
-def _order_and_write(
-    spec: DatasetSpec,
-    preprocessor: Preprocessor,
-    buckets: _Buckets,
-    listed: set[str],
-    rows: int,
-    scratch: Path,
-    progress: Progress,
-) -> dict:
-    user = spec.roles.get("user")
-    item = spec.roles.get("item")
-    derived = [f for f in spec.features if f.kind in ("sequence", "count")]
-    states = {f.name: _PerKeyState(f.max_length if f.kind == "sequence" else 0) for f in derived}
-    sizes = _split_sizes(spec, rows) if spec.split.by == "time" else None
-    writers: dict[str, pq.ParquetWriter] = {}
-    stats = {split: {"rows": 0, "positives": 0} for split in SPLITS}
-    written = 0
-    output_order = [f.name for f in spec.features] + ["label", "timestamp"]
-    for table in buckets.tables(listed):
-        sort_keys = [("__time_key", "ascending")]
-        for role_column in (user, item):
-            if role_column is not None and role_column not in listed:
-                sort_keys.append((role_column, "ascending"))
-        sort_keys.append(("__row", "ascending"))
-        table = table.take(pc.sort_indices(table, sort_keys=sort_keys))
-        for feature in derived:
-            table = table.append_column(
-                feature.name, _derived(feature, table, user, states[feature.name], preprocessor)
-            )
-        if sizes is not None:
-            position = np.arange(written, written + table.num_rows)
-            split_of = np.where(
-                position < sizes[0], 0, np.where(position < sizes[0] + sizes[1], 1, 2)
-            )
-        else:
-            split_of = np.asarray(table.column("__split"), dtype=np.int8)
-        written += table.num_rows
-        out = table.select(output_order)
-        for index, split in enumerate(SPLITS):
-            if sizes is not None:
-                # A time split's rows of one split are contiguous: a slice, not a copy.
-                start, stop = np.searchsorted(split_of, [index, index + 1])
-                part = out.slice(start, stop - start)
-            else:
-                part = out.filter(pa.array(split_of == index))
-            if part.num_rows == 0:
-                continue
-            writer = writers.get(split)
-            if writer is None:
-                writer = pq.ParquetWriter(scratch / f"{split}.parquet", part.schema)
-                writers[split] = writer
-            writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
-            stats[split]["rows"] += part.num_rows
-            stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
-        progress("write", table.num_rows)
-        del table, out, part  # this bucket is freed before the next one is read
-    for writer in writers.values():
-        writer.close()
-    empty = [split for split in SPLITS if stats[split]["rows"] == 0]
-    if empty:
-        raise PrepareError(
-            f"split {empty[0]!r} would be empty ({rows} rows with split fractions valid "
-            f"{spec.split.valid}, test {spec.split.test}); every split needs at least one row"
-        )
-    return {
-        "splits": stats,
-        "rows": rows,
-        "positives": sum(s["positives"] for s in stats.values()),
-    }
-
-
-def _derived(
-    feature: FeatureDef,
-    table: pa.Table,
-    user: str | None,
-    state: _PerKeyState,
-    preprocessor: Preprocessor,
+def _encoded(
+    preprocessor: Preprocessor, feature: FeatureDef, column: pa.Array, listed: bool
 ) -> pa.Array:
-    """A sequence (the user's previous values of `of`) or a count (earlier events of `of`)."""
-    if feature.kind == "count":
-        keys, present = _scalar_ids(table.column(feature.of))
-        keys = np.where(present, keys, np.iinfo(np.int64).min)
-        counts = _prior_counts(keys, state)
-        return pa.array(preprocessor.dense_values(feature, pa.array(counts.astype(np.float64))))
-    users, _ = _scalar_ids(table.column(user))
-    values, present = _scalar_ids(table.column(feature.of))
-    return _history(users, values, present, state)
-
-
-def _prior_counts(keys: np.ndarray, state: _PerKeyState) -> np.ndarray:
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    carried, _, _ = state.lookup(sorted_keys)
-    within = np.arange(len(order)) - group_start
-    counts = np.empty(len(keys), dtype=np.int64)
-    counts[order] = carried + within
-    ends = np.r_[starts[1:], len(order)] - 1
-    group_keys = sorted_keys[starts]
-    state.update(
-        group_keys,
-        counts[order][ends] + 1,
-        np.zeros((len(starts), 0), np.int64),
-        np.zeros(len(starts), np.int64),
-    )
-    return counts
-
-
-def _history(
-    users: np.ndarray, values: np.ndarray, present: np.ndarray, state: _PerKeyState
-) -> pa.ListArray:
-    """For each event (in time order), the user's previous `history` values, oldest first.
-
-    Per user the timeline is its carried values (from earlier buckets) then this bucket's
-    present values; event i sees the `history` newest timeline values before its own."""
-    length = state.history
-    count = len(users)
-    order = np.lexsort((np.arange(count), users))
-    users_sorted, values_sorted, present_sorted = users[order], values[order], present[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(users_sorted)) + 1] if count else np.zeros(0, int)
-    sizes = np.diff(np.r_[starts, count])
-    group_of = np.repeat(np.arange(len(starts)), sizes)
-    _, carried, carried_lengths = state.lookup(users_sorted[starts])
-    own_counts = np.bincount(group_of[present_sorted], minlength=len(starts))
-    totals = carried_lengths + own_counts
-    timeline_start = np.r_[0, np.cumsum(totals)][:-1]
-    timeline = np.zeros(int(totals.sum()), dtype=np.int64)
-    carried_mask = np.arange(length)[None, :] >= (length - carried_lengths)[:, None]
-    timeline[_ranges(timeline_start, carried_lengths)] = carried[carried_mask]
-    timeline[_ranges(timeline_start + carried_lengths, own_counts)] = values_sorted[present_sorted]
-    # How many own present values precede each event within its group.
-    present_before = np.cumsum(present_sorted) - present_sorted
-    seen = carried_lengths[group_of] + present_before - present_before[starts][group_of]
-    first = np.maximum(seen - length, 0)
-    begin_sorted = timeline_start[group_of] + first
-    lengths_sorted = seen - first
-    begin = np.empty(count, dtype=np.int64)
-    lengths = np.empty(count, dtype=np.int64)
-    begin[order], lengths[order] = begin_sorted, lengths_sorted
-    flat = timeline[_ranges(begin, lengths)]
-    kept = np.minimum(totals, length)
-    ends = timeline_start + totals
-    index = ends[:, None] - length + np.arange(length)[None, :]
-    tail_mask = np.arange(length)[None, :] >= (length - kept)[:, None]
-    new_last = np.where(
-        tail_mask, timeline[np.clip(index, 0, max(len(timeline) - 1, 0))] if len(timeline) else 0, 0
-    )
-    state.update(users_sorted[starts], np.zeros(len(starts), np.int64), new_last, kept)
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int64()))
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenation of range(start, start + length) for each pair."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.r_[0, np.cumsum(lengths)][:-1]
-    return np.repeat(np.asarray(starts, dtype=np.int64) - offsets, lengths) + np.arange(total)
+    """`Preprocessor.encode` of one batch's column; a categorical column as list<int64> when
+    `listed`. A dictionary-encoded column is encoded once per distinct value (and null)."""
+    if feature.kind != "categorical":
+        return preprocessor.encode(feature.name, column)
+    if pa.types.is_dictionary(column.type):
+        dictionary = column.dictionary
+        ids, keep = preprocessor.encode_ids(
+            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)])
+        )
+        index = np.asarray(column.indices.fill_null(len(dictionary)), dtype=np.int64)
+        ids, keep = ids[index], keep[index]
+    else:
+        ids, keep = preprocessor.encode_ids(feature, column)
+    if listed:
+        offsets = np.r_[0, np.cumsum(keep)].astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep], pa.int64()))
+    if not keep.all():
+        raise RuntimeError(
+            f"feature {feature.name!r} dropped an id though fitting found that none would be"
+        )
+    return pa.array(ids, pa.int64())

@@ -25,7 +25,7 @@ from feature_store.artifact import (
     string_hash64,
 )
 from feature_store.offline import SPLITS, Dataset, prepared_root
-from feature_store.prepare import PrepareError, prepare_spec
+from feature_store.prepare import PrepareError, _Buckets, prepare_spec
 from feature_store.spec import SpecError, parse_spec
 
 BASE_TIME = 1_700_000_000
@@ -677,6 +677,44 @@ def test_the_result_does_not_depend_on_batches_or_time_buckets(tmp_path, batch_r
     again = prepare(tmp_path, base_spec("parquet"), batch_rows=batch_rows, bucket_rows=bucket_rows)
     assert_same(splits(again), expected_splits)
     assert Preprocessor.load(again.artifact_dir).content_hash == expected_hash
+
+
+def test_a_time_ordered_source_is_bucketed_in_memory_with_the_same_result(tmp_path):
+    columns = events()
+    order = np.argsort(columns["ts"], kind="stable")
+    ordered = {name: [values[i] for i in order] for name, values in columns.items()}
+    write_parquet(tmp_path / "events.parquet", ordered, row_group_size=50)
+    expected = splits(prepare(tmp_path, base_spec("parquet")))
+    for batch_rows, bucket_rows in ((7, 40), (1000, 13), (5, 1)):
+        again = prepare(
+            tmp_path, base_spec("parquet"), batch_rows=batch_rows, bucket_rows=bucket_rows
+        )
+        assert_same(splits(again), expected)
+
+
+def test_buckets_are_held_in_memory_only_when_the_source_is_nearly_time_ordered(tmp_path):
+    times = np.arange(1_000, dtype=np.int64) // 3
+    assert _Buckets(tmp_path / "ordered", times, 100, 10).in_memory
+    # Late rows a little behind their time still fit in the held buckets ...
+    late = times.copy()
+    late[::50] -= 20
+    assert _Buckets(tmp_path / "late", late, 100, 10).in_memory
+    # ... but a shuffled source would hold every bucket until its end: it is spilled.
+    shuffled = np.random.default_rng(0).permutation(times)
+    assert not _Buckets(tmp_path / "shuffled", shuffled, 100, 10).in_memory
+    assert (tmp_path / "shuffled").is_dir()
+
+
+def test_null_string_ids_read_dictionary_encoded_become_empty_bags_of_hashed_ids(tmp_path):
+    columns = events()
+    columns["city"] = [None if i % 7 == 0 else city for i, city in enumerate(columns["city"])]
+    write_parquet(tmp_path / "events.parquet", columns)
+    raw = base_spec("parquet")
+    raw["features"][4] = {"name": "city", "kind": "categorical", "ids": "hash"}
+    table = all_rows(prepare(tmp_path, raw)).sort_by("timestamp")
+    lengths = pa.compute.list_value_length(table.column("city")).to_numpy()
+    assert set(lengths.tolist()) == {0, 1}
+    assert (lengths == 0).sum() == sum(city is None for city in columns["city"])
 
 
 def test_sequences_and_counts_match_the_reference_for_any_data(tmp_path):
