@@ -59,6 +59,7 @@ from serving.raw_values import RawValueEncoder
 from serving.request import (
     FeatureRule,
     RequestColumns,
+    RequestValues,
     ScoreRequest,
     feature_rules,
 )
@@ -438,8 +439,11 @@ class Scorer:
 
     # -- requests (event loop) -------------------------------------------------------------------
 
-    def prepare(self, request: ScoreRequest) -> RequestColumns:
-        """Check a request against the model and turn it into columns (no Redis involved)."""
+    def prepare(self, request: RequestValues | ScoreRequest) -> RequestColumns:
+        """Check a request against the model and turn it into columns (no Redis involved). The
+        service passes what `parse_request` gives; a ScoreRequest is taken as built in process."""
+        if isinstance(request, ScoreRequest):
+            request = RequestValues.of(request)
         check_model(request, self.config.model)
         return prepare_columns(request, self.preparation())
 
