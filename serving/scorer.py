@@ -577,7 +577,11 @@ class Scorer:
                 values = column.fill_null(0).to_numpy(zero_copy_only=False)
                 columns[name] = np.asarray(values, dtype=np.float32)[user_index]
             else:
-                columns[name] = Jagged.from_arrow(column)[0].take(user_index)
+                rows = Jagged.from_arrow(column)[0]
+                one_user = len(distinct_users) == 1  # as every request scored alone
+                columns[name] = (
+                    rows.repeat(0, len(user_index)) if one_user else rows.take(user_index)
+                )
         return columns
 
     def _load_rows(
