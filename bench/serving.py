@@ -27,6 +27,11 @@ forms and must get identical scores. Latency is measured
 at the client, from writing the request to reading the whole answer; this process's cyclic
 garbage collector is paused while it measures, so its own pauses are not counted.
 
+Summary keys (issue 21's and 16's targets): `serving_path_overhead` (service p50 over in-process
+p50, concurrency 1), `p99_over_p50_c1`, `c32_vs_in_process` (candidates/s at concurrency 32 over
+the in-process baseline's, one thread each), `raw_id_overhead` (p99 with raw string ids over p99
+with prepared ids, concurrency 1; `p99_ms_c1_raw_ids` is the p99 itself).
+
     .venv/bin/python bench/serving.py                 # writes bench/results/serving.json
 """
 
@@ -568,6 +573,10 @@ def main() -> None:
         "p99_ms_c1": warm_c1["p99_ms"],
         "candidates_per_s_c32": by_case[("service_warm", 32)]["candidates_per_s"],
         "serving_path_overhead": round(warm_c1["p50_ms"] / base["p50_ms"], 2),
+        "p99_over_p50_c1": round(warm_c1["p99_ms"] / warm_c1["p50_ms"], 2),
+        "c32_vs_in_process": round(
+            by_case[("service_warm", 32)]["candidates_per_s"] / base["candidates_per_s"], 3
+        ),
         "p99_ms_c1_no_cache": by_case[("service_no_cache", 1)]["p99_ms"],
         "p99_ms_c1_cold_start": by_case[("service_cold_start", 1)]["p99_ms"],
         "in_process_p50_ms": base["p50_ms"],

@@ -21,7 +21,9 @@ class Jagged:
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.r_[0, np.cumsum(self.lengths)].astype(np.int64)
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return offsets
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -52,6 +54,12 @@ class Jagged:
         values = np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
         return cls(values[present], present.astype(np.int64)), present
 
+    def repeat(self, row: int, times: int) -> Jagged:
+        """Row `row`, `times` times (a user's features on each of its candidates)."""
+        start, length = int(self.lengths[:row].sum()), int(self.lengths[row])
+        values = np.tile(self.values[start : start + length], times)
+        return Jagged(values, np.full(times, length, dtype=np.int64))
+
     def take(self, rows: np.ndarray) -> Jagged:
         """Rows in the order of `rows` (repeats allowed)."""
         lengths = self.lengths[rows]
@@ -78,5 +86,5 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    run_starts = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    run_starts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
     return run_starts + np.arange(total)

@@ -37,7 +37,7 @@ from serving.raw_values import RawValueEncoder
 from serving.request import (
     FeatureRule,
     RequestColumns,
-    ScoreRequest,
+    RequestValues,
     parse_request,
     request_columns,
 )
@@ -65,23 +65,20 @@ class ParserGoneError(ServingError):
     """The worker process stopped before it answered (it is started again for the next body)."""
 
 
-def check_model(request: ScoreRequest, model: str) -> None:
+def check_model(request: RequestValues, model: str) -> None:
     if request.model is not None and request.model != model:
         raise UnknownModelError(
             "model", f"unknown model {request.model!r}; this service serves {model!r}"
         )
 
 
-def prepare_columns(request: ScoreRequest, preparation: Preparation) -> RequestColumns:
+def prepare_columns(request: RequestValues, preparation: Preparation) -> RequestColumns:
     """A parsed request as columns: raw values encoded (with an artifact), then checked."""
-    rules, user, item = preparation.rules, preparation.user_column, preparation.item_column
-    if preparation.encoder is None:
-        return request_columns(request, rules, user, item)
-    encoded = preparation.encoder.encode(request)
-    columns = request_columns(encoded.request, rules, user, item)
-    columns.user_known = encoded.user_known
-    columns.item_known = encoded.item_known
-    return columns
+    if preparation.encoder is not None:
+        request = preparation.encoder.encode(request)
+    return request_columns(
+        request, preparation.rules, preparation.user_column, preparation.item_column
+    )
 
 
 # -- frames -----------------------------------------------------------------------------------

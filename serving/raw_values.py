@@ -14,24 +14,15 @@ before, plus which user and items have no id (an empty bag in the model's input)
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from feature_store.artifact import Preprocessor
 from feature_store.spec import FeatureDef
-from serving.request import Candidate, RequestShapeError, ScoreRequest
-
-
-@dataclass
-class EncodedRequest:
-    """A request in prepared ids; `user_known` / `item_known` say which ids map to a row."""
-
-    request: ScoreRequest
-    user_known: bool
-    item_known: np.ndarray
+from serving.request import RequestShapeError, RequestValues
 
 
 class RawValueEncoder:
@@ -50,38 +41,33 @@ class RawValueEncoder:
         self.features = {feature.name: feature for feature in preprocessing.spec.features}
         self.unknown = unknown
 
-    def encode(self, request: ScoreRequest) -> EncodedRequest:
+    def encode(self, request: RequestValues) -> RequestValues:
+        """The request in prepared ids, with which user and items have no id; values are
+        encoded a feature at a time, over all the candidates that give it."""
         user, user_known = self._id(self.user_column, request.user_id, "user_id")
-        items = [candidate.item_id for candidate in request.candidates]
         item_ids, item_known = self._ids(
-            self.item_column, items, lambda index: f"candidates[{index}].item_id"
+            self.item_column, request.item_ids, lambda index: f"candidates[{index}].item_id"
         )
         context = {
             name: self._values(name, [value], lambda _, name=name: f"context.{name}")[0]
             for name, value in request.context.items()
         }
-        by_feature: dict[str, tuple[list[int], list[object]]] = {}
-        for position, candidate in enumerate(request.candidates):
-            for name, value in candidate.features.items():
-                positions, values = by_feature.setdefault(name, ([], []))
-                positions.append(position)
-                values.append(value)
-        features: list[dict] = [{} for _ in request.candidates]
-        for name, (positions, values) in by_feature.items():
+        features = {}
+        for name, (positions, values) in request.features.items():
 
             def where(index: int, name: str = name, positions: list[int] = positions) -> str:
                 return f"candidates[{positions[index]}].features.{name}"
 
-            for position, value in zip(positions, self._values(name, values, where), strict=True):
-                features[position][name] = value
-        candidates = [
-            Candidate(item_id=int(item), features=given)
-            for item, given in zip(item_ids, features, strict=True)
-        ]
-        encoded = ScoreRequest.model_construct(
-            model=request.model, user_id=int(user), context=context, candidates=candidates
+            features[name] = (positions, self._values(name, values, where))
+        return dataclasses.replace(
+            request,
+            user_id=user,
+            item_ids=item_ids.tolist(),
+            context=context,
+            features=features,
+            user_known=user_known,
+            item_known=item_known,
         )
-        return EncodedRequest(encoded, user_known, item_known)
 
     def _id(self, name: str, value: object, where: str) -> tuple[int, bool]:
         ids, known = self._ids(name, [value], lambda _: where)

@@ -59,6 +59,7 @@ from serving.raw_values import RawValueEncoder
 from serving.request import (
     FeatureRule,
     RequestColumns,
+    RequestValues,
     ScoreRequest,
     feature_rules,
 )
@@ -438,8 +439,11 @@ class Scorer:
 
     # -- requests (event loop) -------------------------------------------------------------------
 
-    def prepare(self, request: ScoreRequest) -> RequestColumns:
-        """Check a request against the model and turn it into columns (no Redis involved)."""
+    def prepare(self, request: RequestValues | ScoreRequest) -> RequestColumns:
+        """Check a request against the model and turn it into columns (no Redis involved). The
+        service passes what `parse_request` gives; a ScoreRequest is taken as built in process."""
+        if isinstance(request, ScoreRequest):
+            request = RequestValues.of(request)
         check_model(request, self.config.model)
         return prepare_columns(request, self.preparation())
 
@@ -573,7 +577,11 @@ class Scorer:
                 values = column.fill_null(0).to_numpy(zero_copy_only=False)
                 columns[name] = np.asarray(values, dtype=np.float32)[user_index]
             else:
-                columns[name] = Jagged.from_arrow(column)[0].take(user_index)
+                rows = Jagged.from_arrow(column)[0]
+                one_user = len(distinct_users) == 1  # as every request scored alone
+                columns[name] = (
+                    rows.repeat(0, len(user_index)) if one_user else rows.take(user_index)
+                )
         return columns
 
     def _load_rows(
