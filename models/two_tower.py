@@ -111,6 +111,12 @@ class TwoTower(Model):
                 f"item tower must be the item id {item_id!r} only; it has {item}. Set "
                 "uniform_negatives to 0 or item_features to the item id"
             )
+        width = config.tower_mlp[-1] if config.tower_mlp else self.widths[item[0]]
+        if config.item_bias and width < 2:
+            raise ModelConfigError(
+                f"{config.name}: item_bias takes the last of the towers' {width} output "
+                "coordinate(s) for the bias and needs at least 2; widen the tables or tower_mlp"
+            )
         self.catalogue_size = schema.feature(item_id).cardinality if item_id else 0
         buckets = min(self.catalogue_size, self.LOG_Q_BUCKETS) or 1
         self.register_buffer(

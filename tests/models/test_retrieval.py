@@ -70,7 +70,7 @@ def test_sampled_softmax_loss_matches_a_plain_computation(tiny_dataset):
     assert loss == pytest.approx(total / len(ids), rel=1e-4)
 
 
-def test_uniform_negatives_need_an_item_tower_of_the_item_id(tiny_dataset):
+def test_uniform_negatives_and_item_bias_refuse_towers_they_cannot_use(tiny_dataset):
     with pytest.raises(ModelConfigError, match="item tower must be the item id"):
         retriever(
             tiny_dataset,
@@ -81,6 +81,8 @@ def test_uniform_negatives_need_an_item_tower_of_the_item_id(tiny_dataset):
         )
     with pytest.raises(ModelConfigError, match="uniform_negatives must be >= 0"):
         retriever(tiny_dataset, "mf", uniform_negatives=-1)
+    with pytest.raises(ModelConfigError, match="item_bias .* needs at least 2"):
+        retriever(tiny_dataset, "two_tower", tower_mlp=[1], item_bias=True)
 
 
 @pytest.mark.parametrize("loss", ["bpr", "sampled_softmax"])
@@ -132,8 +134,8 @@ def test_training_raises_recall_over_the_untrained_model(tiny_dataset, options):
     untrained = evaluator(model)["recall@10"]
     train = tiny_dataset.read("train")
     optimizer = dense_optimizer(model, run.train)
-    for epoch in range(15):
-        for start in range(0, train.num_rows, 256):
-            batch = batch_from_columns(train.slice(start, 256), model.schema)
+    for epoch in range(6):
+        for start in range(0, train.num_rows, 512):
+            batch = batch_from_columns(train.slice(start, 512), model.schema)
             train_step(model, batch, optimizer, epoch)
     assert evaluator(model)["recall@10"] > untrained + 0.1
