@@ -125,9 +125,15 @@ class TwoTowerConfig:
     """A two-tower retriever: user and item towers, score = dot product of their outputs.
 
     Empty feature lists take the schema's user / item id columns. Trained on positive examples
-    only, with in-batch negatives: BPR (one shuffled in-batch item per positive) or sampled
-    softmax over all the batch's items. `tower_mlp` () is matrix factorisation: each tower is the
-    sum of its features' embeddings.
+    only. The negatives of a batch are its other positives' items plus `uniform_negatives` items
+    drawn uniformly from the catalogue (mixed negative sampling; needs an item tower of the item
+    id alone, since a drawn item has no other features). `sampled_softmax` scores every positive
+    against all of them, L2-normalised towers over `temperature`, each logit minus the log of
+    its item's expected count among the negatives (logQ correction); `bpr` pairs each positive
+    with one negative drawn from them. `item_bias` makes the last coordinate of the item vector
+    a per-item bias (the user vector's is fixed at 1), so a user with little data still gets the
+    items the model found popular. `tower_mlp` () is matrix factorisation: each tower is the sum
+    of its features' embeddings.
     """
 
     name: str = "two_tower"
@@ -136,6 +142,8 @@ class TwoTowerConfig:
     tower_mlp: tuple[int, ...] = (64,)
     loss: str = "bpr"
     temperature: float = 0.1
+    uniform_negatives: int = 0
+    item_bias: bool = False
     ks: tuple[int, ...] = (10, 50)
 
     def __post_init__(self) -> None:
@@ -146,6 +154,10 @@ class TwoTowerConfig:
             )
         if not self.temperature > 0:
             raise ModelConfigError(f"{self.name}: temperature must be > 0, got {self.temperature}")
+        if self.uniform_negatives < 0:
+            raise ModelConfigError(
+                f"{self.name}: uniform_negatives must be >= 0, got {self.uniform_negatives}"
+            )
         if not self.ks or any(k < 1 for k in self.ks):
             raise ModelConfigError(f"{self.name}: ks must be non-empty and >= 1, got {self.ks}")
 

@@ -4,7 +4,8 @@ Each user with at least one positive in the split is one query, represented by t
 row in the split (its features, behaviour sequence included, as of the split's start). The
 relevant items are the user's positives in the split; items the user interacted with in earlier
 splits are excluded from the ranking; every item seen in any split is a candidate, represented
-by its first row.
+by its first row. A baseline without a model (most popular items) is scored by `rank` under
+exactly this protocol: same queries, candidates, exclusions and relevant items.
 """
 
 from __future__ import annotations

@@ -55,16 +55,36 @@ class Tower(nn.Module):
         return self.mlp(torch.cat(inputs, dim=1))
 
 
+def corrected_logits(
+    scores: torch.Tensor,
+    positive_ids: torch.Tensor,
+    negative_ids: torch.Tensor,
+    log_expected: torch.Tensor,
+) -> torch.Tensor:
+    """Sampled-softmax logits [P, N]: row i is positive i, its target is column i.
+
+    Negatives are drawn in proportion to popularity (in-batch) or uniformly, not from the full
+    softmax, so each column's logit loses the log of its item's expected count among the
+    negatives (`log_expected`, logQ correction, Yi et al. 2019). A column holding row i's own
+    item other than column i is an accidental hit, not a negative: it is masked.
+    """
+    rows = torch.arange(len(positive_ids), device=scores.device)
+    accidental = positive_ids.unsqueeze(1) == negative_ids.unsqueeze(0)
+    accidental[rows, rows] = False
+    return (scores - log_expected.unsqueeze(0)).masked_fill(accidental, float("-inf"))
+
+
 class TwoTower(Model):
     """score(user, item) = <user tower, item tower> (cosine / temperature for sampled softmax).
 
-    Training uses the positive examples of a batch only; the other positives' items are the
-    negatives, so no item catalogue is needed to train. BPR pairs each positive with one
-    shuffled in-batch item; sampled softmax scores every user against every item of the batch,
-    with logQ correction. An item that is the user's own positive is never its negative.
+    Training uses the positive examples of a batch only; the negatives are the other positives'
+    items and, with `uniform_negatives`, items drawn uniformly from the catalogue. The logQ
+    correction needs each item's share of the positives: a running count per item id (hashed
+    into at most LOG_Q_BUCKETS counters) over every batch trained on.
     """
 
     task = "retrieval"
+    LOG_Q_BUCKETS = 1 << 20
 
     def __init__(self, config: TwoTowerConfig, schema: Schema, embeddings: nn.Module) -> None:
         super().__init__(config, schema, embeddings)
@@ -85,51 +105,104 @@ class TwoTower(Model):
         self.user_tower, self.item_tower = towers
         item_id = schema.id_columns.get("item")
         self.item_id_feature = item_id if item_id in item else None
+        if config.uniform_negatives and item != [item_id]:
+            raise ModelConfigError(
+                f"{config.name}: uniform_negatives draws catalogue items by id alone, so the "
+                f"item tower must be the item id {item_id!r} only; it has {item}. Set "
+                "uniform_negatives to 0 or item_features to the item id"
+            )
+        width = config.tower_mlp[-1] if config.tower_mlp else self.widths[item[0]]
+        if config.item_bias and width < 2:
+            raise ModelConfigError(
+                f"{config.name}: item_bias takes the last of the towers' {width} output "
+                "coordinate(s) for the bias and needs at least 2; widen the tables or tower_mlp"
+            )
+        self.catalogue_size = schema.feature(item_id).cardinality if item_id else 0
+        buckets = min(self.catalogue_size, self.LOG_Q_BUCKETS) or 1
+        self.register_buffer(
+            "positive_counts", torch.zeros(buckets, dtype=torch.float64), persistent=False
+        )
         self.normalize = config.loss == "sampled_softmax"
 
     def user_vectors(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return self._finish(self.user_tower(self.pooled(sparse), dense))
+        return self._finish(self.user_tower(self.pooled(sparse), dense), "user")
 
     def item_vectors(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return self._finish(self.item_tower(self.pooled(sparse), dense))
+        return self._finish(self.item_tower(self.pooled(sparse), dense), "item")
 
-    def _finish(self, vectors: torch.Tensor) -> torch.Tensor:
-        return F.normalize(vectors, dim=1) if self.normalize else vectors
+    def _finish(self, vectors: torch.Tensor, side: str) -> torch.Tensor:
+        """Normalised factors (sampled softmax), then the bias coordinate if there is one."""
+        if not self.config.item_bias:
+            return F.normalize(vectors, dim=1) if self.normalize else vectors
+        factors, bias = vectors[:, :-1], vectors[:, -1:]
+        if self.normalize:
+            factors = F.normalize(factors, dim=1)
+        return torch.cat([factors, bias if side == "item" else torch.ones_like(bias)], dim=1)
 
     def _scale(self, scores: torch.Tensor) -> torch.Tensor:
         return scores / self.config.temperature if self.normalize else scores
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         pooled = self.pooled(sparse)
-        users = self._finish(self.user_tower(pooled, dense))
-        items = self._finish(self.item_tower(pooled, dense))
+        users = self._finish(self.user_tower(pooled, dense), "user")
+        items = self._finish(self.item_tower(pooled, dense), "item")
         return self._scale((users * items).sum(dim=1))
+
+    def uniform_items(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, item vectors) of `count` items drawn uniformly from the catalogue."""
+        ids = torch.randint(0, self.catalogue_size, (count,), device=device)
+        lengths = torch.cat(
+            [
+                torch.full((count,), int(name == self.item_id_feature), dtype=torch.int32)
+                for name in self.embeddings.feature_names
+            ]
+        )
+        sparse = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.embeddings.feature_names, values=ids, lengths=lengths.to(device)
+        )
+        dense = torch.zeros(count, len(self.dense_features), device=device)
+        return ids, self.item_vectors(sparse, dense)
+
+    def log_expected_counts(self, negative_ids: torch.Tensor, in_batch: int) -> torch.Tensor:
+        """log E[count of each negative's item among `in_batch` positives + the uniform draws]."""
+        shares = self.positive_counts / self.positive_counts.sum()
+        in_batch_share = shares[negative_ids % len(shares)].to(torch.float32)
+        uniform = self.config.uniform_negatives / max(self.catalogue_size, 1)
+        return torch.log(in_batch * in_batch_share + uniform)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         positive = batch.labels > 0.5
         pooled = self.pooled(batch.sparse)
-        users = self._finish(self.user_tower(pooled, batch.dense))[positive]
-        items = self._finish(self.item_tower(pooled, batch.dense))[positive]
-        if self.item_id_feature is not None:
-            item_ids = batch.sparse[self.item_id_feature].values()[positive]
-        else:
-            item_ids = torch.arange(len(items), device=items.device)
+        users = self._finish(self.user_tower(pooled, batch.dense), "user")[positive]
+        items = self._finish(self.item_tower(pooled, batch.dense), "item")[positive]
         if len(items) < 2:
             return (users.sum() + items.sum()) * 0.0
+        if self.item_id_feature is None:  # no ids: every positive is its own item
+            item_ids = torch.arange(len(items), device=items.device)
+        else:
+            item_ids = batch.sparse[self.item_id_feature].values()[positive]
+            with torch.no_grad():
+                buckets = item_ids % len(self.positive_counts)
+                self.positive_counts.index_add_(
+                    0, buckets, torch.ones_like(buckets, dtype=torch.float64)
+                )
+        negative_ids, negatives = item_ids, items
+        if self.config.uniform_negatives:
+            drawn_ids, drawn = self.uniform_items(self.config.uniform_negatives, items.device)
+            negative_ids = torch.cat([item_ids, drawn_ids])
+            negatives = torch.cat([items, drawn])
         if self.config.loss == "bpr":
-            shuffled = torch.randperm(len(items), device=items.device)
-            valid = item_ids[shuffled] != item_ids
+            pick = torch.randint(0, len(negatives), (len(items),), device=items.device)
+            valid = negative_ids[pick] != item_ids
             positive_scores = (users * items).sum(dim=1)
-            negative_scores = (users * items[shuffled]).sum(dim=1)
+            negative_scores = (users * negatives[pick]).sum(dim=1)
             margins = (positive_scores - negative_scores)[valid]
             return F.softplus(-margins).mean() if len(margins) else margins.sum()
-        scores = self._scale(users @ items.T)
-        # In-batch negatives are drawn in proportion to popularity; subtracting log of each
-        # item's share of the batch removes that bias (logQ correction, Yi et al. 2019).
-        _, inverse, counts = torch.unique(item_ids, return_inverse=True, return_counts=True)
-        scores = scores - torch.log(counts[inverse].to(scores.dtype) / len(item_ids))
-        same_item = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-        own = torch.eye(len(items), dtype=torch.bool, device=items.device)
-        scores = scores.masked_fill(same_item & ~own, float("-inf"))
+        if self.item_id_feature is None:  # each item once: a constant, no correction
+            log_expected = torch.zeros(len(items), device=items.device)
+        else:
+            log_expected = self.log_expected_counts(negative_ids, len(items))
+        scores = self._scale(users @ negatives.T)
+        logits = corrected_logits(scores, item_ids, negative_ids, log_expected)
         targets = torch.arange(len(items), device=items.device)
-        return F.cross_entropy(scores, targets)
+        return F.cross_entropy(logits, targets)
