@@ -19,8 +19,6 @@ same protocol (`RetrievalEvaluator.rank`: each user's earlier items excluded).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from feature_store.datasets import load
 from feature_store.offline import SPLITS
 from models.build import plan_model
@@ -190,11 +188,12 @@ def main() -> int:
     if "lr" in arguments.models:
         for name in arguments.models:
             summary[f"{name}_auc_minus_lr"] = summary[f"{name}_auc"] - summary["lr_auc"]
-    report = {
-        "machine": machine_info(),
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "setup": {
+    write_results(
+        arguments.out,
+        machine_info(),
+        results,
+        summary,
+        setup={
             "dataset": "movielens-1m, time split 80/10/10, rating >= 4 is a click",
             "tables": "full, dim 16 (lr: 4, summed to one weight per id), mean pooling",
             "train": f"batch 4096, <= {arguments.epochs} epochs, Adam 1e-3, row-wise Adagrad "
@@ -202,11 +201,7 @@ def main() -> int:
             "best state tested; the retrievers' own options are in MODELS and each result's config",
             "seeds": arguments.seeds,
         },
-        "results": results,
-        "summary": summary,
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
+    )
     print(readme_table(summary, arguments.models))
     return 0
 

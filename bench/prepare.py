@@ -41,7 +41,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -493,7 +492,7 @@ def write_document(
     # Imported here: it loads torch, which the measured children must not.
     import pandas as pd
 
-    from embtab.machine import machine_info
+    from embtab.machine import machine_info, write_results
 
     by_case = {result["case"]: result for result in results}
     full_rows = sizes["full"][1]
@@ -542,11 +541,12 @@ def write_document(
         },
         "peak_rss_gb": {"target": "<= 2", "met": summary["peak_rss_gb"] <= 2.0},
     }
-    document = {
-        "machine": machine_info(pandas=pd.__version__),
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": {
+    write_results(
+        arguments.output,
+        machine_info(pandas=pd.__version__),
+        results,
+        summary,
+        config={
             **layout,
             "csv_gb": layout["bytes"]["csv"] / 1e9,
             "parquet_gb": layout["bytes"]["parquet"] / 1e9,
@@ -557,14 +557,9 @@ def write_document(
             "categorical_columns": 22,
             "dense_columns": len(DENSE),
         },
-        "results": results,
-        "summary": summary,
-        "targets": targets,
-        "notes": notes,
-    }
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(summary, indent=1))
+        targets=targets,
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

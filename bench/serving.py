@@ -48,7 +48,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import json
 import math
@@ -63,7 +62,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from embtab.services import free_port, start_redis
 from feature_store.artifact import Preprocessor
 from feature_store.offline import open_prepared
@@ -585,11 +584,12 @@ def main() -> None:
         "raw_id_overhead": round(raw_c1["p99_ms"] / warm_c1["p99_ms"], 3),
         "raw_id_overhead_p50": round(raw_c1["p50_ms"] / warm_c1["p50_ms"], 3),
     }
-    report = {
-        "machine": machine_info(**{"redis-server": redis_version}),
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "setup": {
+    write_results(
+        arguments.out,
+        machine_info(**{"redis-server": redis_version}),
+        results,
+        summary,
+        setup={
             "dataset": DATASET,
             "model": "dcn (DCN-v2 defaults of models.config.DCNConfig, full tables, dim 16)",
             **model_info,
@@ -612,13 +612,8 @@ def main() -> None:
             "client": "asyncio keep-alive HTTP/1.1, closed loop, in the bench process",
             "server": "embtab serve (uvicorn, 1 process, torch threads 1, max wait 2 ms)",
         },
-        "results": results,
-        "summary": summary,
-        "baseline": "in_process_baseline: same model and requests, features in memory",
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+        baseline="in_process_baseline: same model and requests, features in memory",
+    )
 
 
 if __name__ == "__main__":
