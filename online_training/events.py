@@ -8,11 +8,11 @@ offline preparation and `/score` apply), so the stream cannot disagree with trai
 The contract (docs/streaming.md has it in full, for producer teams):
 
 - one UTF-8 JSON object per Kafka message, keyed by the request id;
-- impressions: the spec's request-id column (`roles.request`; a string or a non-negative
-  integer), its event-time column (epoch s / ms / us / ns numbers or ISO-8601 text, as
-  `time.unit` says), and one field per feature named by the feature's `column`, with the raw
-  value as the source files hold it (an id as a string or an integer as `type` says; a list of
-  ids, or text split by `separator`, for multi_valued; a number for dense). A null is what a
+- impressions: the spec's request-id column (`roles.request`, else `request_id`; a string or
+  a non-negative integer), its event-time column (epoch s / ms / us / ns numbers or ISO-8601
+  text, as `time.unit` says), and one field per feature named by the feature's `column`, with
+  the raw value as the source files hold it (an id as a string or an integer as `type` says; a
+  list of ids, or text split by `separator`, for multi_valued; a number for dense). A null is what a
   missing value is offline. `sequence` (a list of raw ids of `of`, oldest first) and `count` (a
   number) features are optional: absent, they are empty and 0;
 - actions (clicks): the request-id and event-time columns; the label column is optional (absent:
@@ -37,13 +37,14 @@ import numpy as np
 import pyarrow as pa
 
 from feature_store.artifact import Preprocessor, string_hash64
-from feature_store.spec import FeatureDef
+from feature_store.spec import DatasetSpec, FeatureDef
 from online_training import messages
 
 FORMATS = ("json", "arrow", "auto")
 JSON_START = ord("{")
 # The seed of string request ids' hash (any fixed value: a key only has to be stable).
 REQUEST_SEED = 0
+DEFAULT_REQUEST_FIELD = "request_id"
 _TIME_SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 _LABEL_RULES: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -55,10 +56,6 @@ _LABEL_RULES: dict[str, Callable[[float, float], bool]] = {
 }
 
 
-class EventFormatError(ValueError):
-    """A data set whose events cannot travel as per-event JSON, or an unknown format name."""
-
-
 def is_json(value: bytes | None) -> bool:
     """How `--format auto` decides per message: a JSON object starts with `{` (after any
     whitespace); an Arrow IPC stream starts with 0xFFFFFFFF."""
@@ -66,12 +63,6 @@ def is_json(value: bytes | None) -> bool:
         return False
     start = value.lstrip()[:1]
     return bool(start) and start[0] == JSON_START
-
-
-def check_format(name: str) -> str:
-    if name not in FORMATS:
-        raise EventFormatError(f"unknown message format {name!r}; accepted: {', '.join(FORMATS)}")
-    return name
 
 
 @dataclass(frozen=True)
@@ -108,14 +99,9 @@ class EventDecoder:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         spec = preprocessor.spec
-        if "request" not in spec.roles:
-            raise EventFormatError(
-                f"data set {spec.name!r} names no request-id column (roles.request in its spec): "
-                "per-event JSON needs one to join a click to its impression"
-            )
         self.preprocessor = preprocessor
         self.spec = spec
-        self.request_field = spec.roles["request"]
+        self.request_field = request_field(spec)
         self.time_field = spec.time.column
         self.label_field = spec.label.column
         self.max_future_s = max_future_s
@@ -362,6 +348,15 @@ class EventDecoder:
         return value
 
 
+def raw_times(seconds: np.ndarray, unit: str) -> list:
+    """Event times in seconds as a spec's time column holds them (what `_event_time` reads)."""
+    if unit == "iso8601":
+        return [datetime.fromtimestamp(t, UTC).isoformat() for t in seconds.tolist()]
+    if unit == "s":
+        return seconds.tolist()
+    return np.round(seconds * _TIME_SCALE[unit]).astype(np.int64).tolist()
+
+
 def _check_id(feature: FeatureDef, field_name: str, value: object) -> None:
     expected = str if feature.type == "string" else int
     if isinstance(value, bool) or not isinstance(value, expected):
@@ -370,6 +365,12 @@ def _check_id(feature: FeatureDef, field_name: str, value: object) -> None:
             f"field {field_name!r} (feature {feature.name!r}) takes {feature.type} ids, "
             f"got {value!r}",
         )
+
+
+def request_field(spec: DatasetSpec) -> str:
+    """The field of an event that holds its request id: the spec's `roles.request`, else
+    `request_id`."""
+    return spec.roles.get("request", DEFAULT_REQUEST_FIELD)
 
 
 def request_keys(request_ids: list[str | int]) -> np.ndarray:
