@@ -350,7 +350,10 @@ class Preprocessor:
         source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
         if feature.kind == "categorical":
             return self._raw_ids(source, encoded)
-        return pa.ListArray.from_arrays(encoded.offsets, self._raw_ids(source, encoded.flatten()))
+        offsets = np.asarray(encoded.offsets.to_numpy(), dtype=np.int64)
+        return pa.ListArray.from_arrays(
+            pa.array(offsets - offsets[0], pa.int32()), self._raw_ids(source, encoded.flatten())
+        )
 
     def _raw_ids(self, feature: FeatureDef, ids: pa.Array) -> pa.Array:
         values = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
