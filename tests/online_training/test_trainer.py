@@ -244,3 +244,41 @@ def test_a_restart_after_end_markers_were_committed_stops_at_the_end(
     assert sorted(restarted.report.ended_partitions) == list(range(PARTITIONS))
     assert restarted.report.examples == 0, "everything before the markers was committed"
     assert _committed(kafka, group, topics.examples) == sent
+
+
+def test_a_micro_batch_waits_no_longer_than_the_next_sync(kafka, topics, movielens, redis_service):
+    """A slow stream with a long max_batch_wait_s: the rows read still go out with the next
+    sync (1 s), not after the batch wait (60 s). The bounds leave room for the consumer
+    group's join (Tansu: 3-6 s)."""
+    applied: list = []
+    synced: list[float] = []
+    trainer = _trainer(
+        kafka,
+        topics,
+        movielens,
+        redis_service.redis_url,
+        applied,
+        min_batch_rows=100_000,
+        max_batch_wait_s=60.0,
+        sync=SyncConfig(interval_s=1.0, dense_every=1),
+    )
+    trainer.hooks = TrainerHooks(
+        on_applied=lambda batch: applied.append(time.monotonic()),
+        on_synced=lambda record: synced.append(time.monotonic()),
+    )
+    stop = threading.Event()
+    running = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+    running.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not synced and time.monotonic() < deadline:  # the first full publish
+            time.sleep(0.05)
+        send_examples(kafka, topics.examples, example_rows(movielens, 200), PARTITIONS, end=False)
+        sent = time.monotonic()
+        while len(synced) < 2 and time.monotonic() < sent + 30:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        running.join(timeout=60)
+    assert applied and applied[0] - sent < 12.0, "trained by the next sync, not after 60 s"
+    assert len(synced) >= 2 and synced[1] - sent < 14.0
