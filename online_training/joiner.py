@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError
 
 from feature_store.artifact import Preprocessor
 from online_training import events, messages
@@ -337,7 +337,7 @@ class Joiner:
                 self._poll_records = (
                     self.config.max_poll_records if arrow else self.config.max_poll_events
                 )
-            self._close_windows(now)
+            self._close_windows(consumer, now)
             self._bound_memory()
             self._emit(now)
             if now - last_commit >= self.config.commit_interval_s:
@@ -623,24 +623,37 @@ class Joiner:
 
     # Windows and memory.
 
-    def _advance_idle(self, state: _PartitionState, now: float) -> None:
+    def _advance_idle(
+        self, consumer: KafkaConsumer, partition: int, state: _PartitionState, now: float
+    ) -> None:
         """Move on the derived watermark of a topic silent for idle_after_s wall seconds: by
         the wall time since its last event, and at least to the other topic's watermark (a
-        silent topic holds nothing that the other's windows wait for)."""
+        silent topic holds nothing that the other's windows wait for). Silent means read up
+        to its end: a partition this joiner lags behind on is not idle, only unread."""
         idle, lateness = self.config.idle_after_s, self.config.allowed_lateness_s
-        if not state.impression_watermarked and now - state.impression_input_at >= idle:
+        if (
+            not state.impression_watermarked
+            and now - state.impression_input_at >= idle
+            and _read_to_end(
+                consumer, self.topics.feature_log, partition, state.next_impression_offset
+            )
+        ):
             silence = now - state.impression_input_at
             moved = max(state.impression_latest + silence - lateness, state.action_clock)
             state.impression_clock = max(state.impression_clock, moved)
-        if not state.action_watermarked and now - state.action_input_at >= idle:
+        if (
+            not state.action_watermarked
+            and now - state.action_input_at >= idle
+            and _read_to_end(consumer, self.topics.actions, partition, state.next_action_offset)
+        ):
             silence = now - state.action_input_at
             moved = max(state.action_latest + silence - lateness, state.impression_clock)
             state.action_clock = max(state.action_clock, moved)
 
-    def _close_windows(self, now: float) -> None:
+    def _close_windows(self, consumer: KafkaConsumer, now: float) -> None:
         window = self.config.window_s
-        for state in self.partitions.values():
-            self._advance_idle(state, now)
+        for partition, state in self.partitions.items():
+            self._advance_idle(consumer, partition, state, now)
             watermark = state.watermark
             if watermark > state.closed_up_to:
                 state.closed_up_to = watermark
@@ -875,6 +888,16 @@ def check_partitions(consumer: KafkaConsumer, topics: Topics) -> int:
             f"--topic NAME --partitions {most}`) before producing to them, or recreate them"
         )
     return counts[topics.examples]
+
+
+def _read_to_end(consumer: KafkaConsumer, topic: str, partition: int, next_offset) -> bool:
+    """Whether this joiner has read a topic-partition up to its end, as the last fetch saw it
+    (False while no fetch has said where the end is)."""
+    try:
+        end = consumer.highwater(TopicPartition(topic, partition))
+    except IllegalStateError:  # taken away by a rebalance this turn has not applied yet
+        return False
+    return end is not None and (next_offset or 0) >= end
 
 
 def _produced_at(record) -> float:
