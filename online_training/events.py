@@ -343,8 +343,10 @@ class EventDecoder:
                 f"field {feature.column!r} (feature {feature.name!r}) takes {accepted}, "
                 f"got {value!r}",
             )
-        for item in value:
-            _check_id(source, feature.column, item)
+        expected = str if source.type == "string" else int
+        if not all(type(item) is expected for item in value):  # a bool is no int here
+            for item in value:
+                _check_id(source, feature.column, item)
         return value
 
 
