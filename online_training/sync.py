@@ -157,10 +157,6 @@ class ParamSync:
         """Whether `interval_s` has passed since the last push."""
         return self.clock() - self._last_push >= self.config.interval_s
 
-    def seconds_to_due(self) -> float:
-        """Seconds until the next push is due (0 when it is)."""
-        return max(0.0, self.config.interval_s - (self.clock() - self._last_push))
-
     @property
     def pending(self) -> bool:
         """Whether collected changes wait to be pushed."""

@@ -84,9 +84,7 @@ class TrainerConfig:
 
     `state_path`: where the model is checkpointed after every sync (and resumed from, see
     `StartingPoint.resume`); None keeps no state. A micro-batch waits up to `max_batch_wait_s`
-    for `min_batch_rows` examples, but never past the next sync (so a 1 s sync interval keeps a
-    click's row fresh within about 2 s, at the price of smaller batches on a slow stream): a slow
-    stream otherwise trains on batches of a few dozen rows,
+    for `min_batch_rows` examples: a slow stream otherwise trains on batches of a few dozen rows,
     whose mean-loss gradients are far larger per row than the offline batches' that filled the
     tables' Adagrad accumulators, and each such step moves the rows too far (on synthetic
     Criteo, 80-row batches lost 0.01-0.04 AUC against the frozen model where 1,000-row batches
@@ -648,16 +646,13 @@ class Trainer:
     def _take(self) -> list[_Message]:
         """Queued messages for one micro-batch: the first (none after 0.1 s), then more up to
         `batch_size` rows; while fewer than `min_batch_rows`, waiting for more up to
-        `max_batch_wait_s` after the first, and never past the time the next sync is due (not
-        when finishing or stopping)."""
+        `max_batch_wait_s` after the first (not when finishing or stopping)."""
         try:
             taken = [self._queue.get(timeout=0.1)]
         except queue.Empty:
             return []
         rows = _num_rows(taken[0])
-        # Never past the next sync: a click read now goes out with it, not one interval later.
-        wait = min(self.config.max_batch_wait_s, self.sync.seconds_to_due())
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + self.config.max_batch_wait_s
         while rows < self.config.batch_size:
             try:
                 message = self._queue.get_nowait()
