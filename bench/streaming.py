@@ -20,6 +20,16 @@ trainer's own step, so that no model selection looks at the replayed period.
     reads the rows it changed from the shards; freshness of a click is the wall time from its
     production (`produced_at`) to the moment the reader has read the rows of the first delta
     that covers its training. Sync interval: Monolith's 10 s unless `--sync-interval`.
+(d) Per-event JSON, end to end. A producer process replays the first `--json-events` events of
+    the validation split as one raw-valued JSON object per message on both topics (what a
+    third-party ad server sends: `ProducerConfig(format="json")`, no watermarks); the joiner
+    (a thread here, encoding through the data set's artifact, derived watermarks) and the
+    trainer (a process, sync every `--sync-interval` s) run at the same time.
+    `json_events_per_s`: impressions over the wall time from the producer's start to the moment
+    the trainer has applied 99% of them (the last few wait for the idle rule to close their
+    windows, a fixed tail of window + lateness + idle seconds, not a rate).
+(e) Freshness and trainer throughput at a 1 s sync: (b) and (a)'s trainer again with
+    `--sync-interval 1` (summary keys `freshness_p99_s_sync1`, `examples_per_s_sync1`).
 (c) Value of online training. The last 20% of events (validation then test split, time
     order) go through the streaming trainer's learner (`online_training.learner`, the same
     micro-batches of 4096 and step) while a copy of the offline model stays frozen; each
@@ -32,6 +42,8 @@ called from a process's main thread ran 10-15x slower than a 1-thread one (measu
 writing this), which would make the baseline, not the trainer, the thing measured.
 
     .venv/bin/python bench/streaming.py      # writes bench/results/streaming.json
+    .venv/bin/python bench/streaming.py --offline-rows 200000 --throughput-events 50000 \
+        --freshness-events 20000 --freshness-seconds 30     # a brief run
 """
 
 # ruff: noqa: E402 (the path fix below must run before the imports)
@@ -115,6 +127,143 @@ def offline_model(dataset: Dataset, epochs: int, rows: int | None, path: Path) -
     return result
 
 
+def _json_producer(
+    bootstrap: str,
+    prefix: str,
+    events: int,
+    go: multiprocessing.Event,
+    started: multiprocessing.Queue,
+) -> None:
+    """The producer process of (d): ready, then on `go` its wall start time and a JSON replay
+    as fast as it goes."""
+    dataset = load(DATASET)
+    config = ProducerConfig(split="valid", limit=events, label_delay_s=1.0, format="json")
+    replay = ReplayProducer(dataset, KafkaSettings(bootstrap), Topics(prefix=prefix), config)
+    started.put("ready")
+    go.wait()
+    started.put(time.time())
+    report = replay.run()
+    started.put(report.to_dict())
+
+
+def _json_trainer(
+    bootstrap: str,
+    prefix: str,
+    redis_url: str,
+    model: str,
+    checkpoint: str,
+    sync_interval: float,
+    results: multiprocessing.Queue,
+) -> None:
+    """The trainer process of (d): the wall time at which each batch was applied."""
+    applied: list[tuple[float, int]] = []
+    nodes = RedisNodes(RedisConfig.parse(redis_url, retries=0))
+    trainer = Trainer(
+        KafkaSettings(bootstrap),
+        Topics(prefix=prefix),
+        StartingPoint.from_checkpoint(checkpoint),
+        ParamPublisher(nodes, model),
+        TrainerConfig(
+            group_id="bench-json-trainer",
+            idle_timeout_s=20.0,
+            sync=SyncConfig(interval_s=sync_interval),
+        ),
+        TrainerHooks(on_applied=lambda batch: applied.append((time.time(), batch.size))),
+    )
+    report = trainer.run()
+    results.put({"report": report.to_dict(), "applied": applied})
+
+
+def json_end_to_end(
+    dataset: Dataset, services: Services, checkpoint: Path, events: int, sync_interval: float
+) -> dict[str, Any]:
+    """(d): per-event JSON producer process -> joiner -> trainer process, all at once."""
+    settings, topics = _topics(services, "json.")
+    context = multiprocessing.get_context("spawn")
+    trainer_results, producer_results = context.Queue(), context.Queue()
+    model = f"bench-json-{uuid.uuid4().hex[:6]}"
+    go = context.Event()
+    producer = context.Process(
+        target=_json_producer,
+        args=(services.kafka_bootstrap, topics.prefix, events, go, producer_results),
+    )
+    producer.start()
+    trainer = context.Process(
+        target=_json_trainer,
+        args=(
+            services.kafka_bootstrap,
+            topics.prefix,
+            services.redis_url,
+            model,
+            str(checkpoint),
+            sync_interval,
+            trainer_results,
+        ),
+    )
+    trainer.start()
+    joiner = Joiner(
+        settings,
+        topics,
+        JoinerConfig(
+            group_id="bench-json-joiner",
+            window_s=5.0,
+            allowed_lateness_s=1.0,
+            idle_after_s=1.0,
+        ),
+        preprocessor=dataset.preprocessor(),
+    )
+    stop_joiner = threading.Event()
+    joined = threading.Thread(target=joiner.run, args=(stop_joiner,))
+    joined.start()
+    assert producer_results.get(timeout=300) == "ready"
+    live = ParamReader(RedisNodes(RedisConfig.parse(services.redis_url)), model)
+    deadline = time.monotonic() + 300
+    while live.live_version() is None:
+        if time.monotonic() > deadline or not trainer.is_alive():
+            raise RuntimeError("the JSON case's trainer never published its model")
+        time.sleep(0.2)
+    time.sleep(8.0)  # both consumer groups settle (Tansu: ~3-6 s), as in (b)
+    go.set()
+    started = producer_results.get(timeout=60)
+    produced = producer_results.get(timeout=600)
+    producer.join(timeout=60)
+    deadline = time.monotonic() + 300  # the joiner catches up; the idle rule closes the rest
+    while joiner.report.examples < produced["impressions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop_joiner.set()
+    joined.join()
+    trained = trainer_results.get(timeout=600)
+    trainer.join(timeout=60)
+    times = np.array([at for at, _ in trained["applied"]])
+    counts = np.cumsum([size for _, size in trained["applied"]])
+    target = 0.99 * produced["impressions"]
+    enough = len(counts) and counts[-1] >= target
+    reached = times[int(np.searchsorted(counts, target))] if enough else None
+    report = trained["report"]
+    result = {
+        "case": "json_end_to_end",
+        "events": produced["impressions"],
+        "clicks": produced["actions"],
+        "messages": produced["messages"],
+        "producer_seconds": produced["seconds"],
+        "producer_events_per_s": produced["impressions_per_s"],
+        "joiner_examples": joiner.report.examples,
+        "joiner_dead_letters": joiner.report.dlq_messages,
+        "joiner_examples_per_s": joiner.report.examples_per_s,
+        "joiner_rebalances": joiner.report.rebalances,
+        "joiner_redelivered_messages": joiner.report.redelivered_messages,
+        "joiner_stale_impressions": joiner.report.stale_impressions,
+        "joiner_late_clicks": joiner.report.late_clicks,
+        "trainer_examples": report["examples"],
+        "trainer_examples_per_s": report["examples_per_s"],
+        "sync_interval_s": sync_interval,
+        "seconds_to_99pct_trained": None if reached is None else reached - started,
+        "json_events_per_s": None if reached is None else target / (reached - started),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def _topics(services: Services, prefix: str) -> tuple[KafkaSettings, Topics]:
     settings = KafkaSettings(services.kafka_bootstrap)
     topics = Topics(prefix=prefix)
@@ -123,14 +272,21 @@ def _topics(services: Services, prefix: str) -> tuple[KafkaSettings, Topics]:
 
 
 def throughput(
-    dataset: Dataset, services: Services, checkpoint: Path, events: int | None, sync_interval: float
+    dataset: Dataset,
+    services: Services,
+    checkpoint: Path,
+    events: int | None,
+    sync_interval: float,
+    prefix: str = "throughput.",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(a): producer and joiner fill the examples topic, then the trainer process drains it."""
-    settings, topics = _topics(services, "throughput.")
+    settings, topics = _topics(services, prefix)
     replay = ReplayProducer(
         dataset, settings, topics, ProducerConfig(split="valid", limit=events), online=None
     )
-    joiner = Joiner(settings, topics, JoinerConfig(group_id="bench-joiner", window_s=60.0))
+    joiner = Joiner(
+        settings, topics, JoinerConfig(group_id=f"bench-joiner-{prefix}", window_s=60.0)
+    )
     joined = threading.Thread(target=joiner.run)
     joined.start()
     produced = replay.run()
@@ -144,7 +300,7 @@ def throughput(
     }
     print(json.dumps(feed), flush=True)
     command = [sys.executable, "-m", "embtab.cli", "stream", "train"]
-    command += ["--checkpoint", str(checkpoint), "--name", "bench-throughput"]
+    command += ["--checkpoint", str(checkpoint), "--name", f"bench-{prefix.rstrip('.')}"]
     command += ["--sync-interval", str(sync_interval), "--batch-size", str(BATCH)]
     command += ["--kafka", services.kafka_bootstrap, "--redis", services.redis_url]
     command += ["--topic-prefix", topics.prefix, "--group", "bench-trainer", "--json"]
@@ -152,6 +308,7 @@ def throughput(
     report = json.loads(finished.stdout)
     trained = {
         "case": "throughput_trainer",
+        "sync_interval_s": sync_interval,
         "command": " ".join(command[1:]).replace(str(checkpoint), "<offline checkpoint>"),
         "examples": report["examples"],
         "active_seconds": round(report["active_seconds"], 3),
@@ -196,7 +353,9 @@ def _freshness_trainer(
         Topics(prefix=prefix),
         StartingPoint.from_checkpoint(checkpoint),
         ParamPublisher(nodes, model),
-        TrainerConfig(group_id="bench-fresh-trainer", sync=SyncConfig(interval_s=sync_interval)),
+        TrainerConfig(
+            group_id=f"bench-fresh-trainer-{prefix}", sync=SyncConfig(interval_s=sync_interval)
+        ),
         TrainerHooks(on_applied=on_applied, on_synced=on_synced),
     )
     report = trainer.run()
@@ -252,7 +411,7 @@ def freshness(
     sync_interval: float,
 ) -> dict[str, Any]:
     """(b): click produced -> its updated rows read by a separate reader process."""
-    settings, topics = _topics(services, "freshness.")
+    settings, topics = _topics(services, f"freshness-{sync_interval:g}.")
     model = f"bench-fresh-{uuid.uuid4().hex[:6]}"
     times = dataset.read("valid", [dataset.schema.time_column]).column(0).to_numpy()[:events]
     speedup = float(times[-1] - times[0]) / seconds
@@ -276,7 +435,11 @@ def freshness(
         ),
     )
     trainer.start()
-    joiner = Joiner(settings, topics, JoinerConfig(group_id="bench-fresh-joiner", window_s=60.0))
+    joiner = Joiner(
+        settings,
+        topics,
+        JoinerConfig(group_id=f"bench-fresh-joiner-{topics.prefix}", window_s=60.0),
+    )
     joined = threading.Thread(target=joiner.run)
     joined.start()
     live = ParamReader(RedisNodes(RedisConfig.parse(services.redis_url)), model)
@@ -414,6 +577,7 @@ def main() -> int:
     parser.add_argument("--freshness-seconds", type=float, default=90.0)
     parser.add_argument("--sync-interval", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=10_000)
+    parser.add_argument("--json-events", type=int, default=100_000, help="events replayed in (d)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args()
@@ -443,6 +607,28 @@ def main() -> int:
                 arguments.sync_interval,
             )
             results.append(fresh)
+            json_case = json_end_to_end(
+                dataset, services, checkpoint, arguments.json_events, arguments.sync_interval
+            )
+            results.append(json_case)
+            _, trained_sync1 = throughput(
+                dataset,
+                services,
+                checkpoint,
+                arguments.throughput_events,
+                1.0,
+                prefix="throughput-sync1.",
+            )
+            results.append(trained_sync1)
+            fresh_sync1 = freshness(
+                dataset,
+                services,
+                checkpoint,
+                arguments.freshness_events,
+                arguments.freshness_seconds,
+                1.0,
+            )
+            results.append(fresh_sync1)
         value = online_vs_frozen(dataset, checkpoint, arguments.window)
         results.append(value)
     host["load_average_1min_at_end"] = os.getloadavg()[0]
@@ -455,6 +641,9 @@ def main() -> int:
         "frozen_auc": value["frozen_auc_mean"],
         "trainer_vs_offline_loop": trained["examples_per_s"] / offline["examples_per_s"],
         "online_minus_frozen_auc": value["online_auc_mean"] - value["frozen_auc_mean"],
+        "json_events_per_s": json_case["json_events_per_s"],
+        "freshness_p99_s_sync1": fresh_sync1["freshness_p99_s"],
+        "examples_per_s_sync1": trained_sync1["examples_per_s"],
     }
     document = {
         "machine": host,

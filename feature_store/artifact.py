@@ -329,6 +329,47 @@ class Preprocessor:
             pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64())
         )
 
+    def decode(self, name: str, encoded: pa.Array) -> pa.Array:
+        """Model input of one feature -> raw values that `encode` maps back to it: what a
+        replay of a prepared copy sends as raw events. Vocabulary ids become their values (the
+        OOV id a null), index ids and integer hashed ids stay themselves, numbers go through
+        the inverse transforms in reverse order (a clipped number stays as it is). Hashed
+        string ids cannot be inverted: a RawValueError."""
+        feature = self.spec.feature(name)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        if feature.kind in ("dense", "count"):
+            numbers = np.asarray(encoded.to_numpy(zero_copy_only=False), dtype=np.float64)
+            for step in reversed(feature.transform):
+                if step == "log1p":
+                    numbers = np.expm1(numbers)
+                elif step == "standardise":
+                    mean, std = self.dense_stats[feature.name]
+                    numbers = numbers * std + mean
+            return pa.array(numbers, pa.float64())
+        source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
+        if feature.kind == "categorical":
+            return self._raw_ids(source, encoded)
+        offsets = np.asarray(encoded.offsets.to_numpy(), dtype=np.int64)
+        return pa.ListArray.from_arrays(
+            pa.array(offsets - offsets[0], pa.int32()), self._raw_ids(source, encoded.flatten())
+        )
+
+    def _raw_ids(self, feature: FeatureDef, ids: pa.Array) -> pa.Array:
+        values = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
+        if feature.ids == "hash" and feature.type == "string":
+            raise RawValueError(
+                feature.name,
+                f"feature {feature.name!r} hashes raw string ids: the prepared copy holds only "
+                "their hashes, so its raw values cannot be recovered",
+            )
+        if feature.ids != "vocabulary":
+            return pa.array(values, pa.int64())
+        vocabulary = self.vocabularies[feature.name].values
+        known = values < len(vocabulary)
+        taken = vocabulary.take(pa.array(np.where(known, values, 0)))
+        return pc.if_else(pa.array(known), taken, pa.nulls(len(values), taken.type))
+
     def dense_values(self, feature: FeatureDef, raw: pa.Array) -> np.ndarray:
         """Numbers through clip, log1p and standardise (in the spec's order); null -> 0."""
         stats = self.dense_stats[feature.name] if "standardise" in feature.transform else None

@@ -76,8 +76,11 @@ class Sender:
         *,
         partition: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        key: bytes | None = None,
     ) -> None:
-        future = self.producer.send(topic, value=value, partition=partition, headers=headers)
+        future = self.producer.send(
+            topic, value=value, key=key, partition=partition, headers=headers
+        )
         self._pending.append(future)
         self.messages += 1
         self.bytes += len(value)

@@ -7,6 +7,15 @@ becomes a negative; a click that comes after its impression's window is dropped 
 actions' watermarks, so a window never closes before every click that could fall into it has
 been read, however far one topic runs ahead of the other.
 
+Messages are embtab's Arrow batches, whose metadata carries the producer's watermark, or
+per-event JSON from any producer (`online_training.events`), encoded through the data set's
+preprocessing artifact. A topic-partition without producer watermarks gets one derived here:
+the largest event time seen minus `allowed_lateness_s`; once it has been silent for
+`idle_after_s` wall seconds it moves on with the wall clock, and at least to the other topic's
+watermark of its partition, so windows close when traffic stops. An
+event later than that is dropped and counted: an impression whose window has closed
+(`stale_impressions`), a click whose impression went out as a negative (`late_clicks`).
+
 Delivery is at least once: input offsets are committed only up to the oldest message whose
 rows are not all joined, and only after the examples for everything before it are flushed to
 Kafka. A restarted joiner so re-reads impressions (and the clicks that joined them) whose
@@ -31,9 +40,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError
 
-from online_training import messages
+from feature_store.artifact import Preprocessor
+from online_training import events, messages
 from online_training.batching import PartitionBatcher, Sender
 from online_training.end_of_stream import ended_at_commit
 from online_training.kafka import (
@@ -70,7 +80,20 @@ class JoinerConfig:
     poll_timeout_ms: int = 100
     # Few messages per poll keep each loop turn short: a consumer that does not poll again
     # within max_poll_interval_ms (3 s with the quick-join defaults) is put out of its group.
+    # An Arrow message holds thousands of rows, a JSON message one: after a poll of JSON only,
+    # the next one takes up to max_poll_events messages.
     max_poll_records: int = 8
+    max_poll_events: int = 2000
+    # The message format of each input topic: json, arrow, or auto (decided per message).
+    feature_log_format: str = "auto"
+    actions_format: str = "auto"
+    # Derived watermarks (topic-partitions whose producer sends none): the largest event time
+    # seen minus this, and after this many silent wall seconds, moved on by the wall clock.
+    allowed_lateness_s: float = 5.0
+    idle_after_s: float = 10.0
+    # A JSON event more than this many seconds ahead of the wall clock is dead-lettered
+    # (`future-time`): one bad clock never moves a watermark past every open window.
+    max_future_s: float = 300.0
     stop_at_end: bool = True
     idle_timeout_s: float | None = None
     compression: str | None = messages.DEFAULT_COMPRESSION
@@ -88,6 +111,17 @@ class JoinerConfig:
             raise JoinError(f"batch_rows must be >= 1, got {self.batch_rows}")
         if self.compression not in messages.COMPRESSIONS:
             raise JoinError(f"unknown compression {self.compression!r}; accepted: None, lz4, zstd")
+        for name in (self.feature_log_format, self.actions_format):
+            if name not in events.FORMATS:
+                raise JoinError(
+                    f"unknown message format {name!r}; accepted: {', '.join(events.FORMATS)}"
+                )
+        for name in ("allowed_lateness_s", "idle_after_s", "max_future_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise JoinError(f"{name} must be >= 0 seconds, got {value}")
+        if self.max_poll_events < 1:
+            raise JoinError(f"max_poll_events must be >= 1, got {self.max_poll_events}")
 
 
 @dataclass
@@ -157,12 +191,14 @@ class _Segment:
 
 @dataclass
 class _WaitingAction:
-    """A click read before its impression."""
+    """A click read before its impression (`impression_time` is its own event time when the
+    message did not say: an upper bound, for expiring it)."""
 
     click: int
     impression_time: float
     partition: int
     offset: int
+    event_time: float = math.nan
 
 
 @dataclass
@@ -177,6 +213,14 @@ class _PartitionState:
     next_action_offset: int | None = None
     segments: deque[_Segment] = field(default_factory=deque)
     closed_up_to: float = -math.inf
+    # Derived watermarks: the largest JSON event time of each topic, when a message of each
+    # last came (the joiner's clock), and whether the producer sends watermarks itself.
+    impression_latest: float = -math.inf
+    action_latest: float = -math.inf
+    impression_input_at: float = 0.0
+    action_input_at: float = 0.0
+    impression_watermarked: bool = False
+    action_watermarked: bool = False
 
     @property
     def watermark(self) -> float:
@@ -192,6 +236,7 @@ class Joiner:
         topics: Topics,
         config: JoinerConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        preprocessor: Preprocessor | None = None,
     ) -> None:
         self.kafka = kafka
         self.topics = topics
@@ -210,6 +255,21 @@ class Joiner:
         self._dlq = Counter()
         self._last_input = 0.0
         self._first_input: float | None = None
+        self._formats = {
+            topics.feature_log: self.config.feature_log_format,
+            topics.actions: self.config.actions_format,
+        }
+        self._events = (
+            events.EventDecoder(preprocessor, self.config.max_future_s)
+            if preprocessor is not None
+            else None
+        )
+        if self._events is None and "json" in self._formats.values():
+            raise JoinError(
+                "per-event JSON is encoded through the data set's preprocessing artifact: give "
+                "the joiner the data set (--dataset), or read Arrow batches (--format arrow)"
+            )
+        self._poll_records = self.config.max_poll_records
 
     def run(self, stop: threading.Event | None = None) -> JoinerReport:
         """Join until the stream ends (every assigned partition's end marker), the idle timeout
@@ -255,18 +315,29 @@ class Joiner:
     def _loop(self, consumer: KafkaConsumer, stop: threading.Event | None) -> None:
         last_commit = self._last_input = self.clock()
         while stop is None or not stop.is_set():
-            polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+            polled = consumer.poll(
+                timeout_ms=self.config.poll_timeout_ms, max_records=self._poll_records
+            )
             self._apply_rebalances(consumer)
             now = self.clock()
+            arrow = False
             # Impressions first: a click polled together with its impression then joins at once.
             for tp in sorted(polled, key=lambda tp: tp.topic != self.topics.feature_log):
-                for record in polled[tp]:
-                    self._ingest(tp, record)
+                for as_json, run in self._runs(tp, polled[tp]):
+                    if as_json:
+                        self._ingest_json(tp, run, now)
+                        continue
+                    arrow = True
+                    for record in run:
+                        self._ingest(tp, record, now)
             if polled:
                 self._last_input = now
                 if self._first_input is None:
                     self._first_input = now
-            self._close_windows()
+                self._poll_records = (
+                    self.config.max_poll_records if arrow else self.config.max_poll_events
+                )
+            self._close_windows(consumer, now)
             self._bound_memory()
             self._emit(now)
             if now - last_commit >= self.config.commit_interval_s:
@@ -285,28 +356,35 @@ class Joiner:
         return bool(assigned) and assigned <= self._ended and not self.index and not self.waiting
 
     def _check_partitions(self, consumer: KafkaConsumer) -> int:
-        counts = {
-            topic: len(consumer.partitions_for_topic(topic) or ())
-            for topic in (self.topics.feature_log, self.topics.actions, self.topics.examples)
-        }
-        if len(set(counts.values())) != 1 or 0 in counts.values():
-            raise KafkaConfigError(
-                f"the feature log, actions and examples topics must exist with the same number "
-                f"of partitions (partition p of each holds the same users), got {counts}"
-            )
-        return counts[self.topics.examples]
+        return check_partitions(consumer, self.topics)
 
     def _state(self, partition: int) -> _PartitionState:
         state = self.partitions.get(partition)
         if state is None:
-            state = self.partitions[partition] = _PartitionState()
+            now = self.clock()
+            state = self.partitions[partition] = _PartitionState(
+                impression_input_at=now, action_input_at=now
+            )
         return state
 
     # Input.
 
-    def _ingest(self, tp: TopicPartition, record) -> None:
-        state = self._state(tp.partition)
-        is_log = tp.topic == self.topics.feature_log
+    def _runs(self, tp: TopicPartition, records: list) -> list[tuple[bool, list]]:
+        """The polled records of one partition as runs of (is JSON, records), in order."""
+        fixed = self._formats[tp.topic]
+        if fixed != "auto":
+            return [(fixed == "json", records)]
+        runs: list[tuple[bool, list]] = []
+        for record in records:
+            as_json = events.is_json(record.value)
+            if runs and runs[-1][0] == as_json:
+                runs[-1][1].append(record)
+            else:
+                runs.append((as_json, [record]))
+        return runs
+
+    def _track(self, state: _PartitionState, is_log: bool, record, now: float) -> None:
+        """Note a record's offset (counting re-deliveries) and that its topic is not silent."""
         expected = state.next_impression_offset if is_log else state.next_action_offset
         if expected is not None and record.offset < expected:
             # Read again (a rebalance, a retried fetch): the request-id index and the
@@ -314,8 +392,70 @@ class Joiner:
             self.report.redelivered_messages += 1
         if is_log:
             state.next_impression_offset = record.offset + 1
+            state.impression_input_at = now
         else:
             state.next_action_offset = record.offset + 1
+            state.action_input_at = now
+
+    def _ingest_json(self, tp: TopicPartition, records: list, now: float) -> None:
+        """A run of per-event JSON messages of one partition: the good events join as one
+        segment (committed from its first message), each bad one is dead-lettered."""
+        state = self._state(tp.partition)
+        is_log = tp.topic == self.topics.feature_log
+        for record in records:
+            self._track(state, is_log, record, now)
+        if self._events is None:
+            error = messages.MessageError(
+                "no-artifact",
+                "a JSON message, but this joiner was started without the data set's "
+                "preprocessing artifact (--dataset); it reads Arrow batches only",
+            )
+            for record in records:
+                self._dead_letter(tp, record, error)
+            return
+        values = [record.value for record in records]
+        if is_log:
+            produced = [_produced_at(record) for record in records]
+            decoded, errors = self._events.impressions(values, produced)
+        else:
+            decoded, errors = self._events.actions(values)
+        for index, error in sorted(errors.items()):
+            self._dead_letter(tp, records[index], error)
+        if decoded is None:
+            return
+        first_offset = records[int(decoded.message_index[0])].offset
+        if is_log:
+            batch = messages.Batch(messages.FEATURE_LOG, decoded.rows, watermark=-math.inf)
+            try:
+                self._check_features(batch)
+            except messages.MessageError as error:
+                for index in decoded.message_index.tolist():
+                    self._dead_letter(tp, records[index], error)
+                return
+            self._ended.discard(tp.partition)
+            self._add_impressions(state, tp.partition, first_offset, batch)
+            latest = float(batch.column("event_time").max())
+            state.impression_latest = max(state.impression_latest, latest)
+            lateness = self.config.allowed_lateness_s
+            state.impression_clock = max(state.impression_clock, latest - lateness)
+        else:
+            self._add_actions(
+                tp.partition,
+                first_offset,
+                decoded.request_id,
+                decoded.click,
+                decoded.impression_time,
+                decoded.event_time,
+            )
+            latest = float(decoded.event_time.max())
+            state.action_latest = max(state.action_latest, latest)
+            state.action_clock = max(state.action_clock, latest - self.config.allowed_lateness_s)
+        self.report.messages_in += len(decoded.message_index)
+
+    def _ingest(self, tp: TopicPartition, record, now: float) -> None:
+        state = self._state(tp.partition)
+        is_log = tp.topic == self.topics.feature_log
+        self._track(state, is_log, record, now)
         kind = messages.FEATURE_LOG if is_log else messages.ACTIONS
         try:
             batch = messages.decode(record.value, kind)
@@ -331,13 +471,22 @@ class Joiner:
             if is_log:
                 self._add_impressions(state, tp.partition, record.offset, batch)
             else:
-                self._add_actions(tp.partition, record.offset, batch)
+                self._add_actions(
+                    tp.partition,
+                    record.offset,
+                    batch.column("request_id"),
+                    batch.column("click"),
+                    batch.column("impression_time"),
+                    batch.column("event_time"),
+                )
         if is_log:
             state.impression_clock = _advance(state.impression_clock, batch)
             state.impressions_ended = batch.end_of_stream
+            state.impression_watermarked = True
         else:
             state.action_clock = _advance(state.action_clock, batch)
             state.actions_ended = batch.end_of_stream
+            state.action_watermarked = True
 
     def _check_features(self, batch: messages.Batch) -> None:
         """Every feature-log batch must have the configured features, typed as the first one."""
@@ -402,35 +551,62 @@ class Joiner:
         kept = kept_ids.tolist()
         self.index.update(zip(kept, ((segment, row) for row in range(len(kept))), strict=True))
         if self.waiting:
+            window = self.config.window_s
             for rid in self.waiting.keys() & set(kept):
                 action = self.waiting.pop(rid)
-                self._label(segment, self.index[rid][1], action.click, action.offset)
+                row = self.index[rid][1]
+                if action.event_time - segment.event_times[row] > window:
+                    self.report.late_clicks += 1
+                    continue
+                self._label(segment, row, action.click, action.offset)
 
-    def _add_actions(self, partition: int, offset: int, batch: messages.Batch) -> None:
-        ids = batch.column("request_id")
-        clicks = batch.column("click")
-        impression_times = batch.column("impression_time")
-        late = batch.column("event_time") - impression_times > self.config.window_s
+    def _add_actions(
+        self,
+        partition: int,
+        offset: int,
+        ids: np.ndarray,
+        clicks: np.ndarray,
+        impression_times: np.ndarray,
+        event_times: np.ndarray,
+    ) -> None:
+        """Join actions to their impressions; `impression_times` may be NaN (not sent): then
+        the impression's own event time decides whether the click came within the window."""
+        window = self.config.window_s
+        watermark = self._state(partition).watermark
+        late = event_times - impression_times > window
         self.report.actions += len(ids)
         self.report.late_clicks += int(late.sum())
         on_time = ~late
-        for rid, click, impression_time in zip(
+        for rid, click, impression_time, event_time in zip(
             ids[on_time].tolist(),
             clicks[on_time].tolist(),
             impression_times[on_time].tolist(),
+            event_times[on_time].tolist(),
             strict=True,
         ):
             found = self.index.get(rid)
             if found is not None:
                 segment, row = found
-                if segment.labels[row] == OPEN:
+                label = segment.labels[row]
+                if event_time - segment.event_times[row] > window or (label == 0 and click):
+                    # After its window, or after the window closed it as a negative.
+                    self.report.late_clicks += 1
+                elif label == OPEN:
                     self._label(segment, row, click, offset)
                 else:
                     self.report.duplicate_actions += 1
             elif rid in self.waiting:
                 self.report.duplicate_actions += 1
             else:
-                self.waiting[rid] = _WaitingAction(click, impression_time, partition, offset)
+                if math.isnan(impression_time):
+                    impression_time = event_time
+                if impression_time + window < watermark:
+                    # Its impression's window has closed already (a negative went out).
+                    self.report.late_clicks += 1
+                    continue
+                self.waiting[rid] = _WaitingAction(
+                    click, impression_time, partition, offset, event_time
+                )
         while len(self.waiting) > self.config.max_pending_actions:
             del self.waiting[next(iter(self.waiting))]
             self.report.evicted_actions += 1
@@ -447,9 +623,37 @@ class Joiner:
 
     # Windows and memory.
 
-    def _close_windows(self) -> None:
+    def _advance_idle(
+        self, consumer: KafkaConsumer, partition: int, state: _PartitionState, now: float
+    ) -> None:
+        """Move on the derived watermark of a topic silent for idle_after_s wall seconds: by
+        the wall time since its last event, and at least to the other topic's watermark (a
+        silent topic holds nothing that the other's windows wait for). Silent means read up
+        to its end: a partition this joiner lags behind on is not idle, only unread."""
+        idle, lateness = self.config.idle_after_s, self.config.allowed_lateness_s
+        if (
+            not state.impression_watermarked
+            and now - state.impression_input_at >= idle
+            and _read_to_end(
+                consumer, self.topics.feature_log, partition, state.next_impression_offset
+            )
+        ):
+            silence = now - state.impression_input_at
+            moved = max(state.impression_latest + silence - lateness, state.action_clock)
+            state.impression_clock = max(state.impression_clock, moved)
+        if (
+            not state.action_watermarked
+            and now - state.action_input_at >= idle
+            and _read_to_end(consumer, self.topics.actions, partition, state.next_action_offset)
+        ):
+            silence = now - state.action_input_at
+            moved = max(state.action_latest + silence - lateness, state.impression_clock)
+            state.action_clock = max(state.action_clock, moved)
+
+    def _close_windows(self, consumer: KafkaConsumer, now: float) -> None:
         window = self.config.window_s
-        for state in self.partitions.values():
+        for partition, state in self.partitions.items():
+            self._advance_idle(consumer, partition, state, now)
             watermark = state.watermark
             if watermark > state.closed_up_to:
                 state.closed_up_to = watermark
@@ -655,6 +859,52 @@ class Joiner:
                 state.impression_clock, state.impressions_ended = math.inf, True
             else:
                 state.action_clock, state.actions_ended = math.inf, True
+
+
+def check_partitions(consumer: KafkaConsumer, topics: Topics) -> int:
+    """The partition count the feature log, actions and examples topics share; a missing
+    topic, or topics with different counts, is a KafkaConfigError that says how to fix it.
+
+    Impressions and clicks are keyed by request id, and Kafka's default partitioner puts a key
+    in partition hash(key) mod count: only with equal counts do a click and its impression meet
+    in the same partition number, on the same joiner."""
+    names = (topics.feature_log, topics.actions, topics.examples)
+    counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in names}
+    missing = [topic for topic, count in counts.items() if count == 0]
+    if missing:
+        present = max(counts.values()) or 4
+        raise KafkaConfigError(
+            f"topic(s) {', '.join(map(repr, missing))} do not exist at the broker; create them "
+            f"with the partition count of the others, e.g. `kafka-topics.sh --create --topic "
+            f"{missing[0]} --partitions {present}`, or let embtab create them "
+            "(`embtab stream join` and `run` create missing topics with --partitions)"
+        )
+    if len(set(counts.values())) != 1:
+        most = max(counts.values())
+        raise KafkaConfigError(
+            f"the feature log, actions and examples topics must have the same number of "
+            f"partitions (a request id's impression and click go to partition hash(id) mod the "
+            f"count), got {counts}; raise the smaller ones to {most} (`kafka-topics.sh --alter "
+            f"--topic NAME --partitions {most}`) before producing to them, or recreate them"
+        )
+    return counts[topics.examples]
+
+
+def _read_to_end(consumer: KafkaConsumer, topic: str, partition: int, next_offset) -> bool:
+    """Whether this joiner has read a topic-partition up to its end, as the last fetch saw it
+    (False while no fetch has said where the end is)."""
+    try:
+        end = consumer.highwater(TopicPartition(topic, partition))
+    except IllegalStateError:  # taken away by a rebalance this turn has not applied yet
+        return False
+    return end is not None and (next_offset or 0) >= end
+
+
+def _produced_at(record) -> float:
+    """When a JSON event was produced: the Kafka record's timestamp (CreateTime), else now."""
+    if record.timestamp is not None and record.timestamp > 0:
+        return record.timestamp / 1000.0
+    return time.time()
 
 
 def _advance(clock: float, batch: messages.Batch) -> float:

@@ -21,7 +21,7 @@ from kafka import (
 )
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 # Tansu completes a consumer group's join only after the rebalance timeout, which kafka-python
 # takes from max_poll_interval_ms (300 s by default). These make a group join in about 3 s.
@@ -64,6 +64,11 @@ class KafkaConfigError(ValueError):
     """Kafka settings or a topic layout that cannot work; the message says what is accepted."""
 
 
+class KafkaUnavailableError(KafkaError):
+    """No broker answered at the bootstrap address within the settings' bootstrap timeout: a
+    failure of the service (or of the address given), not bad input."""
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """Where the brokers are and how to reach them; passed through to every kafka-python client.
@@ -79,6 +84,8 @@ class KafkaSettings:
     ssl_keyfile: str | None = None
     ssl_password: str | None = field(default=None, repr=False)
     client_id: str = "embtab"
+    # How long a client waits for a first broker to answer before KafkaUnavailableError.
+    bootstrap_timeout_ms: int = 30_000
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers:
@@ -94,6 +101,10 @@ class KafkaSettings:
             raise KafkaConfigError(
                 f"unknown SASL mechanism {self.sasl_mechanism!r}; "
                 f"accepted: {', '.join(SASL_MECHANISMS)}"
+            )
+        if self.bootstrap_timeout_ms < 1:
+            raise KafkaConfigError(
+                f"bootstrap timeout must be >= 1 ms, got {self.bootstrap_timeout_ms}"
             )
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise KafkaConfigError(
@@ -185,7 +196,7 @@ def make_producer(
         **settings.client_options(),
         **overrides,
     }
-    return KafkaProducer(**options)
+    return _connected(settings, lambda: KafkaProducer(**options))
 
 
 def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) -> KafkaConsumer:
@@ -202,11 +213,26 @@ def make_consumer(settings: KafkaSettings, group_id: str | None, **overrides) ->
         **settings.client_options(),
         **overrides,
     }
-    return KafkaConsumer(**options)
+    return _connected(settings, lambda: KafkaConsumer(**options))
 
 
 def make_admin(settings: KafkaSettings, **overrides) -> KafkaAdminClient:
-    return KafkaAdminClient(**{**settings.client_options(), **overrides})
+    return _connected(
+        settings, lambda: KafkaAdminClient(**{**settings.client_options(), **overrides})
+    )
+
+
+def _connected(settings: KafkaSettings, build):
+    """`build()`, a client that bootstraps from the brokers; none answering within the
+    bootstrap timeout is a KafkaUnavailableError that says where it looked."""
+    try:
+        return build()
+    except KafkaTimeoutError as error:
+        raise KafkaUnavailableError(
+            f"no Kafka broker answered at {settings.bootstrap_servers} within "
+            f"{settings.bootstrap_timeout_ms / 1000:g} s ({error}); check the address "
+            "(--kafka or EMBTAB_KAFKA), that the broker is running and that this host reaches it"
+        ) from error
 
 
 def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> dict[str, int]:

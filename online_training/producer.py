@@ -8,11 +8,17 @@ delay in wall seconds is `label_delay_s / speedup`. Rows go out in batches per p
 partition comes from the user id, the same on both topics); each batch's watermark says that
 every row of its partition with an earlier event time has been sent, and the last message of
 each partition ends the stream, so a joiner knows when a window can no longer receive a click.
+
+With `format="json"` it sends what a third-party producer sends instead: one JSON object per
+event, the raw values as the source files hold them (the artifact's `decode` of the prepared
+copy), keyed by request id and placed by Kafka's default partitioner, with no watermarks and no
+end markers (the joiner derives watermarks; docs/streaming.md has the contract).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import math
 import random
 import time
@@ -25,7 +31,7 @@ from kafka import KafkaProducer
 
 from feature_store.offline import Dataset
 from feature_store.online import OnlineFeatureStore
-from online_training import messages
+from online_training import events, messages
 from online_training.batching import PartitionBatcher, Sender
 from online_training.kafka import (
     KafkaConfigError,
@@ -37,6 +43,7 @@ from online_training.kafka import (
 )
 
 REQUEST_SEQUENCE_BITS = 32
+PRODUCER_FORMATS = ("arrow", "json")
 
 
 class ReplayError(ValueError):
@@ -57,8 +64,14 @@ class ProducerConfig:
     run_id: int | None = None
     compression: str | None = messages.DEFAULT_COMPRESSION
     flush_timeout_s: float = 120.0
+    # arrow: embtab's batches with watermarks; json: one raw-valued JSON object per event.
+    format: str = "arrow"
 
     def __post_init__(self) -> None:
+        if self.format not in PRODUCER_FORMATS:
+            raise ReplayError(
+                f"unknown format {self.format!r}; accepted: {', '.join(PRODUCER_FORMATS)}"
+            )
         if self.speedup < 0 or not math.isfinite(self.speedup):
             raise ReplayError(f"speedup must be >= 0 (0: as fast as possible), got {self.speedup}")
         if self.label_delay_s < 0 or not math.isfinite(self.label_delay_s):
@@ -209,6 +222,15 @@ class ReplayProducer:
         self.user_column = schema.id_columns["user"]
         self.item_column = schema.id_columns["item"]
         self.features = [spec.name for spec in schema.features]
+        self.events: _JsonEvents | None = None
+        if config.format == "json":
+            preprocessor = dataset.preprocessor()
+            if preprocessor is None:
+                raise ReplayError(
+                    f"data set {dataset.name!r} was prepared without a preprocessing artifact, "
+                    "so its raw values are unknown; prepare it again, or replay --format arrow"
+                )
+            self.events = _JsonEvents(preprocessor, self.features)
         run_id = config.run_id if config.run_id is not None else random.randrange(1, 2**31)
         self.report = ProducerReport(dataset=dataset.name, split=config.split, run_id=run_id)
 
@@ -266,15 +288,16 @@ class ReplayProducer:
             if due is not None:
                 self._actions(due, partitions, actions, now)
             finished = source.exhausted and queue.next_due() is None
-            feature_log.flush(clock, now, force=finished)
-            actions.flush(clock, now, force=finished)
+            if self.events is None:  # JSON carries no watermarks
+                feature_log.flush(clock, now, force=finished)
+                actions.flush(clock, now, force=finished)
             if finished:
                 break
             if config.speedup:
                 upcoming = min(t for t in (source.next_time(), queue.next_due()) if t is not None)
                 wait = wall_start + (upcoming - first_time) / config.speedup - self.clock()
                 self.sleep(min(max(wait, 0.0), config.linger_s))
-        for partition in range(partitions):
+        for partition in range(partitions if self.events is None else 0):
             feature_log.end(partition, self.clock())
             actions.end(partition, self.clock())
         sender.flush(config.flush_timeout_s)
@@ -317,7 +340,12 @@ class ReplayProducer:
             "produced_at": pa.array(np.full(count, time.time())),
         }
         served.update({name: rows.column(name) for name in self.features})
-        writer.add(pa.RecordBatch.from_pydict(served), user_partitions(users, partitions), now)
+        if self.events is None:
+            writer.add(pa.RecordBatch.from_pydict(served), user_partitions(users, partitions), now)
+        else:
+            self.events.impressions(
+                writer.sender, self.topics.feature_log, request_ids, rows, times
+            )
         clicked = rows.column(self.dataset.schema.label).to_numpy() == 1
         queue.push(
             {
@@ -342,6 +370,12 @@ class ReplayProducer:
         self, due: dict[str, np.ndarray], partitions: int, writer: PartitionBatcher, now: float
     ) -> None:
         count = len(due["request_id"])
+        self.report.actions += count
+        if self.events is not None:
+            self.events.clicks(
+                writer.sender, self.topics.actions, due["request_id"], due["event_time"]
+            )
+            return
         rows = pa.RecordBatch.from_pydict(
             {
                 "request_id": pa.array(due["request_id"]),
@@ -354,4 +388,47 @@ class ReplayProducer:
             }
         )
         writer.add(rows, user_partitions(due["user_id"], partitions), now)
-        self.report.actions += count
+
+
+class _JsonEvents:
+    """Impressions and clicks as per-event JSON with raw values, keyed by request id."""
+
+    def __init__(self, preprocessor, features: list[str]) -> None:
+        spec = preprocessor.spec
+        self.preprocessor = preprocessor
+        self.features = features
+        self.fields = [spec.feature(name).column for name in features]
+        self.request_field = events.request_field(spec)
+        self.time_field = spec.time.column
+        self.unit = spec.time.unit
+
+    def impressions(
+        self,
+        sender: Sender,
+        topic: str,
+        request_ids: np.ndarray,
+        rows: pa.RecordBatch,
+        times: np.ndarray,
+    ) -> None:
+        raw = [
+            self.preprocessor.decode(name, rows.column(name)).to_pylist() for name in self.features
+        ]
+        fields = [self.request_field, self.time_field, *self.fields]
+        ids = request_ids.tolist()
+        for values in zip(ids, events.raw_times(times, self.unit), *raw, strict=True):
+            sender.send_raw(
+                topic,
+                json.dumps(dict(zip(fields, values, strict=True))).encode(),
+                key=_key(values[0]),
+            )
+
+    def clicks(self, sender: Sender, topic: str, request_ids: np.ndarray, times: np.ndarray):
+        for request_id, at in zip(
+            request_ids.tolist(), events.raw_times(times, self.unit), strict=True
+        ):
+            event = {self.request_field: request_id, self.time_field: at}
+            sender.send_raw(topic, json.dumps(event).encode(), key=_key(request_id))
+
+
+def _key(request_id: int) -> bytes:
+    return str(request_id).encode()

@@ -38,6 +38,7 @@ from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
 from models.distributed import DistributedConfig
 from models.sharded_checkpoint import ShardedCheckpoint
 from models.train import seed_everything
+from online_training.events import FORMATS
 from online_training.joiner import Joiner, JoinerConfig
 from online_training.kafka import (
     ENVIRONMENT,
@@ -46,7 +47,7 @@ from online_training.kafka import (
     ensure_topics,
     stream_topic_partitions,
 )
-from online_training.producer import ProducerConfig, ReplayProducer
+from online_training.producer import PRODUCER_FORMATS, ProducerConfig, ReplayProducer
 from online_training.sharded_trainer import ShardedStreamJob, train_stream_distributed
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig
@@ -80,6 +81,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--batch-rows", type=int, default=2048, help="rows per Kafka message")
     produce.add_argument("--run-id", type=int, help="request ids start at run_id << 32")
     produce.add_argument(
+        "--format",
+        choices=PRODUCER_FORMATS,
+        default="arrow",
+        help="arrow: embtab's batches with watermarks; json: one JSON object per event with "
+        "raw values, keyed by request id, as a third-party producer sends (docs/streaming.md)",
+    )
+    produce.add_argument(
         "--no-online-features", action="store_true", help="do not write features to Redis"
     )
     produce.add_argument("--redis", help="Redis URL (default: EMBTAB_REDIS or embedded)")
@@ -94,8 +102,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--window", type=float, default=60.0, help="event seconds an impression waits for a click"
     )
     join.add_argument(
-        "--dataset", help="accept only feature-log batches with this data set's features"
+        "--dataset",
+        help="accept only feature-log batches with this data set's features; its preprocessing "
+        "artifact encodes JSON events",
     )
+    _add_join_arguments(join)
     join.add_argument("--group", help="Kafka consumer group (default: <topic prefix>embtab-joiner)")
     join.add_argument("--batch-rows", type=int, default=2048, help="examples per Kafka message")
     join.add_argument(
@@ -142,6 +153,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--no-online-features", action="store_true", help="do not write features to Redis"
     )
+    _add_join_arguments(run)
     run.add_argument(
         "--join-group", help="the joiner's consumer group (default: <topic prefix>embtab-joiner)"
     )
@@ -150,6 +162,52 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--redis", help="Redis URL (default: EMBTAB_REDIS or embedded)")
     _add_kafka_arguments(run)
     run.set_defaults(run=run_pipeline_command)
+
+
+def _add_join_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the joiner reads its input topics: formats and derived watermarks."""
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="message format of both input topics (auto: decided per message)",
+    )
+    for topic in ("feature-log", "actions"):
+        parser.add_argument(
+            f"--{topic}-format",
+            choices=FORMATS,
+            help=f"the {topic} topic's format (default: --format)",
+        )
+    defaults = JoinerConfig()
+    parser.add_argument(
+        "--lateness",
+        type=float,
+        default=defaults.allowed_lateness_s,
+        help="event seconds a derived watermark stays behind the latest event",
+    )
+    parser.add_argument(
+        "--idle-after",
+        type=float,
+        default=defaults.idle_after_s,
+        help="wall seconds of silence after which a derived watermark follows the wall clock",
+    )
+    parser.add_argument(
+        "--max-future",
+        type=float,
+        default=defaults.max_future_s,
+        help="seconds ahead of the wall clock beyond which a JSON event is dead-lettered",
+    )
+
+
+def _join_settings(arguments: argparse.Namespace) -> dict[str, Any]:
+    """JoinerConfig fields from the join arguments."""
+    return {
+        "feature_log_format": arguments.feature_log_format or arguments.format,
+        "actions_format": arguments.actions_format or arguments.format,
+        "allowed_lateness_s": arguments.lateness,
+        "idle_after_s": arguments.idle_after,
+        "max_future_s": arguments.max_future,
+    }
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +305,7 @@ def run_produce(arguments: argparse.Namespace) -> int:
         limit=arguments.limit,
         batch_rows=arguments.batch_rows,
         run_id=arguments.run_id,
+        format=arguments.format,
     )
     dataset = load_with_progress(arguments.dataset, show_progress=not arguments.json)
     need_redis = not arguments.no_online_features
@@ -282,11 +341,13 @@ def run_produce(arguments: argparse.Namespace) -> int:
 
 
 def run_join(arguments: argparse.Namespace) -> int:
-    features = None
+    features = preprocessor = None
     if arguments.dataset:
         dataset = load_with_progress(arguments.dataset, show_progress=not arguments.json)
         features = tuple(spec.name for spec in dataset.schema.features)
+        preprocessor = dataset.preprocessor()
     config = JoinerConfig(
+        **_join_settings(arguments),
         features=features,
         window_s=arguments.window,
         group_id=arguments.group,
@@ -298,7 +359,7 @@ def run_join(arguments: argparse.Namespace) -> int:
     with _services(arguments.kafka, None, need_redis=False) as services:
         settings, topics = _prepare_topics(arguments, services)
         with stop_on_signals() as stop:
-            report = Joiner(settings, topics, config).run(stop)
+            report = Joiner(settings, topics, config, preprocessor=preprocessor).run(stop)
     result = {
         **report.to_dict(),
         "kafka": services.kafka_bootstrap,
@@ -372,8 +433,12 @@ def run_pipeline(arguments: argparse.Namespace) -> tuple[dict[str, Any], str]:
             settings,
             topics,
             JoinerConfig(
-                features=features, window_s=arguments.window, group_id=arguments.join_group
+                features=features,
+                window_s=arguments.window,
+                group_id=arguments.join_group,
+                **_join_settings(arguments),
             ),
+            preprocessor=dataset.preprocessor(),
         )
         trainer = _build_trainer(arguments, services, settings, topics, dataset=dataset)
         with stop_on_signals() as stop:
@@ -442,7 +507,7 @@ def _build_trainer(
             train = run_config_from_dict(start.origin_manifest["run"]).train
     elif start is None:
         dataset = dataset or load_with_progress(fresh.dataset, show_progress=not arguments.json)
-        spec = plan_model(fresh, dataset.schema)
+        spec = plan_model(fresh, dataset.schema, dataset.preprocessor())
         seed_everything(fresh.train.seed)
         start = StartingPoint(
             build_model(spec, graphhash_mappings(spec, dataset, fresh.train.seed))

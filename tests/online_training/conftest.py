@@ -84,3 +84,14 @@ def read_examples(kafka: KafkaSettings, topics: Topics) -> tuple[dict[int, list[
         for request_id, label in zip(ids, batch.column("label").tolist(), strict=True):
             labels[request_id].append(label)
     return labels, batches
+
+
+@pytest.fixture(scope="session")
+def raw_dataset(tmp_path_factory) -> Dataset:
+    """A spec'd data set with raw string ids and request ids, prepared in a temporary cache."""
+    from tests.online_training.raw_events import prepare_raw_dataset
+
+    root = tmp_path_factory.mktemp("raw-events")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBTAB_DATA", str(root / "cache"))
+        return prepare_raw_dataset(root / "raw", f"raw-events-{uuid.uuid4().hex[:8]}")

@@ -60,3 +60,21 @@ def test_a_bad_setting_is_a_one_line_error(capsys, kafka_service):
     arguments = ["stream", "produce", "--speedup", "-2", "--kafka", kafka_service.kafka_bootstrap]
     assert main([*arguments, "--no-online-features"]) == 2
     assert "speedup must be >= 0" in capsys.readouterr().err
+
+
+def test_produce_and_join_per_event_json(capsys, kafka_service, movielens):
+    prefix = f"test-{uuid.uuid4().hex[:10]}."
+    common = ["--kafka", kafka_service.kafka_bootstrap, "--topic-prefix", prefix, "--json"]
+    produce = ["stream", "produce", "--format", "json", "--limit", "300", "--label-delay", "1"]
+    assert main([*produce, "--no-online-features", *common]) == 0
+    produced = json.loads(capsys.readouterr().out)
+    labels = movielens.read("test", ["label"]).column("label").to_numpy()[:300]
+    assert produced["messages"] == 300 + int(labels.sum()) and produced["heartbeats"] == 0
+
+    join = ["stream", "join", "--dataset", "movielens-1m", "--format", "json", "--window", "3"]
+    join += ["--lateness", "1", "--idle-after", "1", "--idle-timeout", "6"]
+    join += ["--group", f"joiner-{uuid.uuid4().hex[:8]}"]
+    assert main([*join, *common]) == 0
+    joined = json.loads(capsys.readouterr().out)
+    assert joined["examples"] == 300 and joined["dlq_messages"] == 0
+    assert joined["positives"] == int(labels.sum())

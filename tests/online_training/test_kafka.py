@@ -36,6 +36,7 @@ def test_settings_come_from_the_environment_and_pass_through_sasl_and_ssl():
         "sasl_plain_password": "s3cret",
         "ssl_cafile": "/etc/ssl/ca.pem",
         "client_id": "embtab",
+        "bootstrap_timeout_ms": 30_000,
     }
     explicit = KafkaSettings.from_env("localhost:9092", environ=environ)
     assert explicit.bootstrap_servers == "localhost:9092"

@@ -1,0 +1,389 @@
+"""Per-event JSON on the feature-log and actions topics: what any producer can send.
+
+An ad server in Java or Go logs one impression per message as a JSON object, and one click per
+message; it sends no Arrow and no watermarks. This module turns such messages into the rows the
+joiner keeps, through the model's preprocessing artifact (`Preprocessor.encode`, the transform
+offline preparation and `/score` apply), so the stream cannot disagree with training or serving.
+
+The contract (docs/streaming.md has it in full, for producer teams):
+
+- one UTF-8 JSON object per Kafka message, keyed by the request id;
+- impressions: the spec's request-id column (`roles.request`, else `request_id`; a string or
+  a non-negative integer), its event-time column (epoch s / ms / us / ns numbers or ISO-8601
+  text, as `time.unit` says), and one field per feature named by the feature's `column`, with
+  the raw value as the source files hold it (an id as a string or an integer as `type` says; a
+  list of ids, or text split by `separator`, for multi_valued; a number for dense). A null is what a
+  missing value is offline. `sequence` (a list of raw ids of `of`, oldest first) and `count` (a
+  number) features are optional: absent, they are empty and 0;
+- actions (clicks): the request-id and event-time columns; the label column is optional (absent:
+  a click), a 0/1 value or the raw value the spec's label rule applies to (`rating >= 4`).
+
+A message that breaks the contract raises no error here: it is returned with a `MessageError`
+(reasons `malformed-json`, `not-an-object`, `missing-field`, `wrong-type`, `bad-time`,
+`future-time`, `unmappable`), so the caller can dead-letter it and keep the good ones around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+from feature_store.artifact import Preprocessor, string_hash64
+from feature_store.spec import DatasetSpec, FeatureDef
+from online_training import messages
+
+FORMATS = ("json", "arrow", "auto")
+JSON_START = ord("{")
+# The seed of string request ids' hash (any fixed value: a key only has to be stable).
+REQUEST_SEED = 0
+DEFAULT_REQUEST_FIELD = "request_id"
+_TIME_SCALE = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+_LABEL_RULES: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+def is_json(value: bytes | None) -> bool:
+    """How `--format auto` decides per message: a JSON object starts with `{` (after any
+    whitespace); an Arrow IPC stream starts with 0xFFFFFFFF."""
+    if not value:
+        return False
+    start = value.lstrip()[:1]
+    return bool(start) and start[0] == JSON_START
+
+
+@dataclass(frozen=True)
+class Impressions:
+    """Good impressions of a run of messages: `rows` as a feature-log batch holds them, and the
+    index of each row's message in the run."""
+
+    rows: pa.RecordBatch
+    message_index: np.ndarray
+
+
+@dataclass(frozen=True)
+class Actions:
+    """Good actions of a run of messages. `impression_time` is NaN: a JSON click does not say
+    when its impression was (the joiner takes it from the impression)."""
+
+    request_id: np.ndarray
+    click: np.ndarray
+    event_time: np.ndarray
+    message_index: np.ndarray
+
+    @property
+    def impression_time(self) -> np.ndarray:
+        return np.full(len(self.request_id), np.nan)
+
+
+class EventDecoder:
+    """Decodes runs of JSON messages of one data set (its spec and artifact)."""
+
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        max_future_s: float = 300.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        spec = preprocessor.spec
+        self.preprocessor = preprocessor
+        self.spec = spec
+        self.request_field = request_field(spec)
+        self.time_field = spec.time.column
+        self.label_field = spec.label.column
+        self.max_future_s = max_future_s
+        self.wall_clock = wall_clock
+        self.features = spec.features
+
+    # -- impressions ---------------------------------------------------------------------
+
+    def impressions(
+        self, values: Sequence[bytes | None], produced_at: Sequence[float]
+    ) -> tuple[Impressions | None, dict[int, messages.MessageError]]:
+        """The good impressions among `values` (None if none), and an error per bad message."""
+        errors: dict[int, messages.MessageError] = {}
+        parsed: list[tuple[int, str | int, float, list]] = []
+        now = self.wall_clock()
+        for index, value in enumerate(values):
+            try:
+                event = self._object(value)
+                request_id, event_time = self._key_and_time(event, now)
+                raw = [self._feature_value(feature, event) for feature in self.features]
+            except messages.MessageError as error:
+                errors[index] = error
+                continue
+            parsed.append((index, request_id, event_time, raw))
+        if not parsed:
+            return None, errors
+        keep = np.ones(len(parsed), dtype=bool)
+        columns = {}
+        for position, feature in enumerate(self.features):
+            raw_values = [row[3][position] for row in parsed]
+            encoded, unmappable = self._encode(feature, raw_values)
+            for row in np.flatnonzero(unmappable):
+                if keep[row]:
+                    keep[row] = False
+                    errors[parsed[row][0]] = messages.MessageError(
+                        "unmappable",
+                        f"field {feature.column!r}: {raw_values[row]!r} is not in the vocabulary "
+                        f"of feature {feature.name!r}, which has no out-of-vocabulary id "
+                        "(oov: false in the spec)",
+                    )
+            columns[feature.name] = encoded
+        index = np.array([row[0] for row in parsed], dtype=np.int64)
+        rows = pa.RecordBatch.from_pydict(
+            {
+                "request_id": pa.array(request_keys([row[1] for row in parsed]), pa.int64()),
+                "event_time": pa.array([row[2] for row in parsed], pa.float64()),
+                "produced_at": pa.array([produced_at[i] for i in index], pa.float64()),
+                **columns,
+            }
+        )
+        if not keep.all():
+            rows = rows.filter(pa.array(keep))
+            index = index[keep]
+        if not rows.num_rows:
+            return None, errors
+        return Impressions(rows, index), errors
+
+    def _encode(self, feature: FeatureDef, values: list) -> tuple[pa.Array, np.ndarray]:
+        """One feature's raw values of a run -> model input, and which rows cannot be mapped
+        (a categorical value that becomes no id). The types were checked per event."""
+        raw = self._raw_array(feature, values)
+        encoded = self.preprocessor.encode(feature.name, raw)
+        unmappable = np.zeros(len(values), dtype=bool)
+        if feature.kind == "categorical" and pa.types.is_list(encoded.type):
+            lengths = np.asarray(encoded.value_lengths().to_numpy(zero_copy_only=False))
+            unmappable = lengths == 0
+            ids = np.zeros(len(values), dtype=np.int64)
+            ids[~unmappable] = encoded.flatten().to_numpy()
+            encoded = pa.array(ids, pa.int64())
+        return encoded, unmappable
+
+    def _raw_array(self, feature: FeatureDef, values: list) -> pa.Array:
+        if feature.kind in ("dense", "count"):
+            return pa.array(values, pa.float64())
+        source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
+        id_type = pa.string() if source.type == "string" else pa.int64()
+        if feature.kind == "categorical":
+            return pa.array(values, id_type)
+        return pa.array(values, pa.list_(id_type))
+
+    # -- actions -------------------------------------------------------------------------
+
+    def actions(
+        self, values: Sequence[bytes | None]
+    ) -> tuple[Actions | None, dict[int, messages.MessageError]]:
+        """The good actions among `values` (None if none), and an error per bad message."""
+        errors: dict[int, messages.MessageError] = {}
+        good: list[tuple[int, str | int, int, float]] = []
+        now = self.wall_clock()
+        for index, value in enumerate(values):
+            try:
+                event = self._object(value)
+                request_id, event_time = self._key_and_time(event, now)
+                click = self._click(event)
+            except messages.MessageError as error:
+                errors[index] = error
+                continue
+            good.append((index, request_id, click, event_time))
+        if not good:
+            return None, errors
+        return (
+            Actions(
+                request_id=request_keys([g[1] for g in good]),
+                click=np.array([g[2] for g in good], dtype=np.int8),
+                event_time=np.array([g[3] for g in good], dtype=np.float64),
+                message_index=np.array([g[0] for g in good], dtype=np.int64),
+            ),
+            errors,
+        )
+
+    def _click(self, event: dict) -> int:
+        if self.label_field not in event:
+            return 1
+        value = event[self.label_field]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise messages.MessageError(
+                "wrong-type",
+                f"field {self.label_field!r} (the label) takes a number, got {value!r}",
+            )
+        rule = self.spec.label
+        if rule.op is None:
+            if value not in (0, 1):
+                raise messages.MessageError(
+                    "wrong-type", f"field {self.label_field!r} (the label) is 0 or 1, got {value!r}"
+                )
+            return int(value)
+        return int(_LABEL_RULES[rule.op](value, rule.value))
+
+    # -- fields --------------------------------------------------------------------------
+
+    @staticmethod
+    def _object(value: bytes | None) -> dict:
+        try:
+            event = json.loads(value or b"")
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise messages.MessageError(
+                "malformed-json", f"not a UTF-8 JSON object ({error})"
+            ) from error
+        if not isinstance(event, dict):
+            raise messages.MessageError(
+                "not-an-object", f"a message is one JSON object, got {type(event).__name__}"
+            )
+        return event
+
+    def _key_and_time(self, event: dict, now: float) -> tuple[str | int, float]:
+        request = self._field(event, self.request_field, "the request id")
+        if not (
+            isinstance(request, str)
+            or (isinstance(request, int) and not isinstance(request, bool) and 0 <= request < 2**63)
+        ):
+            raise messages.MessageError(
+                "wrong-type",
+                f"field {self.request_field!r} (the request id) takes a string or an integer in "
+                f"[0, 2**63), got {request!r}",
+            )
+        event_time = self._event_time(self._field(event, self.time_field, "the event time"))
+        if event_time > now + self.max_future_s:
+            raise messages.MessageError(
+                "future-time",
+                f"field {self.time_field!r}: event time {event_time:.3f} is {event_time - now:.0f} "
+                f"s ahead of this consumer's clock; accepted: at most {self.max_future_s:g} s "
+                "ahead (check the unit: the spec says time.unit "
+                f"{self.spec.time.unit!r})",
+            )
+        return request, event_time
+
+    def _event_time(self, value: object) -> float:
+        unit = self.spec.time.unit
+        if unit == "iso8601":
+            if not isinstance(value, str):
+                raise messages.MessageError(
+                    "bad-time", f"field {self.time_field!r} takes ISO-8601 text, got {value!r}"
+                )
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError as error:
+                raise messages.MessageError(
+                    "bad-time",
+                    f"field {self.time_field!r}: {value!r} is not an ISO-8601 time; accepted: "
+                    "e.g. 2024-05-01T12:30:00, 2024-05-01 12:30:00.250 or "
+                    "2024-05-01T12:30:00+02:00 (without an offset, UTC)",
+                ) from error
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            return parsed.timestamp()
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise messages.MessageError(
+                "bad-time",
+                f"field {self.time_field!r} takes epoch time in {unit} (a number), got {value!r}",
+            )
+        return float(value) / _TIME_SCALE[unit]
+
+    @staticmethod
+    def _field(event: dict, name: str, what: str) -> object:
+        if name not in event:
+            raise messages.MessageError(
+                "missing-field", f"no field {name!r} ({what}); fields: {sorted(event)[:20]}"
+            )
+        return event[name]
+
+    def _feature_value(self, feature: FeatureDef, event: dict) -> object:
+        """The raw value of one feature, type-checked (a list for multi_valued and sequence)."""
+        if feature.kind in ("sequence", "count") and feature.column not in event:
+            return [] if feature.kind == "sequence" else 0.0
+        value = self._field(event, feature.column, f"feature {feature.name!r}")
+        if value is None:
+            return [] if feature.kind in ("multi_valued", "sequence") else None
+        if feature.kind in ("dense", "count"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise messages.MessageError(
+                    "wrong-type",
+                    f"field {feature.column!r} (dense feature {feature.name!r}) takes a number, "
+                    f"got {value!r}",
+                )
+            return float(value)
+        source = self.spec.feature(feature.of) if feature.kind == "sequence" else feature
+        if feature.kind == "categorical":
+            _check_id(source, feature.column, value)
+            return value
+        if isinstance(value, str) and feature.kind == "multi_valued" and feature.separator:
+            parts = [part for part in value.split(feature.separator) if part]
+            if source.type == "int":
+                try:
+                    return [int(part) for part in parts]
+                except ValueError as error:
+                    raise messages.MessageError(
+                        "wrong-type",
+                        f"field {feature.column!r}: {value!r}; accepted: integers separated by "
+                        f"{feature.separator!r}",
+                    ) from error
+            return parts
+        if not isinstance(value, list):
+            accepted = "a list of ids" + (
+                f" or text separated by {feature.separator!r}" if feature.separator else ""
+            )
+            raise messages.MessageError(
+                "wrong-type",
+                f"field {feature.column!r} (feature {feature.name!r}) takes {accepted}, "
+                f"got {value!r}",
+            )
+        expected = str if source.type == "string" else int
+        if not all(type(item) is expected for item in value):  # a bool is no int here
+            for item in value:
+                _check_id(source, feature.column, item)
+        return value
+
+
+def raw_times(seconds: np.ndarray, unit: str) -> list:
+    """Event times in seconds as a spec's time column holds them (what `_event_time` reads)."""
+    if unit == "iso8601":
+        return [datetime.fromtimestamp(t, UTC).isoformat() for t in seconds.tolist()]
+    if unit == "s":
+        return seconds.tolist()
+    return np.round(seconds * _TIME_SCALE[unit]).astype(np.int64).tolist()
+
+
+def _check_id(feature: FeatureDef, field_name: str, value: object) -> None:
+    expected = str if feature.type == "string" else int
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise messages.MessageError(
+            "wrong-type",
+            f"field {field_name!r} (feature {feature.name!r}) takes {feature.type} ids, "
+            f"got {value!r}",
+        )
+
+
+def request_field(spec: DatasetSpec) -> str:
+    """The field of an event that holds its request id: the spec's `roles.request`, else
+    `request_id`."""
+    return spec.roles.get("request", DEFAULT_REQUEST_FIELD)
+
+
+def request_keys(request_ids: list[str | int]) -> np.ndarray:
+    """Raw request ids as the joiner's non-negative int64 keys: an integer stays itself, a
+    string becomes the artifact's 64-bit string hash with the sign bit cleared."""
+    keys = np.zeros(len(request_ids), dtype=np.int64)
+    text = [index for index, value in enumerate(request_ids) if isinstance(value, str)]
+    numbers = [index for index, value in enumerate(request_ids) if not isinstance(value, str)]
+    if numbers:
+        keys[numbers] = [request_ids[index] for index in numbers]
+    if text:
+        hashed = string_hash64(pa.array([request_ids[index] for index in text]), REQUEST_SEED)
+        keys[text] = hashed & np.int64(0x7FFFFFFFFFFFFFFF)
+    return keys
