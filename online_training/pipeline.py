@@ -1,10 +1,10 @@
 """The stream wired once: producer -> joiner -> trainer (and the trainer's delta sync).
 
 `embtab stream run` and the demo run the three stages in one process, each on a thread of its
-own. They must agree on the order (the trainer attaches to its published model and the consumer
-groups settle before the first event is produced, so no early event is read by a consumer that
-is not there yet) and on failure (the first stage that fails stops the others, and its error is
-the one raised), so both go through `StreamPipeline`.
+own, and `embtab stream train` runs the trainer alone. They must agree on the order (the trainer
+attaches to its published model and the consumer groups settle before the first event is
+produced) and on failure (the first stage that fails stops the others, and its error is the one
+raised), so all of them go through `StreamPipeline`.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ class PipelineConfig:
 
 class StreamPipeline:
     """Runs the trainer and the joiner, then the producer once the trainer is attached, until
-    the trainer has trained on the end of the stream, or `stop` is set, or a stage fails."""
+    the trainer and the joiner have reached the end of the stream, or `stop` is set, or a stage
+    fails. Without a joiner it runs the trainer alone (on an examples topic others fill)."""
 
     def __init__(
         self,
         trainer: Trainer,
-        joiner: Joiner,
+        joiner: Joiner | None = None,
         producer: ReplayProducer | None = None,
         config: PipelineConfig | None = None,
     ) -> None:
@@ -67,27 +68,32 @@ class StreamPipeline:
         self, stop: threading.Event, on_poll: Callable[[], None] | None = None
     ) -> PipelineReports:
         """Run to the end; `on_poll` is called every half second meanwhile (a status line).
-        Raises the first stage's error after every stage has stopped."""
-        threads = [
-            self._start("trainer", lambda: self.trainer.run(stop), stop),
-            self._start("joiner", lambda: self.joiner.run(stop), stop),
-        ]
+        Raises the first stage's error after the trainer and the joiner have stopped.
+
+        The producer is not waited for once `stop` is set: a replay has no stop of its own, and
+        what it still sends after the consumers stopped is read by the next run."""
+        consumers = [self._start("trainer", lambda: self.trainer.run(stop), stop)]
+        if self.joiner is not None:
+            consumers.append(self._start("joiner", lambda: self.joiner.run(stop), stop))
+        producer = None
         try:
             if self.producer is not None:
                 self._wait_for_attach(stop, on_poll)
                 if not self._waited(stop, self.config.settle_s, on_poll):
-                    threads.append(self._start("producer", self.producer.run, stop))
-            while any(thread.is_alive() for thread in threads):
+                    producer = self._start("producer", self.producer.run, stop)
+            while any(thread.is_alive() for thread in consumers):
                 if on_poll is not None:
                     on_poll()
-                for thread in threads:
-                    thread.join(timeout=POLL_S / len(threads))
+                for thread in consumers:
+                    thread.join(timeout=POLL_S / len(consumers))
         except BaseException:  # the attach timeout, Ctrl-C: every stage stops before it is raised
             stop.set()
             raise
         finally:
-            for thread in threads:
+            for thread in consumers:
                 thread.join()
+            if producer is not None and not stop.is_set():
+                producer.join()
         if self.reports.errors:
             raise self.reports.errors[0]
         return self.reports

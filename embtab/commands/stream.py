@@ -16,7 +16,6 @@ import dataclasses
 import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from online_training.kafka import (
     ensure_topics,
     stream_topic_partitions,
 )
+from online_training.pipeline import StreamPipeline
 from online_training.producer import PRODUCER_FORMATS, ProducerConfig, ReplayProducer
 from online_training.sharded_trainer import ShardedStreamJob, train_stream_distributed
 from online_training.sync import SyncConfig
@@ -382,13 +382,11 @@ def run_train(arguments: argparse.Namespace) -> int:
     with _services(arguments.kafka, arguments.redis, need_redis=True) as services:
         settings, topics = _prepare_topics(arguments, services)
         trainer = _build_trainer(arguments, services, settings, topics, dataset=None)
-        with stop_on_signals() as stop:
-            _run_threads(
-                {"trainer": lambda: trainer.run(stop)},
-                lambda: _trainer_line(trainer),
-                stop,
-                live=not arguments.json,
-            )
+        with (
+            stop_on_signals() as stop,
+            _status_line(lambda: _trainer_line(trainer), live=not arguments.json) as refresh,
+        ):
+            StreamPipeline(trainer).run(stop, on_poll=refresh)
     report = trainer.report
     result = {
         **report.to_dict(),
@@ -441,21 +439,18 @@ def run_pipeline(arguments: argparse.Namespace) -> tuple[dict[str, Any], str]:
             preprocessor=dataset.preprocessor(),
         )
         trainer = _build_trainer(arguments, services, settings, topics, dataset=dataset)
-        with stop_on_signals() as stop:
-            _run_threads(
-                {
-                    "producer": producer.run,
-                    "joiner": lambda: joiner.run(stop),
-                    "trainer": lambda: trainer.run(stop),
-                },
-                lambda: (
-                    f"produced {producer.report.impressions:,} | joined "
-                    f"{joiner.report.examples:,} | {_trainer_line(trainer)}"
-                ),
-                stop,
-                live=not arguments.json,
-                detached=("producer",),
+
+        def describe() -> str:
+            return (
+                f"produced {producer.report.impressions:,} | joined "
+                f"{joiner.report.examples:,} | {_trainer_line(trainer)}"
             )
+
+        with (
+            stop_on_signals() as stop,
+            _status_line(describe, live=not arguments.json) as refresh,
+        ):
+            StreamPipeline(trainer, joiner, producer).run(stop, on_poll=refresh)
     result = {
         "producer": producer.report.to_dict(),
         "joiner": joiner.report.to_dict(),
@@ -595,44 +590,11 @@ def run_sharded_train(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _run_threads(
-    tasks: dict[str, Callable[[], Any]],
-    describe: Callable[[], str],
-    stop: threading.Event,
-    *,
-    live: bool,
-    detached: tuple[str, ...] = (),
-) -> None:
-    """Run each task on a thread of its own, refreshing a status line on stderr until every
-    task not `detached` has finished; the first error stops the others and is raised here."""
-    errors: list[BaseException] = []
-
-    def guarded(task: Callable[[], Any]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                task()
-            except BaseException as error:  # re-raised on the calling thread
-                errors.append(error)
-                stop.set()
-
-        return run
-
-    threads = {
-        name: threading.Thread(target=guarded(task), name=f"embtab-{name}", daemon=True)
-        for name, task in tasks.items()
-    }
-    for thread in threads.values():
-        thread.start()
-    waited = [thread for name, thread in threads.items() if name not in detached]
+@contextlib.contextmanager
+def _status_line(describe: Callable[[], str], *, live: bool) -> Iterator[Callable[[], None]]:
+    """A one-line status on stderr (nothing when not `live`); the yielded function refreshes it."""
     with tqdm(bar_format="{desc}", file=sys.stderr, disable=not live, leave=False) as line:
-        while any(thread.is_alive() for thread in waited):
-            line.set_description_str(describe(), refresh=True)
-            for thread in waited:
-                thread.join(timeout=0.5 / len(waited))
-    for name in detached:
-        threads[name].join(timeout=0 if stop.is_set() else None)
-    if errors:
-        raise errors[0]
+        yield lambda: line.set_description_str(describe(), refresh=True)
 
 
 def _trainer_line(trainer: Trainer) -> str:
