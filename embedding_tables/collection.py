@@ -65,6 +65,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from embedding_tables.backend import lookup_backend
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
+from embedding_tables.cpu_kernels import MAX_PARTS, CpuKernels, KernelTransform, library
 from embedding_tables.errors import (
     ConfigError,
     EmbeddingTableError,
@@ -86,6 +87,8 @@ from embedding_tables.transforms import (
     GraphHashMappingLike,
     IndexTransform,
     check_id_dtype,
+    kernel_transform_of,
+    out_of_range_error,
     transform_for,
 )
 
@@ -105,6 +108,19 @@ class _FeatureLookup:
     slots: tuple[int, ...] = ()
     # Columns [start, end) of the feature in its fused group's output (fused groups only).
     fused_columns: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class _KernelTerm:
+    """One pooled term of a group run by the CPU kernels: `feature`'s ids through `transform`,
+    the rows of the group's tables `tables` (one per partition, multiplied), pooled into
+    columns [start, end) of the group's output (`columns`), or into the feature's own output
+    (qr mult; `columns` None)."""
+
+    feature: str
+    transform: KernelTransform
+    tables: tuple[int, ...]
+    columns: tuple[int, int] | None
 
 
 @dataclass
@@ -275,6 +291,7 @@ class EmbeddingCollection(nn.Module):
         self._slot_lookups: list[list[int]] = []
         self._slot_columns: list[list[int]] = []
         self._batched_transforms: dict[int, BatchedTransform] = {}
+        self._kernel_terms: dict[int, list[_KernelTerm] | None] = {}
         self.backend = lookup_backend(self.device.type)
         self._fused = self.backend == "triton"
         self.tables = PhysicalTables(self._build_lookups())
@@ -693,7 +710,12 @@ class EmbeddingCollection(nn.Module):
         """Steps 1 and 2 of every group: [B, slot columns] keyed by group for pooled groups; for
         `rows` groups (qr mult, pooled after the product) each feature's [B, dim] keyed by name."""
         outputs: dict[int | str, torch.Tensor] = {}
+        kernels = self._forward_kernels()
         for group, kind in enumerate(self._group_kinds):
+            terms = None if kernels is None else self._group_kernel_terms(group)
+            if terms is not None:
+                outputs.update(self._kernel_group_outputs(kernels, batch, group, terms))
+                continue
             if kind == "rows":
                 outputs.update(self._mult_pooled(batch, group))
                 continue
@@ -715,6 +737,84 @@ class EmbeddingCollection(nn.Module):
             )
             weights = self._group_weights(batch, group, same_layout)
             outputs[group] = self.tables.lookups[group].pooled(indices, lengths, weights, counts)
+        return outputs
+
+    def _forward_kernels(self) -> CpuKernels | None:
+        """The CPU kernels, for a forward that needs no gradient on CPU (inference); None
+        otherwise (training keeps the table-batched lookups and their fused backward)."""
+        if self.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        return library()
+
+    def _group_kernel_terms(self, group: int) -> list[_KernelTerm] | None:
+        """The kernel terms of a `pooled` or `rows` group of fp32 tables; None for groups the
+        kernels do not run (fused groups, graphhash, fp16)."""
+        if group in self._kernel_terms:
+            return self._kernel_terms[group]
+        terms: list[_KernelTerm] | None = []
+        lookup = self.tables.lookups[group]
+        kind = self._group_kinds[group]
+        rules = self._batched_transform(group).rules
+        columns = self._slot_columns[group]
+        if kind == "pooled":
+            for s, rule in enumerate(rules):
+                transform = kernel_transform_of([rule])
+                if transform is None:
+                    terms = None
+                    break
+                terms.append(
+                    _KernelTerm(
+                        rule.feature,
+                        transform,
+                        (lookup.slot_tables[s],),
+                        (columns[s], columns[s + 1]),
+                    )
+                )
+        elif kind == "rows":
+            for name in dict.fromkeys(self._slot_features[group]):
+                slots = self._lookups[name].slots
+                transform = kernel_transform_of([rules[s] for s in slots])
+                if transform is None or transform.parts > MAX_PARTS:
+                    terms = None
+                    break
+                terms.append(
+                    _KernelTerm(name, transform, tuple(lookup.slot_tables[s] for s in slots), None)
+                )
+        else:
+            terms = None
+        if terms is not None and any(table.dtype != "fp32" for table in lookup.tables):
+            terms = None
+        self._kernel_terms[group] = terms
+        return terms
+
+    def _kernel_group_outputs(
+        self, kernels: CpuKernels, batch: _Batch, group: int, terms: list[_KernelTerm]
+    ) -> dict[int | str, torch.Tensor]:
+        """Steps 1 to 3 of a group in the CPU kernels, one pass per term over its ids: the
+        group's [B, slot columns] (pooled groups), or each qr mult feature's [B, dim]."""
+        lookup = self.tables.lookups[group]
+        outputs: dict[int | str, torch.Tensor] = {}
+        if self._group_kinds[group] == "pooled":
+            outputs[group] = torch.empty(batch.batch_size, self._slot_columns[group][-1])
+        bags: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for term in terms:
+            feature = batch.features[term.feature]
+            if term.feature not in bags:
+                weights = self._pooling_weights(self._lookups[term.feature], feature)
+                bags[term.feature] = (
+                    bag_offsets(feature.lengths),
+                    None if weights is None else weights.contiguous(),
+                )
+            offsets, weights = bags[term.feature]
+            tables = [lookup.weight(t) for t in term.tables]
+            if term.columns is None:
+                target = outputs[term.feature] = torch.empty(batch.batch_size, tables[0].shape[1])
+            else:
+                target = outputs[group][:, term.columns[0] : term.columns[1]]
+            ids = feature.ids.contiguous()
+            bad = kernels.pooled_into(term.transform, ids, offsets, weights, tables, target)
+            if bad is not None:
+                raise out_of_range_error(term.feature, int(ids[bad]), term.transform.limit)
         return outputs
 
     def _mult_pooled(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
