@@ -63,6 +63,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embedding_tables.backend import lookup_backend
+from embedding_tables.checked import CheckedKJT, check_layout
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
 from embedding_tables.cpu_kernels import MAX_PARTS, CpuKernels, KernelTransform, library
@@ -71,7 +72,6 @@ from embedding_tables.errors import (
     EmbeddingTableError,
     FeatureError,
     IdError,
-    OffsetsError,
 )
 from embedding_tables.lookup import TORCH_DTYPES, TableBatchedLookup, bag_offsets
 from embedding_tables.optimizer import SparseOptimizerConfig
@@ -622,7 +622,8 @@ class EmbeddingCollection(nn.Module):
         return self._batched_transforms[group]
 
     def _split(self, features: KeyedJaggedTensor) -> _Batch:
-        """Check the KJT against the configured features and cut it per feature."""
+        """Check the KJT against the configured features and cut it per feature; its layout
+        too unless it is a CheckedKJT (`embedding_tables.checked`), checked where it entered."""
         keys = features.keys()
         missing = [f for f in self.feature_to_table if f not in keys]
         unknown = [k for k in keys if k not in self.feature_to_table]
@@ -636,20 +637,19 @@ class EmbeddingCollection(nn.Module):
                 f"KeyedJaggedTensor features do not match the collection: {'; '.join(problems)}"
                 f"; configured: {', '.join(self.feature_to_table)}"
             )
-        if features.variable_stride_per_key():
+        checked = isinstance(features, CheckedKJT)
+        if not checked and features.variable_stride_per_key():
             raise FeatureError("KeyedJaggedTensor with a batch size per feature is not supported")
         values = features.values()
-        if values.dtype not in (torch.int64, torch.int32):
-            raise IdError(
-                f"features {', '.join(map(repr, keys))}: ids must be integers (int64 or int32), "
-                f"got dtype {values.dtype}"
-            )
-        values = values.to(device=self.device, dtype=torch.int64)
-        lengths = features.lengths().to(device=self.device, dtype=torch.int64)
+        lengths = features.lengths()
         weights = features.weights_or_none()
+        if checked:
+            counts = features.length_per_key()
+        else:
+            counts = check_layout(keys, features.stride(), values, lengths, weights)
+        values = values.to(device=self.device, dtype=torch.int64)
+        lengths = lengths.to(device=self.device, dtype=torch.int64)
         weights = None if weights is None else weights.to(self.device, torch.float32)
-        _check_layout(keys, features.stride(), values, lengths, weights)
-        counts = features.length_per_key()
         ids = values.split(counts)
         per_key_lengths = lengths.view(len(keys), features.stride())
         per_key_weights = weights.split(counts) if weights is not None else [None] * len(keys)
@@ -915,37 +915,6 @@ class EmbeddingCollection(nn.Module):
                 f"unknown physical table {physical_table!r}; physical tables: {', '.join(names)}"
             )
         return self.tables.weight(physical_table)
-
-
-def _check_layout(
-    keys: Sequence[str],
-    stride: int,
-    values: torch.Tensor,
-    lengths: torch.Tensor,
-    weights: torch.Tensor | None,
-) -> None:
-    """OffsetsError unless the lengths (one per feature and sample) and the per-id weights
-    describe exactly the ids: torch would fail later with a bare RuntimeError."""
-    named = ", ".join(map(repr, keys))
-    if lengths.numel() != len(keys) * stride:
-        raise OffsetsError(
-            f"features {named}: {lengths.numel()} lengths for {len(keys)} features x batch "
-            f"{stride}; one length per feature and sample is accepted"
-        )
-    smallest, total = 0, 0
-    if lengths.numel():  # one device-to-host copy for both
-        smallest, total = torch.stack([lengths.min(), lengths.sum()]).tolist()
-    if smallest < 0:
-        raise OffsetsError(f"features {named}: lengths must be >= 0, got {smallest}")
-    if total != values.numel():
-        raise OffsetsError(
-            f"features {named}: the lengths add up to {total} ids but there are {values.numel()}"
-        )
-    if weights is not None and weights.numel() != values.numel():
-        raise OffsetsError(
-            f"features {named}: {weights.numel()} weights for {values.numel()} ids; one weight "
-            "per id (or none) is accepted"
-        )
 
 
 def _output_dim(config: TableConfig, feature: str) -> int:

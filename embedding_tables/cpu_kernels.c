@@ -8,6 +8,10 @@
  * bucket = (hash64 & (2**63 - 1)) mod m. Divisions by a per-call constant d use a multiply by
  * m = ceil(2**(63 + l) / d), l = ceil(log2 d): floor(x / d) = floor(m * x / 2**(63 + l)) for
  * every 0 <= x < 2**63 (Granlund & Montgomery 1994, theorem 4.2), and m < 2**64.
+ *
+ * Pooling rounds as fbgemm's TBE does (one fused multiply-add of weight and row per id), and a
+ * qr mult term as the torch reference does (the product, times the weight, then the sum); the
+ * compiler contracts nothing else (-std=c11), so results do not depend on alignment or batch.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -208,8 +212,15 @@ static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
                 }
             const float w = t->weights ? t->weights[i] : 1.0f;
             const float *first = t->tables[0] + rows[at] * t->table_strides[0];
+            if (parts == 1 && !t->weights) {
+                for (int64_t c = 0; c < lanes; c++) acc[c] += load16(first + 16 * c);
+                continue;
+            }
             if (parts == 1) {
-                for (int64_t c = 0; c < lanes; c++) acc[c] += load16(first + 16 * c) * w;
+                for (int64_t c = 0; c < lanes; c++) {
+                    float *lane = (float *)&acc[c];
+                    for (int l = 0; l < 16; l++) lane[l] = __builtin_fmaf(first[16 * c + l], w, lane[l]);
+                }
                 continue;
             }
             for (int64_t c = 0; c < lanes; c++) {
@@ -248,6 +259,10 @@ static int64_t pooled_any_dim(const PooledTerm *t, const Prepared *p, int64_t *r
             const int64_t at = i - start;
             const float w = t->weights ? t->weights[i] : 1.0f;
             const float *row = t->tables[0] + rows[at] * t->table_strides[0];
+            if (parts == 1) {
+                for (int64_t k = 0; k < dim; k++) out[k] = __builtin_fmaf(row[k], w, out[k]);
+                continue;
+            }
             for (int64_t k = 0; k < dim; k++) {
                 float product = row[k];
                 for (int64_t j = 1; j < parts; j++)
