@@ -160,8 +160,13 @@ typedef struct {
  * position of the first id out of range when that is an error. */
 static int64_t block_rows(const Prepared *p, const int64_t *ids, int64_t start, int64_t end,
                           int64_t *rows) {
-    if (p->kind == KIND_HASH) { /* one tight loop: the compiler vectorises the mix */
-        for (int64_t i = start; i < end; i++) rows[i - start] = bucket_row(ids[i], p->key, &p->moduli[0]);
+    if (p->kind == KIND_HASH) { /* the mix in a loop of its own, which the compiler vectorises */
+        const int64_t count = end - start;
+        const uint64_t key = (uint64_t)p->key;
+        uint64_t *hashes = (uint64_t *)rows;
+        for (int64_t i = 0; i < count; i++) hashes[i] = mix64((uint64_t)ids[start + i] + key) & LOW63;
+        const FastDiv f = p->moduli[0];
+        for (int64_t i = 0; i < count; i++) rows[i] = (int64_t)fastdiv_remainder(hashes[i], &f);
         return -1;
     }
     int64_t local[MAX_PARTS];
@@ -189,33 +194,33 @@ static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
                                                              const int64_t lanes) {
     const int64_t parts = p->parts;
     const int64_t n = t->offsets[t->batch];
-    lane16 acc[MAX_LANES];
-    int64_t b = 0;
-    for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        const int64_t end = n - start < BLOCK ? n : start + BLOCK;
-        const int64_t bad = block_rows(p, t->ids, start, end, rows);
-        if (bad >= 0) return bad;
-        for (int64_t i = start; i < end; i++) {
-            while (i >= t->offsets[b + 1]) {
-                float *out = t->out + b * t->out_stride;
-                for (int64_t c = 0; c < lanes; c++) memcpy(out + 16 * c, &acc[c], sizeof acc[c]);
-                for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
-                b++;
+    const float *weights = t->weights;
+    const float *const *tables = t->tables;
+    const int64_t *strides = t->table_strides;
+    int64_t start = 0, end = 0; /* the block of ids whose rows are in `rows` */
+    for (int64_t b = 0; b < t->batch; b++) {
+        lane16 acc[MAX_LANES];
+        for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
+        const int64_t bag_end = t->offsets[b + 1];
+        for (int64_t i = t->offsets[b]; i < bag_end; i++) {
+            if (i == end) {
+                start = i;
+                end = n - i < BLOCK ? n : i + BLOCK;
+                const int64_t bad = block_rows(p, t->ids, start, end, rows);
+                if (bad >= 0) return bad;
             }
             const int64_t at = i - start;
             if (at + PREFETCH < end - start)
                 for (int64_t j = 0; j < parts; j++) {
-                    const float *ahead =
-                        t->tables[j] + rows[j * BLOCK + at + PREFETCH] * t->table_strides[j];
-                    for (int64_t c = 0; c < lanes; c += 4) __builtin_prefetch(ahead + 16 * c, 0, 0);
+                    const float *ahead = tables[j] + rows[j * BLOCK + at + PREFETCH] * strides[j];
+                    for (int64_t c = 0; c < lanes; c += 4) __builtin_prefetch(ahead + 16 * c, 0, 3);
                 }
-            const float w = t->weights ? t->weights[i] : 1.0f;
-            const float *first = t->tables[0] + rows[at] * t->table_strides[0];
-            if (parts == 1 && !t->weights) {
+            const float *first = tables[0] + rows[at] * strides[0];
+            if (parts == 1 && !weights) {
                 for (int64_t c = 0; c < lanes; c++) acc[c] += load16(first + 16 * c);
                 continue;
             }
+            const float w = weights ? weights[i] : 1.0f;
             if (parts == 1) {
                 for (int64_t c = 0; c < lanes; c++) {
                     float *lane = (float *)&acc[c];
@@ -226,15 +231,12 @@ static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
             for (int64_t c = 0; c < lanes; c++) {
                 lane16 product = load16(first + 16 * c);
                 for (int64_t j = 1; j < parts; j++)
-                    product *= load16(t->tables[j] + rows[j * BLOCK + at] * t->table_strides[j] + 16 * c);
+                    product *= load16(tables[j] + rows[j * BLOCK + at] * strides[j] + 16 * c);
                 acc[c] += product * w;
             }
         }
-    }
-    for (; b < t->batch; b++) {
         float *out = t->out + b * t->out_stride;
         for (int64_t c = 0; c < lanes; c++) memcpy(out + 16 * c, &acc[c], sizeof acc[c]);
-        for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
     }
     return -1;
 }

@@ -3,7 +3,7 @@
 The C source ships with the package; on first use it is compiled with the system C compiler
 (`cc`, or $CC) into ~/.cache/embtab/kernels/ (or $XDG_CACHE_HOME/embtab/kernels/), keyed by a
 hash of the source, the flags, the compiler and the CPU, and loaded with ctypes. Without a
-compiler (or with EMBTAB_CPU_KERNELS=0) `library()` is None after one warning, and callers use
+compiler `library()` is None after one warning (and with EMBTAB_CPU_KERNELS=0), and callers use
 their torch path, which stays the specification these kernels are tested against bit for bit.
 
 The kernels run on one thread, on contiguous CPU int64 ids and fp32 tables.
@@ -247,12 +247,18 @@ def build(compiler: str) -> Path:
     return target
 
 
-@cache
 def library() -> CpuKernels | None:
-    """The kernels, built on first use; None (after one warning) where they cannot be built
-    or EMBTAB_CPU_KERNELS=0 turns them off."""
+    """The kernels, built on first use; None where EMBTAB_CPU_KERNELS=0 turns them off (read
+    on every call) or they cannot be built (after one warning)."""
     if os.environ.get(SWITCH, "1") == "0":
         return None
+    return built_library()
+
+
+@cache
+def built_library() -> CpuKernels | None:
+    """The kernels built (or found in the cache) once per process; None, after one warning,
+    where there is no compiler or the build fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         warnings.warn(

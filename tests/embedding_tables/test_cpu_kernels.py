@@ -12,7 +12,7 @@ import embedding_tables.collection as collection_module
 import embedding_tables.transforms as transforms_module
 from embedding_tables import EmbeddingCollection, SparseOptimizerConfig
 from embedding_tables.config import TableConfig
-from embedding_tables.cpu_kernels import KernelTransform, library
+from embedding_tables.cpu_kernels import KernelTransform, built_library, library
 from embedding_tables.errors import IdError
 from embedding_tables.hashing import bucket_keyed, seed_key
 from embedding_tables.transforms import BatchedTransform, transform_for
@@ -166,12 +166,14 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("EMBTAB_CPU_KERNELS", raising=False)
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert library.__wrapped__() is None
+        assert built_library.__wrapped__() is None
 
 
+@needs_kernels
 def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert library() is KERNELS
     monkeypatch.setenv("EMBTAB_CPU_KERNELS", "0")
-    assert library.__wrapped__() is None
+    assert library() is None
 
 
 @needs_kernels
