@@ -66,7 +66,13 @@ from embedding_tables.backend import lookup_backend
 from embedding_tables.checked import CheckedKJT, check_layout
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
-from embedding_tables.cpu_kernels import MAX_PARTS, CpuKernels, KernelTransform, library
+from embedding_tables.cpu_kernels import (
+    MAX_PARTS,
+    CpuKernels,
+    KernelTransform,
+    PooledTerms,
+    library,
+)
 from embedding_tables.errors import (
     ConfigError,
     EmbeddingTableError,
@@ -292,6 +298,9 @@ class EmbeddingCollection(nn.Module):
         self._slot_columns: list[list[int]] = []
         self._batched_transforms: dict[int, BatchedTransform] = {}
         self._kernel_terms: dict[int, list[_KernelTerm] | None] = {}
+        self._kernel_plans: dict[
+            tuple[int, ...], tuple[list[tuple[int, _KernelTerm]], PooledTerms]
+        ] = {}
         self.backend = lookup_backend(self.device.type)
         self._fused = self.backend == "triton"
         self.tables = PhysicalTables(self._build_lookups())
@@ -711,10 +720,15 @@ class EmbeddingCollection(nn.Module):
         `rows` groups (qr mult, pooled after the product) each feature's [B, dim] keyed by name."""
         outputs: dict[int | str, torch.Tensor] = {}
         kernels = self._forward_kernels()
+        kernel_groups = tuple(
+            group
+            for group in range(len(self._group_kinds))
+            if kernels is not None and self._group_kernel_terms(group) is not None
+        )
+        if kernel_groups:
+            outputs.update(self._kernel_outputs(kernels, batch, kernel_groups))
         for group, kind in enumerate(self._group_kinds):
-            terms = None if kernels is None else self._group_kernel_terms(group)
-            if terms is not None:
-                outputs.update(self._kernel_group_outputs(kernels, batch, group, terms))
+            if group in kernel_groups:
                 continue
             if kind == "rows":
                 outputs.update(self._mult_pooled(batch, group))
@@ -787,35 +801,53 @@ class EmbeddingCollection(nn.Module):
         self._kernel_terms[group] = terms
         return terms
 
-    def _kernel_group_outputs(
-        self, kernels: CpuKernels, batch: _Batch, group: int, terms: list[_KernelTerm]
+    def _kernel_outputs(
+        self, kernels: CpuKernels, batch: _Batch, groups: tuple[int, ...]
     ) -> dict[int | str, torch.Tensor]:
-        """Steps 1 to 3 of a group in the CPU kernels, one pass per term over its ids: the
-        group's [B, slot columns] (pooled groups), or each qr mult feature's [B, dim]."""
-        lookup = self.tables.lookups[group]
-        outputs: dict[int | str, torch.Tensor] = {}
-        if self._group_kinds[group] == "pooled":
-            outputs[group] = torch.empty(batch.batch_size, self._slot_columns[group][-1])
-        bags: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for term in terms:
-            feature = batch.features[term.feature]
-            if term.feature not in bags:
-                weights = self._pooling_weights(self._lookups[term.feature], feature)
-                bags[term.feature] = (
-                    bag_offsets(feature.lengths),
-                    None if weights is None else weights.contiguous(),
-                )
-            offsets, weights = bags[term.feature]
+        """Steps 1 to 3 of `groups` in one call of the CPU kernels, one pass per term over its
+        ids: each pooled group's [B, slot columns], each qr mult feature's [B, dim]."""
+        if groups not in self._kernel_plans:
+            entries = [(g, term) for g in groups for term in self._group_kernel_terms(g) or ()]
+            terms = PooledTerms([term.transform for _, term in entries])
+            self._kernel_plans[groups] = (entries, terms)
+        entries, terms = self._kernel_plans[groups]
+        batch_size = batch.batch_size
+        offsets = bag_offsets(batch.lengths)
+        weights = self._kernel_weights(batch)
+        position = {key: i for i, key in enumerate(batch.keys)}
+        outputs: dict[int | str, torch.Tensor] = {
+            g: torch.empty(batch_size, self._slot_columns[g][-1])
+            for g in groups
+            if self._group_kinds[g] == "pooled"
+        }
+        for k, (group, term) in enumerate(entries):
+            lookup = self.tables.lookups[group]
             tables = [lookup.weight(t) for t in term.tables]
             if term.columns is None:
-                target = outputs[term.feature] = torch.empty(batch.batch_size, tables[0].shape[1])
+                target = outputs[term.feature] = torch.empty(batch_size, tables[0].shape[1])
             else:
                 target = outputs[group][:, term.columns[0] : term.columns[1]]
-            ids = feature.ids.contiguous()
-            bad = kernels.pooled_into(term.transform, ids, offsets, weights, tables, target)
-            if bad is not None:
-                raise out_of_range_error(term.feature, int(ids[bad]), term.transform.limit)
+            start = position[term.feature] * batch_size
+            bags = offsets[start : start + batch_size + 1]
+            terms.set_term(k, batch.values, bags, weights, tables, target)
+        failure = kernels.pooled(terms)
+        if failure is not None:
+            term = entries[failure[0]][1]
+            value = int(batch.values[failure[1]])
+            raise out_of_range_error(term.feature, value, term.transform.limit)
         return outputs
+
+    def _kernel_weights(self, batch: _Batch) -> torch.Tensor | None:
+        """Per-id pooling weights of the whole KJT, as `_pooling_weights` gives them feature by
+        feature (the KJT's weights, over the bag length for mean pooling); None for plain
+        sums."""
+        means = [self._lookups[key].mean for key in batch.keys]
+        if not any(means):
+            return None if batch.weights is None else batch.weights.contiguous()
+        flags = torch.tensor(means, device=self.device).repeat_interleave(batch.batch_size)
+        per_bag = torch.where(flags, 1.0 / batch.lengths.to(torch.float32), 1.0)
+        per_id = per_bag.repeat_interleave(batch.lengths, output_size=batch.values.numel())
+        return per_id if batch.weights is None else batch.weights * per_id
 
     def _mult_pooled(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
         """Steps 2 and 3 of a `rows` group (qr mult): unpooled lookup, then product and pooling

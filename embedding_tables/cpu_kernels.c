@@ -19,6 +19,7 @@
 
 #define LOW63 0x7FFFFFFFFFFFFFFFULL
 #define MAX_PARTS 8
+#define NO_MEMORY (-2)
 #define BLOCK 2048 /* ids whose rows are computed before their rows are read */
 #define PREFETCH 32 /* how many ids ahead a row is prefetched */
 #define MAX_LANES 8 /* dims up to 128, in multiples of 16 */
@@ -146,7 +147,7 @@ int64_t embtab_transform(const Transform *t, const int64_t *ids, int64_t n, int6
 typedef struct {
     Transform transform;
     const int64_t *ids;
-    const int64_t *offsets; /* batch + 1, offsets[0] == 0 */
+    const int64_t *offsets; /* batch + 1 positions in ids (and weights) where the bags start */
     const float *weights;   /* per id, or NULL */
     int64_t batch;
     int64_t dim;
@@ -197,7 +198,7 @@ static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
     const float *weights = t->weights;
     const float *const *tables = t->tables;
     const int64_t *strides = t->table_strides;
-    int64_t start = 0, end = 0; /* the block of ids whose rows are in `rows` */
+    int64_t start = t->offsets[0], end = start; /* the block of ids whose rows are in `rows` */
     for (int64_t b = 0; b < t->batch; b++) {
         lane16 acc[MAX_LANES];
         for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
@@ -249,7 +250,7 @@ static int64_t pooled_any_dim(const PooledTerm *t, const Prepared *p, int64_t *r
     int64_t b = 0;
     float *out = t->out;
     for (int64_t k = 0; k < dim; k++) out[k] = 0.0f;
-    for (int64_t start = 0; start < n; start += BLOCK) {
+    for (int64_t start = t->offsets[0]; start < n; start += BLOCK) {
         const int64_t end = n - start < BLOCK ? n : start + BLOCK;
         const int64_t bad = block_rows(p, t->ids, start, end, rows);
         if (bad >= 0) return bad;
@@ -280,12 +281,10 @@ static int64_t pooled_any_dim(const PooledTerm *t, const Prepared *p, int64_t *r
     return -1;
 }
 
-/* Returns -1, or the position of the first id out of range when that is an error; -2 when
- * the scratch space cannot be allocated. */
-int64_t embtab_pooled(const PooledTerm *t) {
+static int64_t pooled_term(const PooledTerm *t) {
     Prepared p = prepare(&t->transform);
     int64_t *rows = malloc(sizeof(int64_t) * BLOCK * (size_t)p.parts);
-    if (rows == NULL) return -2;
+    if (rows == NULL) return NO_MEMORY;
     int64_t result;
     switch (t->dim) {
     case 16: result = pooled(t, &p, rows, 1); break;
@@ -297,4 +296,17 @@ int64_t embtab_pooled(const PooledTerm *t) {
     }
     free(rows);
     return result;
+}
+
+/* Every term in order. Returns -1; or, stopping there, the position of the first id out of
+ * range where that is an error (its term in *failed), or NO_MEMORY. */
+int64_t embtab_pooled(const PooledTerm *terms, int64_t count, int64_t *failed) {
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t result = pooled_term(&terms[k]);
+        if (result != -1) {
+            *failed = k;
+            return result;
+        }
+    }
+    return -1;
 }

@@ -120,7 +120,11 @@ class CpuKernels:
             ctypes.c_void_p,
         ]
         self._lib.embtab_transform.restype = ctypes.c_int64
-        self._lib.embtab_pooled.argtypes = [ctypes.POINTER(_PooledTerm)]
+        self._lib.embtab_pooled.argtypes = [
+            ctypes.POINTER(_PooledTerm),
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_int64),
+        ]
         self._lib.embtab_pooled.restype = ctypes.c_int64
 
     def bucket_into(self, ids: torch.Tensor, key: int, num_rows: int, out: torch.Tensor) -> None:
@@ -142,42 +146,60 @@ class CpuKernels:
         )
         return rows if bad < 0 else int(bad)
 
-    def pooled_into(
+    def pooled(self, terms: PooledTerms) -> tuple[int, int] | None:
+        """Run every term of `terms` in one call; None, or (term, position of the first id out
+        of range) where its transform treats that as an error."""
+        failed = ctypes.c_int64(-1)
+        bad = self._lib.embtab_pooled(terms.array, len(terms.array), ctypes.byref(failed))
+        if bad == _NO_MEMORY:
+            raise MemoryError("embtab_pooled could not allocate its scratch rows")
+        return None if bad < 0 else (failed.value, int(bad))
+
+
+class PooledTerms:
+    """Pooled terms for one kernel call, reused from batch to batch: term k pools bags of ids
+    through `transforms[k]`, each id's partition rows multiplied (one partition: the row),
+    times its weight, into a [B, dim] output."""
+
+    def __init__(self, transforms: Sequence[KernelTransform]) -> None:
+        self.transforms = tuple(transforms)
+        self.array = (_PooledTerm * len(self.transforms))()
+        for term, transform in zip(self.array, self.transforms, strict=True):
+            term.transform = transform._struct()
+
+    def set_term(
         self,
-        transform: KernelTransform,
+        k: int,
         ids: torch.Tensor,
         offsets: torch.Tensor,
         weights: torch.Tensor | None,
         tables: Sequence[torch.Tensor],
         out: torch.Tensor,
-    ) -> int | None:
-        """out[b] = sum over bag b of weight * product of the id's partition rows, for every
-        bag; `out` is a [B, dim] view (rows may be strided, columns contiguous) of fp32. Returns
-        None, or the position of the first id out of range when that is an error."""
+    ) -> None:
+        """Term k's inputs: bag b is ids[offsets[b]:offsets[b + 1]] (weights indexed alike;
+        None for weight 1), partition j's rows are in tables[j] ([rows, dim] fp32), the result
+        goes to `out` ([B, dim] fp32; both may have strided rows, not columns). The tensors
+        must live until `CpuKernels.pooled` has run."""
         _check_ids(ids)
         _check_ids(offsets)
         batch, dim = out.shape
         if (
-            len(tables) != transform.parts
+            len(tables) != self.transforms[k].parts
             or offsets.numel() != batch + 1
             or out.dtype != torch.float32
             or out.stride(1) != 1
-            or (
-                weights is not None
-                and (weights.dtype != torch.float32 or not weights.is_contiguous())
-            )
+            or not (weights is None or _is_fp32_vector(weights))
             or any(
                 t.dtype != torch.float32 or t.stride(1) != 1 or t.shape[1] != dim for t in tables
             )
         ):
             raise ValueError(
-                "pooled_into takes one fp32 [rows, dim] table per partition (contiguous "
+                "a pooled term takes one fp32 [rows, dim] table per partition (contiguous "
                 "columns), B + 1 offsets, fp32 weights or None and an fp32 [B, dim] output "
-                "(contiguous columns); got {len(tables)} tables for {transform.parts} "
-                f"partitions, {offsets.numel()} offsets for B={batch}"
+                f"(contiguous columns); got {len(tables)} tables for "
+                f"{self.transforms[k].parts} partitions, {offsets.numel()} offsets for B={batch}"
             )
-        term = _PooledTerm()
-        term.transform = transform._struct()
+        term = self.array[k]
         term.ids = ids.data_ptr()
         term.offsets = offsets.data_ptr()
         term.weights = None if weights is None else weights.data_ptr()
@@ -188,10 +210,6 @@ class CpuKernels:
             term.table_strides[j] = table.stride(0)
         term.out = out.data_ptr()
         term.out_stride = out.stride(0)
-        bad = self._lib.embtab_pooled(ctypes.byref(term))
-        if bad == _NO_MEMORY:
-            raise MemoryError("embtab_pooled could not allocate its scratch rows")
-        return None if bad < 0 else int(bad)
 
 
 def _is_fp32_vector(weights: torch.Tensor) -> bool:
