@@ -214,7 +214,7 @@ static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
             if (at + PREFETCH < end - start)
                 for (int64_t j = 0; j < parts; j++) {
                     const float *ahead = tables[j] + rows[j * BLOCK + at + PREFETCH] * strides[j];
-                    for (int64_t c = 0; c < lanes; c += 4) __builtin_prefetch(ahead + 16 * c, 0, 3);
+                    for (int64_t c = 0; c < lanes; c++) __builtin_prefetch(ahead + 16 * c, 0, 3);
                 }
             const float *first = tables[0] + rows[at] * strides[0];
             if (parts == 1 && !weights) {
