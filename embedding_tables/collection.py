@@ -486,6 +486,8 @@ class EmbeddingCollection(nn.Module):
         self._store_mapping(table, mapping)
         self._transforms.update(new_transforms)
         self._batched_transforms.clear()
+        self._kernel_terms.clear()
+        self._kernel_plans.clear()
 
     # ---- construction -------------------------------------------------------------------------
 
