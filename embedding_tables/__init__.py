@@ -7,9 +7,12 @@ optimizer, which weights are parameters), `embedding_tables.planning` for physic
 and budgets, `embedding_tables.hashing` / `embedding_tables.transforms` for the pure index
 transforms that serving reruns.
 
-`EmbeddingCollection` (which needs torchrec and fbgemm-gpu) is imported on first use, so that
-the torch-only parts (configs, planning, hashing, transforms, `embedding_tables.kernels`) import
-where those are absent.
+`check_kjt` / `CheckedKJT` (`embedding_tables.checked`) check a KJT once where it enters, so
+that forwards skip that check.
+
+`EmbeddingCollection` and the checked KJT (which need torchrec and fbgemm-gpu) are imported on
+first use, so that the torch-only parts (configs, planning, hashing, transforms,
+`embedding_tables.kernels`) import where those are absent.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from embedding_tables.planning import PhysicalTable, TablePlan, plan_table
 from embedding_tables.transforms import transform_for
 
 if TYPE_CHECKING:
+    from embedding_tables.checked import CheckedKJT, check_kjt
     from embedding_tables.collection import EmbeddingCollection
 
 __all__ = [
     "BackendError",
     "BudgetError",
+    "CheckedKJT",
     "ConfigError",
     "EmbeddingCollection",
     "EmbeddingTableError",
@@ -48,6 +53,7 @@ __all__ = [
     "TableConfig",
     "TablePlan",
     "bucket",
+    "check_kjt",
     "feature_seed",
     "hash64",
     "plan_table",
@@ -60,4 +66,8 @@ def __getattr__(name: str) -> object:
         from embedding_tables.collection import EmbeddingCollection
 
         return EmbeddingCollection
+    if name in ("CheckedKJT", "check_kjt"):
+        from embedding_tables import checked
+
+        return getattr(checked, name)
     raise AttributeError(f"module 'embedding_tables' has no attribute {name!r}")

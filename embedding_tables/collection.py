@@ -63,14 +63,21 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embedding_tables.backend import lookup_backend
+from embedding_tables.checked import CheckedKJT, check_layout
 from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
 from embedding_tables.config import TableConfig
+from embedding_tables.cpu_kernels import (
+    MAX_PARTS,
+    CpuKernels,
+    KernelTransform,
+    PooledTerms,
+    library,
+)
 from embedding_tables.errors import (
     ConfigError,
     EmbeddingTableError,
     FeatureError,
     IdError,
-    OffsetsError,
 )
 from embedding_tables.lookup import TORCH_DTYPES, TableBatchedLookup, bag_offsets
 from embedding_tables.optimizer import SparseOptimizerConfig
@@ -86,6 +93,8 @@ from embedding_tables.transforms import (
     GraphHashMappingLike,
     IndexTransform,
     check_id_dtype,
+    kernel_transform_of,
+    out_of_range_error,
     transform_for,
 )
 
@@ -105,6 +114,19 @@ class _FeatureLookup:
     slots: tuple[int, ...] = ()
     # Columns [start, end) of the feature in its fused group's output (fused groups only).
     fused_columns: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class _KernelTerm:
+    """One pooled term of a group run by the CPU kernels: `feature`'s ids through `transform`,
+    the rows of the group's tables `tables` (one per partition, multiplied), pooled into
+    columns [start, end) of the group's output (`columns`), or into the feature's own output
+    (qr mult; `columns` None)."""
+
+    feature: str
+    transform: KernelTransform
+    tables: tuple[int, ...]
+    columns: tuple[int, int] | None
 
 
 @dataclass
@@ -275,6 +297,10 @@ class EmbeddingCollection(nn.Module):
         self._slot_lookups: list[list[int]] = []
         self._slot_columns: list[list[int]] = []
         self._batched_transforms: dict[int, BatchedTransform] = {}
+        self._kernel_terms: dict[int, list[_KernelTerm] | None] = {}
+        self._kernel_plans: dict[
+            tuple[int, ...], tuple[list[tuple[int, _KernelTerm]], PooledTerms]
+        ] = {}
         self.backend = lookup_backend(self.device.type)
         self._fused = self.backend == "triton"
         self.tables = PhysicalTables(self._build_lookups())
@@ -460,6 +486,8 @@ class EmbeddingCollection(nn.Module):
         self._store_mapping(table, mapping)
         self._transforms.update(new_transforms)
         self._batched_transforms.clear()
+        self._kernel_terms.clear()
+        self._kernel_plans.clear()
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -605,7 +633,8 @@ class EmbeddingCollection(nn.Module):
         return self._batched_transforms[group]
 
     def _split(self, features: KeyedJaggedTensor) -> _Batch:
-        """Check the KJT against the configured features and cut it per feature."""
+        """Check the KJT against the configured features and cut it per feature; its layout
+        too unless it is a CheckedKJT (`embedding_tables.checked`), checked where it entered."""
         keys = features.keys()
         missing = [f for f in self.feature_to_table if f not in keys]
         unknown = [k for k in keys if k not in self.feature_to_table]
@@ -619,20 +648,19 @@ class EmbeddingCollection(nn.Module):
                 f"KeyedJaggedTensor features do not match the collection: {'; '.join(problems)}"
                 f"; configured: {', '.join(self.feature_to_table)}"
             )
-        if features.variable_stride_per_key():
+        checked = isinstance(features, CheckedKJT)
+        if not checked and features.variable_stride_per_key():
             raise FeatureError("KeyedJaggedTensor with a batch size per feature is not supported")
         values = features.values()
-        if values.dtype not in (torch.int64, torch.int32):
-            raise IdError(
-                f"features {', '.join(map(repr, keys))}: ids must be integers (int64 or int32), "
-                f"got dtype {values.dtype}"
-            )
-        values = values.to(device=self.device, dtype=torch.int64)
-        lengths = features.lengths().to(device=self.device, dtype=torch.int64)
+        lengths = features.lengths()
         weights = features.weights_or_none()
+        if checked:
+            counts = features.length_per_key()
+        else:
+            counts = check_layout(keys, features.stride(), values, lengths, weights)
+        values = values.to(device=self.device, dtype=torch.int64)
+        lengths = lengths.to(device=self.device, dtype=torch.int64)
         weights = None if weights is None else weights.to(self.device, torch.float32)
-        _check_layout(keys, features.stride(), values, lengths, weights)
-        counts = features.length_per_key()
         ids = values.split(counts)
         per_key_lengths = lengths.view(len(keys), features.stride())
         per_key_weights = weights.split(counts) if weights is not None else [None] * len(keys)
@@ -693,7 +721,17 @@ class EmbeddingCollection(nn.Module):
         """Steps 1 and 2 of every group: [B, slot columns] keyed by group for pooled groups; for
         `rows` groups (qr mult, pooled after the product) each feature's [B, dim] keyed by name."""
         outputs: dict[int | str, torch.Tensor] = {}
+        kernels = self._forward_kernels()
+        kernel_groups = tuple(
+            group
+            for group in range(len(self._group_kinds))
+            if kernels is not None and self._group_kernel_terms(group) is not None
+        )
+        if kernel_groups:
+            outputs.update(self._kernel_outputs(kernels, batch, kernel_groups))
         for group, kind in enumerate(self._group_kinds):
+            if group in kernel_groups:
+                continue
             if kind == "rows":
                 outputs.update(self._mult_pooled(batch, group))
                 continue
@@ -716,6 +754,102 @@ class EmbeddingCollection(nn.Module):
             weights = self._group_weights(batch, group, same_layout)
             outputs[group] = self.tables.lookups[group].pooled(indices, lengths, weights, counts)
         return outputs
+
+    def _forward_kernels(self) -> CpuKernels | None:
+        """The CPU kernels, for a forward that needs no gradient on CPU (inference); None
+        otherwise (training keeps the table-batched lookups and their fused backward)."""
+        if self.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        return library()
+
+    def _group_kernel_terms(self, group: int) -> list[_KernelTerm] | None:
+        """The kernel terms of a `pooled` or `rows` group of fp32 tables; None for groups the
+        kernels do not run (fused groups, graphhash, fp16)."""
+        if group in self._kernel_terms:
+            return self._kernel_terms[group]
+        terms: list[_KernelTerm] | None = []
+        lookup = self.tables.lookups[group]
+        kind = self._group_kinds[group]
+        rules = self._batched_transform(group).rules
+        columns = self._slot_columns[group]
+        if kind == "pooled":
+            for s, rule in enumerate(rules):
+                transform = kernel_transform_of([rule])
+                if transform is None:
+                    terms = None
+                    break
+                terms.append(
+                    _KernelTerm(
+                        rule.feature,
+                        transform,
+                        (lookup.slot_tables[s],),
+                        (columns[s], columns[s + 1]),
+                    )
+                )
+        elif kind == "rows":
+            for name in dict.fromkeys(self._slot_features[group]):
+                slots = self._lookups[name].slots
+                transform = kernel_transform_of([rules[s] for s in slots])
+                if transform is None or transform.parts > MAX_PARTS:
+                    terms = None
+                    break
+                terms.append(
+                    _KernelTerm(name, transform, tuple(lookup.slot_tables[s] for s in slots), None)
+                )
+        else:
+            terms = None
+        if terms is not None and any(table.dtype != "fp32" for table in lookup.tables):
+            terms = None
+        self._kernel_terms[group] = terms
+        return terms
+
+    def _kernel_outputs(
+        self, kernels: CpuKernels, batch: _Batch, groups: tuple[int, ...]
+    ) -> dict[int | str, torch.Tensor]:
+        """Steps 1 to 3 of `groups` in one call of the CPU kernels, one pass per term over its
+        ids: each pooled group's [B, slot columns], each qr mult feature's [B, dim]."""
+        if groups not in self._kernel_plans:
+            entries = [(g, term) for g in groups for term in self._group_kernel_terms(g) or ()]
+            terms = PooledTerms([term.transform for _, term in entries])
+            self._kernel_plans[groups] = (entries, terms)
+        entries, terms = self._kernel_plans[groups]
+        batch_size = batch.batch_size
+        offsets = bag_offsets(batch.lengths)
+        weights = self._kernel_weights(batch)
+        position = {key: i for i, key in enumerate(batch.keys)}
+        outputs: dict[int | str, torch.Tensor] = {
+            g: torch.empty(batch_size, self._slot_columns[g][-1])
+            for g in groups
+            if self._group_kinds[g] == "pooled"
+        }
+        for k, (group, term) in enumerate(entries):
+            lookup = self.tables.lookups[group]
+            tables = [lookup.weight(t) for t in term.tables]
+            if term.columns is None:
+                target = outputs[term.feature] = torch.empty(batch_size, tables[0].shape[1])
+            else:
+                target = outputs[group][:, term.columns[0] : term.columns[1]]
+            start = position[term.feature] * batch_size
+            bags = offsets[start : start + batch_size + 1]
+            terms.set_term(k, batch.values, bags, weights, tables, target)
+        failure = kernels.pooled(terms)
+        if failure is not None:
+            term = entries[failure[0]][1]
+            value = int(batch.values[failure[1]])
+            raise out_of_range_error(term.feature, value, term.transform.limit)
+        return outputs
+
+    def _kernel_weights(self, batch: _Batch) -> torch.Tensor | None:
+        """Per-id pooling weights of the whole KJT, as `_pooling_weights` gives them feature by
+        feature (the KJT's weights, over the bag length for mean pooling); None for plain
+        sums."""
+        means = [self._lookups[key].mean for key in batch.keys]
+        if not any(means):
+            return None if batch.weights is None else batch.weights.contiguous()
+        flags = torch.tensor(means, device=self.device).repeat_interleave(batch.batch_size)
+        per_bag = torch.where(flags, 1.0 / batch.lengths.to(torch.float32), 1.0)
+        per_id = per_bag.repeat_interleave(batch.lengths, output_size=batch.values.numel())
+        return per_id if batch.weights is None else batch.weights * per_id
 
     def _mult_pooled(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
         """Steps 2 and 3 of a `rows` group (qr mult): unpooled lookup, then product and pooling
@@ -815,37 +949,6 @@ class EmbeddingCollection(nn.Module):
                 f"unknown physical table {physical_table!r}; physical tables: {', '.join(names)}"
             )
         return self.tables.weight(physical_table)
-
-
-def _check_layout(
-    keys: Sequence[str],
-    stride: int,
-    values: torch.Tensor,
-    lengths: torch.Tensor,
-    weights: torch.Tensor | None,
-) -> None:
-    """OffsetsError unless the lengths (one per feature and sample) and the per-id weights
-    describe exactly the ids: torch would fail later with a bare RuntimeError."""
-    named = ", ".join(map(repr, keys))
-    if lengths.numel() != len(keys) * stride:
-        raise OffsetsError(
-            f"features {named}: {lengths.numel()} lengths for {len(keys)} features x batch "
-            f"{stride}; one length per feature and sample is accepted"
-        )
-    smallest, total = 0, 0
-    if lengths.numel():  # one device-to-host copy for both
-        smallest, total = torch.stack([lengths.min(), lengths.sum()]).tolist()
-    if smallest < 0:
-        raise OffsetsError(f"features {named}: lengths must be >= 0, got {smallest}")
-    if total != values.numel():
-        raise OffsetsError(
-            f"features {named}: the lengths add up to {total} ids but there are {values.numel()}"
-        )
-    if weights is not None and weights.numel() != values.numel():
-        raise OffsetsError(
-            f"features {named}: {weights.numel()} weights for {values.numel()} ids; one weight "
-            "per id (or none) is accepted"
-        )
 
 
 def _output_dim(config: TableConfig, feature: str) -> int:

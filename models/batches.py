@@ -3,7 +3,8 @@
 `batch_from_columns` is the one conversion used by the batch trainer, the streaming trainer and
 the scorer: it takes a pyarrow RecordBatch / Table or a dict of numpy columns and is vectorised
 per column (no per-row Python). The KJT carries the schema's categorical and sequence features
-in schema order; the dense tensor its dense features in schema order.
+in schema order; the dense tensor its dense features in schema order. The KJT is checked here,
+once (`embedding_tables.checked.CheckedKJT`), so that model forwards need not check it again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embedding_tables.checked import check_kjt
 from feature_store.offline import Dataset
 from feature_store.schema import FeatureSpec, Schema
 from models.errors import BatchError
@@ -70,11 +72,13 @@ def batch_from_columns(data: Columns, schema: Schema, with_labels: bool = True) 
         keys.append(spec.name)
         values.append(feature_values)
         lengths.append(feature_lengths)
-    sparse = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
-        stride=rows,
+    sparse = check_kjt(
+        KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+            stride=rows,
+        )
     )
     dense_columns = [
         _floats(_column(data, spec.name, schema), spec.name, rows) for spec in schema.dense
@@ -94,11 +98,13 @@ def empty_batch(schema: Schema) -> Batch:
     """A batch of no rows with the schema's features and label."""
     keys = [spec.name for spec in sparse_features(schema)]
     return Batch(
-        sparse=KeyedJaggedTensor(
-            keys=keys,
-            values=torch.zeros(0, dtype=torch.int64),
-            lengths=torch.zeros(0, dtype=torch.int32),
-            stride=0,
+        sparse=check_kjt(
+            KeyedJaggedTensor(
+                keys=keys,
+                values=torch.zeros(0, dtype=torch.int64),
+                lengths=torch.zeros(0, dtype=torch.int32),
+                stride=0,
+            )
         ),
         dense=torch.zeros(0, len(schema.dense), dtype=torch.float32),
         labels=torch.zeros(0, dtype=torch.float32),

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.batches import BatchLoader, batch_from_columns, prefetched
+from embedding_tables.checked import CheckedKJT
+from models.batches import BatchLoader, batch_from_columns, empty_batch, prefetched
 from models.errors import BatchError
 
 
@@ -38,6 +39,17 @@ def test_arrow_and_numpy_columns_give_the_same_batch(tiny_dataset):
         from_arrow.sparse["genres"].lengths(),
         torch.from_numpy(np.diff(genres.offsets.to_numpy()).astype(np.int32)),
     )
+
+
+def test_batches_carry_kjts_checked_where_they_are_built(tiny_dataset):
+    """The KJT is checked once here, so that model forwards skip the check (and its sync)."""
+    batch = batch_from_columns(tiny_dataset.read("train").slice(0, 20), tiny_dataset.schema)
+    assert isinstance(batch.sparse, CheckedKJT)
+    keys = batch.sparse.keys()
+    counts = [batch.sparse[key].values().numel() for key in keys]
+    assert batch.sparse.length_per_key() == counts
+    assert isinstance(batch.to("cpu").sparse, CheckedKJT)
+    assert isinstance(empty_batch(tiny_dataset.schema).sparse, CheckedKJT)
 
 
 def test_serving_batches_need_no_label(tiny_dataset):

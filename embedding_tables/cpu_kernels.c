@@ -1,0 +1,312 @@
+/* embtab's CPU kernels: fused index transforms and a fused pooled forward.
+ *
+ * Compiled on first use by embedding_tables/cpu_kernels.py with the system C compiler and
+ * loaded with ctypes. The torch code in embedding_tables/hashing.py and transforms.py is the
+ * specification; every function here gives the same bits (rows) as that code.
+ *
+ * hash64(id, key) = mix(id + key), mix = splitmix64's finaliser (logical shifts, mod 2**64);
+ * bucket = (hash64 & (2**63 - 1)) mod m. Divisions by a per-call constant d use a multiply by
+ * m = ceil(2**(63 + l) / d), l = ceil(log2 d): floor(x / d) = floor(m * x / 2**(63 + l)) for
+ * every 0 <= x < 2**63 (Granlund & Montgomery 1994, theorem 4.2), and m < 2**64.
+ *
+ * Pooling rounds as fbgemm's TBE does (one fused multiply-add of weight and row per id), and a
+ * qr mult term as the torch reference does (the product, times the weight, then the sum); the
+ * compiler contracts nothing else (-std=c11), so results do not depend on alignment or batch.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LOW63 0x7FFFFFFFFFFFFFFFULL
+#define MAX_PARTS 8
+#define NO_MEMORY (-2)
+#define BLOCK 2048 /* ids whose rows are computed before their rows are read */
+#define PREFETCH 32 /* how many ids ahead a row is prefetched */
+#define MAX_LANES 8 /* dims up to 128, in multiples of 16 */
+
+enum { KIND_HASH = 0, KIND_ARITH = 1 };
+enum { OUT_OF_RANGE_ERROR = 0, OUT_OF_RANGE_HASH = 1 };
+
+typedef struct {
+    uint64_t divisor;
+    uint64_t magic;
+    unsigned shift; /* 63 + l */
+} FastDiv;
+
+static FastDiv fastdiv_make(uint64_t d) {
+    FastDiv f;
+    unsigned l = 0;
+    while (l < 63 && ((uint64_t)1 << l) < d) l++;
+    f.divisor = d;
+    f.shift = 63 + l;
+    __uint128_t top = (__uint128_t)1 << f.shift;
+    f.magic = (uint64_t)((top + d - 1) / d);
+    return f;
+}
+
+static inline uint64_t fastdiv_quotient(uint64_t x, const FastDiv *f) {
+    return (uint64_t)(((__uint128_t)f->magic * x) >> f->shift);
+}
+
+static inline uint64_t fastdiv_remainder(uint64_t x, const FastDiv *f) {
+    return x - fastdiv_quotient(x, f) * f->divisor;
+}
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static inline int64_t bucket_row(int64_t id, int64_t key, const FastDiv *rows) {
+    uint64_t h = mix64((uint64_t)id + (uint64_t)key) & LOW63;
+    return (int64_t)fastdiv_remainder(h, rows);
+}
+
+/* rows[i] = bucket(ids[i]) with seed key `key` in a table of `num_rows` rows. */
+void embtab_bucket(const int64_t *ids, int64_t n, int64_t key, int64_t num_rows, int64_t *rows) {
+    FastDiv f = fastdiv_make((uint64_t)num_rows);
+    for (int64_t i = 0; i < n; i++) rows[i] = bucket_row(ids[i], key, &f);
+}
+
+/* One lookup's index transform, as the whole-batch formulas of transforms.py take it:
+ * hash: bucket(id, key, moduli[0]); arith: id range-checked against `limit` (error, or hashed
+ * in with `range_key`), then partition j's row (id // divisors[j]) % moduli[j]. */
+typedef struct {
+    int64_t kind;
+    int64_t key;
+    int64_t limit;
+    int64_t out_of_range;
+    int64_t range_key;
+    int64_t parts;
+    int64_t divisors[MAX_PARTS];
+    int64_t moduli[MAX_PARTS];
+} Transform;
+
+typedef struct {
+    int64_t kind;
+    int64_t key;
+    int64_t limit;
+    int64_t out_of_range;
+    int64_t range_key;
+    int64_t parts;
+    FastDiv limit_div;
+    FastDiv divisors[MAX_PARTS];
+    FastDiv moduli[MAX_PARTS];
+} Prepared;
+
+static Prepared prepare(const Transform *t) {
+    Prepared p;
+    p.kind = t->kind;
+    p.key = t->key;
+    p.limit = t->limit;
+    p.out_of_range = t->out_of_range;
+    p.range_key = t->range_key;
+    p.parts = t->parts;
+    p.limit_div = fastdiv_make((uint64_t)(t->limit > 0 ? t->limit : 1));
+    for (int64_t j = 0; j < t->parts; j++) {
+        p.divisors[j] = fastdiv_make((uint64_t)t->divisors[j]);
+        p.moduli[j] = fastdiv_make((uint64_t)t->moduli[j]);
+    }
+    return p;
+}
+
+/* Every partition's row of one id; 0, or 1 when the id is out of range and that is an error. */
+static inline int rows_of(const Prepared *p, int64_t id, int64_t *rows) {
+    if (p->kind == KIND_HASH) {
+        rows[0] = bucket_row(id, p->key, &p->moduli[0]);
+        return 0;
+    }
+    if (id < 0 || id >= p->limit) {
+        if (p->out_of_range == OUT_OF_RANGE_ERROR) return 1;
+        id = bucket_row(id, p->range_key, &p->limit_div);
+    }
+    for (int64_t j = 0; j < p->parts; j++) {
+        uint64_t rest = p->divisors[j].divisor == 1 ? (uint64_t)id
+                                                    : fastdiv_quotient((uint64_t)id, &p->divisors[j]);
+        rows[j] = (int64_t)fastdiv_remainder(rest, &p->moduli[j]);
+    }
+    return 0;
+}
+
+/* rows[j * n + i] = partition j's row of ids[i]. Returns -1, or the position of the first id
+ * out of range when that is an error (rows are then partly written). */
+int64_t embtab_transform(const Transform *t, const int64_t *ids, int64_t n, int64_t *rows) {
+    Prepared p = prepare(t);
+    int64_t local[MAX_PARTS];
+    for (int64_t i = 0; i < n; i++) {
+        if (rows_of(&p, ids[i], local)) return i;
+        for (int64_t j = 0; j < p.parts; j++) rows[j * n + i] = local[j];
+    }
+    return -1;
+}
+
+/* One pooled term: bags of ids through a transform, each id's partition rows multiplied
+ * (one partition: the row itself), times the id's weight, summed per bag into
+ * out[b * out_stride + k], k < dim (the output is written, not added to). */
+typedef struct {
+    Transform transform;
+    const int64_t *ids;
+    const int64_t *offsets; /* batch + 1 positions in ids (and weights) where the bags start */
+    const float *weights;   /* per id, or NULL */
+    int64_t batch;
+    int64_t dim;
+    const float *tables[MAX_PARTS];
+    int64_t table_strides[MAX_PARTS];
+    float *out;
+    int64_t out_stride;
+} PooledTerm;
+
+/* Rows of ids [start, end) into rows[j * BLOCK + (i - start)] (partition j); -1, or the
+ * position of the first id out of range when that is an error. */
+static int64_t block_rows(const Prepared *p, const int64_t *ids, int64_t start, int64_t end,
+                          int64_t *rows) {
+    if (p->kind == KIND_HASH) { /* the mix in a loop of its own, which the compiler vectorises */
+        const int64_t count = end - start;
+        const uint64_t key = (uint64_t)p->key;
+        uint64_t *hashes = (uint64_t *)rows;
+        for (int64_t i = 0; i < count; i++) hashes[i] = mix64((uint64_t)ids[start + i] + key) & LOW63;
+        const FastDiv f = p->moduli[0];
+        for (int64_t i = 0; i < count; i++) rows[i] = (int64_t)fastdiv_remainder(hashes[i], &f);
+        return -1;
+    }
+    int64_t local[MAX_PARTS];
+    for (int64_t i = start; i < end; i++) {
+        if (rows_of(p, ids[i], local)) return i;
+        for (int64_t j = 0; j < p->parts; j++) rows[j * BLOCK + (i - start)] = local[j];
+    }
+    return -1;
+}
+
+/* 16 floats: the accumulators of a row kept in registers (GCC's vector extension). */
+typedef float lane16 __attribute__((vector_size(64)));
+
+static inline lane16 load16(const float *from) {
+    lane16 v;
+    memcpy(&v, from, sizeof v);
+    return v;
+}
+
+/* The pooled forward for dim = 16 * lanes (lanes <= MAX_LANES; a compile-time constant where
+ * it is inlined with one). Ids run in blocks: first the rows of the block (index arithmetic
+ * only), then the gathers, each prefetching the rows PREFETCH ids ahead. */
+static inline __attribute__((always_inline)) int64_t pooled(const PooledTerm *t,
+                                                             const Prepared *p, int64_t *rows,
+                                                             const int64_t lanes) {
+    const int64_t parts = p->parts;
+    const int64_t n = t->offsets[t->batch];
+    const float *weights = t->weights;
+    const float *const *tables = t->tables;
+    const int64_t *strides = t->table_strides;
+    int64_t start = t->offsets[0], end = start; /* the block of ids whose rows are in `rows` */
+    for (int64_t b = 0; b < t->batch; b++) {
+        lane16 acc[MAX_LANES];
+        for (int64_t c = 0; c < lanes; c++) acc[c] = (lane16){0};
+        const int64_t bag_end = t->offsets[b + 1];
+        for (int64_t i = t->offsets[b]; i < bag_end; i++) {
+            if (i == end) {
+                start = i;
+                end = n - i < BLOCK ? n : i + BLOCK;
+                const int64_t bad = block_rows(p, t->ids, start, end, rows);
+                if (bad >= 0) return bad;
+            }
+            const int64_t at = i - start;
+            if (at + PREFETCH < end - start)
+                for (int64_t j = 0; j < parts; j++) {
+                    const float *ahead = tables[j] + rows[j * BLOCK + at + PREFETCH] * strides[j];
+                    for (int64_t c = 0; c < lanes; c++) __builtin_prefetch(ahead + 16 * c, 0, 3);
+                }
+            const float *first = tables[0] + rows[at] * strides[0];
+            if (parts == 1 && !weights) {
+                for (int64_t c = 0; c < lanes; c++) acc[c] += load16(first + 16 * c);
+                continue;
+            }
+            const float w = weights ? weights[i] : 1.0f;
+            if (parts == 1) {
+                for (int64_t c = 0; c < lanes; c++) {
+                    float *lane = (float *)&acc[c];
+                    for (int l = 0; l < 16; l++) lane[l] = __builtin_fmaf(first[16 * c + l], w, lane[l]);
+                }
+                continue;
+            }
+            for (int64_t c = 0; c < lanes; c++) {
+                lane16 product = load16(first + 16 * c);
+                for (int64_t j = 1; j < parts; j++)
+                    product *= load16(tables[j] + rows[j * BLOCK + at] * strides[j] + 16 * c);
+                acc[c] += product * w;
+            }
+        }
+        float *out = t->out + b * t->out_stride;
+        for (int64_t c = 0; c < lanes; c++) memcpy(out + 16 * c, &acc[c], sizeof acc[c]);
+    }
+    return -1;
+}
+
+/* The same for any dim, accumulating in the output rows. */
+static int64_t pooled_any_dim(const PooledTerm *t, const Prepared *p, int64_t *rows) {
+    const int64_t parts = p->parts, dim = t->dim;
+    const int64_t n = t->offsets[t->batch];
+    if (t->batch == 0) return -1;
+    int64_t b = 0;
+    float *out = t->out;
+    for (int64_t k = 0; k < dim; k++) out[k] = 0.0f;
+    for (int64_t start = t->offsets[0]; start < n; start += BLOCK) {
+        const int64_t end = n - start < BLOCK ? n : start + BLOCK;
+        const int64_t bad = block_rows(p, t->ids, start, end, rows);
+        if (bad >= 0) return bad;
+        for (int64_t i = start; i < end; i++) {
+            while (i >= t->offsets[b + 1]) {
+                out = t->out + ++b * t->out_stride;
+                for (int64_t k = 0; k < dim; k++) out[k] = 0.0f;
+            }
+            const int64_t at = i - start;
+            const float w = t->weights ? t->weights[i] : 1.0f;
+            const float *row = t->tables[0] + rows[at] * t->table_strides[0];
+            if (parts == 1) {
+                for (int64_t k = 0; k < dim; k++) out[k] = __builtin_fmaf(row[k], w, out[k]);
+                continue;
+            }
+            for (int64_t k = 0; k < dim; k++) {
+                float product = row[k];
+                for (int64_t j = 1; j < parts; j++)
+                    product *= t->tables[j][rows[j * BLOCK + at] * t->table_strides[j] + k];
+                out[k] += product * w;
+            }
+        }
+    }
+    while (++b < t->batch) {
+        out = t->out + b * t->out_stride;
+        for (int64_t k = 0; k < dim; k++) out[k] = 0.0f;
+    }
+    return -1;
+}
+
+static int64_t pooled_term(const PooledTerm *t) {
+    Prepared p = prepare(&t->transform);
+    int64_t *rows = malloc(sizeof(int64_t) * BLOCK * (size_t)p.parts);
+    if (rows == NULL) return NO_MEMORY;
+    int64_t result;
+    switch (t->dim) {
+    case 16: result = pooled(t, &p, rows, 1); break;
+    case 32: result = pooled(t, &p, rows, 2); break;
+    case 48: result = pooled(t, &p, rows, 3); break;
+    case 64: result = pooled(t, &p, rows, 4); break;
+    case 128: result = pooled(t, &p, rows, 8); break;
+    default: result = pooled_any_dim(t, &p, rows);
+    }
+    free(rows);
+    return result;
+}
+
+/* Every term in order. Returns -1; or, stopping there, the position of the first id out of
+ * range where that is an error (its term in *failed), or NO_MEMORY. */
+int64_t embtab_pooled(const PooledTerm *terms, int64_t count, int64_t *failed) {
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t result = pooled_term(&terms[k]);
+        if (result != -1) {
+            *failed = k;
+            return result;
+        }
+    }
+    return -1;
+}

@@ -1,0 +1,299 @@
+"""embtab's CPU kernels (cpu_kernels.c): fused index transforms and a fused pooled forward.
+
+The C source ships with the package; on first use it is compiled with the system C compiler
+(`cc`, or $CC) into ~/.cache/embtab/kernels/ (or $XDG_CACHE_HOME/embtab/kernels/), keyed by a
+hash of the source, the flags, the compiler and the CPU, and loaded with ctypes. Without a
+compiler `library()` is None after one warning (and with EMBTAB_CPU_KERNELS=0), and callers use
+their torch path, which stays the specification these kernels are tested against bit for bit.
+
+The kernels run on one thread, on contiguous CPU int64 ids and fp32 tables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
+MAX_PARTS = 8  # MAX_PARTS in cpu_kernels.c
+KIND_HASH, KIND_ARITH = 0, 1
+OUT_OF_RANGE_CODES = {"error": 0, "hash": 1}
+SWITCH = "EMBTAB_CPU_KERNELS"
+_NO_MEMORY = -2  # what embtab_pooled returns when malloc fails
+
+
+class _Transform(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("key", ctypes.c_int64),
+        ("limit", ctypes.c_int64),
+        ("out_of_range", ctypes.c_int64),
+        ("range_key", ctypes.c_int64),
+        ("parts", ctypes.c_int64),
+        ("divisors", ctypes.c_int64 * MAX_PARTS),
+        ("moduli", ctypes.c_int64 * MAX_PARTS),
+    ]
+
+
+class _PooledTerm(ctypes.Structure):
+    _fields_ = [
+        ("transform", _Transform),
+        ("ids", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("dim", ctypes.c_int64),
+        ("tables", ctypes.c_void_p * MAX_PARTS),
+        ("table_strides", ctypes.c_int64 * MAX_PARTS),
+        ("out", ctypes.c_void_p),
+        ("out_stride", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class KernelTransform:
+    """One lookup's index transform as the kernels take it: `hash`: bucket(id, key, moduli[0]);
+    `arith`: ids outside [0, limit) an error or hashed in with `range_key` (`out_of_range`),
+    then partition j's row (id // divisors[j]) % moduli[j]."""
+
+    kind: str
+    moduli: tuple[int, ...]
+    key: int = 0
+    divisors: tuple[int, ...] = (1,)
+    limit: int = 0
+    out_of_range: str = "error"
+    range_key: int = 0
+
+    @property
+    def parts(self) -> int:
+        return len(self.moduli)
+
+    def _struct(self) -> _Transform:
+        if not 1 <= self.parts <= MAX_PARTS or len(self.divisors) != self.parts:
+            raise ValueError(
+                f"a kernel transform takes 1 to {MAX_PARTS} partitions with one divisor each, "
+                f"got moduli {self.moduli} and divisors {self.divisors}"
+            )
+        return _Transform(
+            KIND_HASH if self.kind == "hash" else KIND_ARITH,
+            self.key,
+            self.limit,
+            OUT_OF_RANGE_CODES[self.out_of_range],
+            self.range_key,
+            self.parts,
+            (ctypes.c_int64 * MAX_PARTS)(*self.divisors),
+            (ctypes.c_int64 * MAX_PARTS)(*self.moduli),
+        )
+
+
+class CpuKernels:
+    """The loaded library: ids -> rows, and bags of ids -> pooled rows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.embtab_bucket.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        self._lib.embtab_bucket.restype = None
+        self._lib.embtab_transform.argtypes = [
+            ctypes.POINTER(_Transform),
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        self._lib.embtab_transform.restype = ctypes.c_int64
+        self._lib.embtab_pooled.argtypes = [
+            ctypes.POINTER(_PooledTerm),
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_int64),
+        ]
+        self._lib.embtab_pooled.restype = ctypes.c_int64
+
+    def bucket_into(self, ids: torch.Tensor, key: int, num_rows: int, out: torch.Tensor) -> None:
+        """out = bucket of every id with seed key `key` into `num_rows` rows (int64, CPU,
+        contiguous; `out` may be `ids`)."""
+        _check_ids(ids)
+        _check_ids(out)
+        if num_rows < 1 or out.numel() != ids.numel():
+            raise ValueError(f"bucket_into needs num_rows >= 1 and an output of {ids.numel()} ids")
+        self._lib.embtab_bucket(ids.data_ptr(), ids.numel(), key, num_rows, out.data_ptr())
+
+    def transform(self, transform: KernelTransform, ids: torch.Tensor) -> torch.Tensor | int:
+        """[parts, n] rows of every id, or the position of the first id out of range (an int)
+        when the transform treats that as an error."""
+        _check_ids(ids)
+        rows = torch.empty((transform.parts, ids.numel()), dtype=torch.int64)
+        bad = self._lib.embtab_transform(
+            ctypes.byref(transform._struct()), ids.data_ptr(), ids.numel(), rows.data_ptr()
+        )
+        return rows if bad < 0 else int(bad)
+
+    def pooled(self, terms: PooledTerms) -> tuple[int, int] | None:
+        """Run every term of `terms` in one call; None, or (term, position of the first id out
+        of range) where its transform treats that as an error."""
+        failed = ctypes.c_int64(-1)
+        bad = self._lib.embtab_pooled(terms.array, len(terms.array), ctypes.byref(failed))
+        if bad == _NO_MEMORY:
+            raise MemoryError("embtab_pooled could not allocate its scratch rows")
+        return None if bad < 0 else (failed.value, int(bad))
+
+
+class PooledTerms:
+    """Pooled terms for one kernel call, reused from batch to batch: term k pools bags of ids
+    through `transforms[k]`, each id's partition rows multiplied (one partition: the row),
+    times its weight, into a [B, dim] output."""
+
+    def __init__(self, transforms: Sequence[KernelTransform]) -> None:
+        self.transforms = tuple(transforms)
+        self.array = (_PooledTerm * len(self.transforms))()
+        for term, transform in zip(self.array, self.transforms, strict=True):
+            term.transform = transform._struct()
+
+    def set_term(
+        self,
+        k: int,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor | None,
+        tables: Sequence[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        """Term k's inputs: bag b is ids[offsets[b]:offsets[b + 1]] (weights indexed alike;
+        None for weight 1), partition j's rows are in tables[j] ([rows, dim] fp32), the result
+        goes to `out` ([B, dim] fp32; both may have strided rows, not columns). The tensors
+        must live until `CpuKernels.pooled` has run."""
+        _check_ids(ids)
+        _check_ids(offsets)
+        batch, dim = out.shape
+        if (
+            len(tables) != self.transforms[k].parts
+            or offsets.numel() != batch + 1
+            or out.dtype != torch.float32
+            or out.stride(1) != 1
+            or not (weights is None or _is_fp32_vector(weights))
+            or any(
+                t.dtype != torch.float32 or t.stride(1) != 1 or t.shape[1] != dim for t in tables
+            )
+        ):
+            raise ValueError(
+                "a pooled term takes one fp32 [rows, dim] table per partition (contiguous "
+                "columns), B + 1 offsets, fp32 weights or None and an fp32 [B, dim] output "
+                f"(contiguous columns); got {len(tables)} tables for "
+                f"{self.transforms[k].parts} partitions, {offsets.numel()} offsets for B={batch}"
+            )
+        term = self.array[k]
+        term.ids = ids.data_ptr()
+        term.offsets = offsets.data_ptr()
+        term.weights = None if weights is None else weights.data_ptr()
+        term.batch = batch
+        term.dim = dim
+        for j, table in enumerate(tables):
+            term.tables[j] = table.data_ptr()
+            term.table_strides[j] = table.stride(0)
+        term.out = out.data_ptr()
+        term.out_stride = out.stride(0)
+
+
+def _is_fp32_vector(weights: torch.Tensor) -> bool:
+    return (
+        weights.dtype == torch.float32 and weights.is_contiguous() and weights.device.type == "cpu"
+    )
+
+
+def _check_ids(ids: torch.Tensor) -> None:
+    if ids.dtype != torch.int64 or ids.device.type != "cpu" or not ids.is_contiguous():
+        raise ValueError(
+            f"the CPU kernels take contiguous int64 CPU tensors, got {ids.dtype} on "
+            f"{ids.device} (contiguous: {ids.is_contiguous()})"
+        )
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embtab" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted) or platform.processor()
+
+
+def build(compiler: str) -> Path:
+    """The compiled library for `compiler`, built into the cache unless it is there."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    digest = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"embtab_cpu_kernels-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(built, target)  # atomic: concurrent first uses agree on one file
+    return target
+
+
+def library() -> CpuKernels | None:
+    """The kernels, built on first use; None where EMBTAB_CPU_KERNELS=0 turns them off (read
+    on every call) or they cannot be built (after one warning)."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return None
+    return built_library()
+
+
+@cache
+def built_library() -> CpuKernels | None:
+    """The kernels built (or found in the cache) once per process; None, after one warning,
+    where there is no compiler or the build fails."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn(
+            "embtab: no C compiler (cc, gcc or $CC) found; CPU lookups use the slower torch "
+            "index transforms",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    try:
+        return CpuKernels(build(compiler))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(
+            f"embtab: the CPU kernels could not be built with {compiler} ({detail.strip()}); "
+            "CPU lookups use the slower torch index transforms",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None

@@ -1,0 +1,184 @@
+"""The CPU kernels against the torch specification: ids bit for bit, pooled rows within 1e-6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import embedding_tables.collection as collection_module
+import embedding_tables.transforms as transforms_module
+from embedding_tables import EmbeddingCollection, SparseOptimizerConfig
+from embedding_tables.config import TableConfig
+from embedding_tables.cpu_kernels import KernelTransform, built_library, library
+from embedding_tables.errors import IdError
+from embedding_tables.hashing import bucket_keyed, seed_key
+from embedding_tables.transforms import BatchedTransform, transform_for
+from tests.embedding_tables.helpers import method_case, random_kjt
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+KERNELS = library()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler to build the kernels")
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(INT64, max_size=300),
+    seed=st.integers(0, 2**64 - 1),
+    num_rows=st.one_of(st.integers(1, 10**6), st.integers(1, 2**63 - 1)),
+)
+def test_bucket_equals_torch_bucket(ids: list[int], seed: int, num_rows: int) -> None:
+    tensor = torch.tensor(ids, dtype=torch.int64)
+    out = torch.empty_like(tensor)
+    KERNELS.bucket_into(tensor, seed_key(seed), num_rows, out)
+    assert torch.equal(out, bucket_keyed(tensor, seed_key(seed), num_rows))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.one_of(INT64, st.integers(-5, 5000)), max_size=200),
+    num_embeddings=st.one_of(st.integers(1, 5000), st.integers(1, 2**63 - 1)),
+    partitions=st.integers(2, 4),
+    seed=st.integers(0, 2**32),
+)
+def test_qr_digits_equal_torch_digits(
+    ids: list[int], num_embeddings: int, partitions: int, seed: int
+) -> None:
+    config = TableConfig(
+        "q", num_embeddings, 4, "qr", num_partitions=partitions, out_of_range="hash", seed=seed
+    )
+    transform = transform_for(config, "f")
+    rules = BatchedTransform([(transform, j) for j in range(len(transform.tables))]).rules
+    kernel = transforms_module.kernel_transform_of(rules)
+    tensor = torch.tensor(ids, dtype=torch.int64)
+    rows = KERNELS.transform(kernel, tensor)
+    assert torch.equal(rows, torch.stack(transform(tensor)).reshape(len(rules), len(ids)))
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=6, max_size=6),
+    seed=st.integers(0, 2**31),
+)
+def test_batched_transform_kernel_rows_equal_torch_rows(counts: list[int], seed: int) -> None:
+    transforms = [
+        transform_for(TableConfig("h", 10**6, 4, "hash", budget=999, seed=2), "a"),
+        transform_for(TableConfig("f", 50, 4, "full", out_of_range="hash", seed=4), "b"),
+        transform_for(TableConfig("q", 1000, 4, "qr", num_partitions=3, out_of_range="hash"), "c"),
+        transform_for(
+            TableConfig("u", 10**5, 4, "unified", budget=77, feature_chunks={"d": 3}), "d"
+        ),
+        transform_for(TableConfig("h2", 10**6, 4, "hash", budget=2**40, seed=5), "e"),
+        transform_for(TableConfig("f2", 2**62, 4, "full", out_of_range="error"), "g"),
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    ids = {}
+    for t, n in zip(transforms, counts, strict=True):
+        if t.feature == "g":  # in range of its 2**62 rows (out of range is an error there)
+            ids[t.feature] = torch.randint(0, 2**62, (n,), generator=generator)
+        else:
+            ids[t.feature] = torch.randint(-(2**62), 2**62, (n,), generator=generator) * 2
+    slots = [(t, j) for t in transforms for j in range(len(t.tables))]
+    batched = BatchedTransform(slots)
+    fast = batched([ids[t.feature] for t, _ in slots])
+    original = transforms_module.library
+    try:
+        transforms_module.library = lambda: None
+        reference = batched([ids[t.feature] for t, _ in slots])
+    finally:
+        transforms_module.library = original
+    assert torch.equal(fast, reference)
+    assert torch.equal(fast, torch.cat([t(ids[t.feature])[j] for t, j in slots]))
+
+
+def _forward_pair(ec: EmbeddingCollection, kjt: KeyedJaggedTensor):
+    """(kernel forward, reference forward) of one collection under no_grad."""
+    with torch.no_grad():
+        fast = ec(kjt).values()
+        original = collection_module.library
+        try:
+            collection_module.library = lambda: None
+            reference = ec(kjt).values()
+        finally:
+            collection_module.library = original
+    return fast, reference
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["full", "hash", "unified", "qr_mult", "qr_add", "qr_concat"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kernel_forward_matches_reference(method: str, pooling: str, weighted: bool) -> None:
+    tables, feature_to_table = method_case(method, pooling)
+    ec = EmbeddingCollection(
+        tables, feature_to_table, optimizer=SparseOptimizerConfig("rowwise_adagrad", lr=0.1)
+    )
+    assert any(ec._group_kernel_terms(g) is not None for g in range(len(ec._group_kinds)))
+    kjt = random_kjt(tables, feature_to_table, batch=9, max_len=5, weighted=weighted, seed=3)
+    fast, reference = _forward_pair(ec, kjt)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dim", [16, 64, 24])
+@pytest.mark.parametrize("combine", ["mult", None])
+def test_kernel_forward_wide_rows_and_wild_ids(dim: int, combine: str | None) -> None:
+    """Dims of the vector path (multiples of 16) and of the scalar path, ids anywhere in int64
+    for hashed tables and hashed in for qr, bags longer than a kernel block (2048 ids)."""
+    if combine is None:
+        tables = [TableConfig("t", 10**9, dim, "hash", budget=5000, seed=1)]
+    else:
+        tables = [TableConfig("t", 10**9, dim, "qr", combine=combine, out_of_range="hash")]
+    ec = EmbeddingCollection(tables, {"f": "t"}, optimizer=None)
+    with torch.no_grad():
+        for table in ec.physical_tables():
+            ec.tables.weight(table.name).uniform_(-1, 1)
+    lengths = torch.tensor([0, 3000, 1, 0, 7, 2100, 0])
+    generator = torch.Generator().manual_seed(dim)
+    values = torch.randint(-(2**62), 2**62, (int(lengths.sum()),), generator=generator) * 2
+    kjt = KeyedJaggedTensor(keys=["f"], values=values, lengths=lengths)
+    fast, reference = _forward_pair(ec, kjt)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+    assert fast[0].abs().sum() == 0 and fast[3].abs().sum() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["full", "qr"])
+def test_kernel_forward_range_error_names_feature_and_value(method: str) -> None:
+    tables = [TableConfig("ok", 100, 4, "hash"), TableConfig("t", 10, 4, method)]
+    ec = EmbeddingCollection(tables, {"fine": "ok", "strict": "t"}, optimizer=None)
+    kjt = KeyedJaggedTensor(
+        keys=["fine", "strict"],
+        values=torch.tensor([5, -1, 3, 12]),
+        lengths=torch.tensor([1, 1, 1, 1]),
+    )
+    with torch.no_grad(), pytest.raises(IdError, match=r"'strict'.*id 12 "):
+        ec(kjt)
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("EMBTAB_CPU_KERNELS", raising=False)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert built_library.__wrapped__() is None
+
+
+@needs_kernels
+def test_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert library() is KERNELS
+    monkeypatch.setenv("EMBTAB_CPU_KERNELS", "0")
+    assert library() is None
+
+
+@needs_kernels
+def test_kernel_transform_refuses_unsupported_shapes() -> None:
+    with pytest.raises(ValueError, match="1 to 8 partitions"):
+        KERNELS.transform(
+            KernelTransform("arith", (2,) * 9, divisors=(1,) * 9), torch.ones(1, dtype=torch.int64)
+        )
