@@ -31,14 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -52,7 +49,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from embedding_tables import EmbeddingCollection, SparseOptimizerConfig, TableConfig  # noqa: E402
 from embedding_tables.cpu_kernels import SWITCH, library  # noqa: E402
-from embtab.machine import machine_info  # noqa: E402
+from embtab.machine import machine_info, write_results  # noqa: E402
 
 # Criteo Kaggle (display advertising challenge) categorical cardinalities.
 CRITEO_CARDINALITIES = [
@@ -355,21 +352,17 @@ def main() -> None:
         "glibc malloc keeps freed memory (no re-faulting of per-step temporaries): "
         + ("yes" if kept else "no"),
     ]
-    document = {
-        "machine": machine_info(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "load_average": {
+    write_results(
+        args.output,
+        machine_info(),
+        results,
+        summary,
+        load_average={
             "start": load_at_start,
             "end": [round(x, 2) for x in os.getloadavg()],
         },
-        "results": results,
-        "summary": summary,
-        "notes": notes,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(summary))
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

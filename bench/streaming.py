@@ -57,7 +57,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing
 import os
@@ -72,7 +71,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embtab.machine import machine_info
+from embtab.machine import machine_info, write_results
 from embtab.services import Services, embedded_services
 from feature_store.datasets import load
 from feature_store.offline import Dataset
@@ -645,23 +644,19 @@ def main() -> int:
         "freshness_p99_s_sync1": fresh_sync1["freshness_p99_s"],
         "examples_per_s_sync1": trained_sync1["examples_per_s"],
     }
-    document = {
-        "machine": host,
-        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": {
+    write_results(
+        arguments.out,
+        host,
+        results,
+        summary,
+        config={
             "dataset": DATASET,
             "model": "dcn (default config: full tables, dim 16)",
             "batch": BATCH,
             "partitions": PARTITIONS,
             **{key: value for key, value in vars(arguments).items() if key != "out"},
         },
-        "results": results,
-        "summary": summary,
-    }
-    arguments.out.parent.mkdir(parents=True, exist_ok=True)
-    arguments.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    )
     return 0
 
 

@@ -32,7 +32,7 @@ weights). Empty bags pool to zeros. Per-sample weights (the KJT's weights) apply
 lookups only; `sequence` ignores them.
 
 Physical tables are named as `embedding_tables.planning` documents (`item_id`, `item_id.r`,
-`item_id.q`, the unified group's name); `touched_rows`, `export_rows`, `load_rows` and the
+`item_id.q`, the unified group's name); `take_touched_rows`, `export_rows`, `load_rows` and the
 state_dict (`tables.<physical>.weight`, `tables.<physical>.momentum` for row-wise Adagrad) use
 those names. The device is fixed at construction (the fused tables do not follow `.to()`).
 
@@ -381,12 +381,12 @@ class EmbeddingCollection(nn.Module):
         ]
         return static + managed
 
-    def touched_rows(self) -> dict[str, torch.Tensor]:
+    def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """Physical rows changed since the last call (by a backward or `load_rows`), per
         physical table; resets the record."""
         touched = {name: self.tables.take_touched(name) for name in self.tables.locations}
         for name, table in self.self_managed.items():
-            touched[name] = table.touched_rows()
+            touched[name] = table.take_touched_rows()
         return touched
 
     def export_rows(

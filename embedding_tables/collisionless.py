@@ -225,14 +225,15 @@ class CollisionlessTable(nn.Module):
         return rows
 
     def ids_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Id owning each row (as from `touched_rows`); EMPTY for the default row and free rows."""
+        """Id owning each row (as `take_touched_rows` gives them); EMPTY for the default row and
+        free rows."""
         entries = self._row_entry[rows]
         ids = torch.full_like(entries, EMPTY)
         owned = entries >= 0
         ids[owned] = self._map.ids_of(entries[owned])
         return ids
 
-    def touched_rows(self) -> torch.Tensor:
+    def take_touched_rows(self) -> torch.Tensor:
         """Rows whose values changed since the last call and that still belong to an id.
 
         Includes DEFAULT_ROW when the shared default row was trained. Newly admitted rows count as

@@ -1,6 +1,6 @@
 """From a TableConfig to the physical tables it allocates: sizes, budgets, names.
 
-Physical table names (what `touched_rows`, `export_rows`, the state_dict and serving use):
+Physical table names (what `take_touched_rows`, `export_rows`, the state_dict and serving use):
 
 - `full`, `hash`, `graphhash`: one table named like the logical table (`item_id`).
 - `unified`: one table named like the unified TableConfig (the feature group), shared by every

@@ -108,7 +108,7 @@ class ShardedParamSync(ParamSync):
         ]
         for name, owned in self.embeddings.owned.items():
             table = owned.local
-            rows = table.touched_rows()
+            rows = table.take_touched_rows()
             ids = table.ids_of_rows(rows[rows != DEFAULT_ROW]).numpy()
             local.append((name, (ids[ids != EMPTY], table.evicted_ids().numpy())))
         everyone: list[Any] = [None] * self.world_size
@@ -229,7 +229,7 @@ class ShardedParamSync(ParamSync):
         them)."""
         self.embeddings.take_touched()
         for owned in self.embeddings.owned.values():
-            owned.local.touched_rows()
+            owned.local.take_touched_rows()
             owned.local.evicted_ids()
 
     def _at_store(self, action: Callable[[], Result]) -> Result:

@@ -302,7 +302,7 @@ class ParamSync:
             for name, table in embeddings.self_managed.items()
         }
         changes = []
-        for name, rows in embeddings.touched_rows().items():
+        for name, rows in embeddings.take_touched_rows().items():
             if name in embeddings.self_managed:
                 table = embeddings.self_managed[name]
                 ids = table.ids_of_rows(rows[rows != DEFAULT_ROW]).cpu().numpy()
@@ -354,7 +354,7 @@ class ParamSync:
     def _drain(self) -> None:
         """Forget the model's record of touched rows and evicted ids (a full publish or a
         matching live version covers them)."""
-        self.model.embeddings.touched_rows()
+        self.model.embeddings.take_touched_rows()
         for table in self.model.embeddings.self_managed.values():
             table.evicted_ids()
 

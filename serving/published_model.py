@@ -136,13 +136,13 @@ class ModelDelta:
 
 
 def model_delta(model: Model) -> ModelDelta:
-    """The rows touched since the last call (it resets the record: `touched_rows`,
+    """The rows touched since the last call (it resets the record: `take_touched_rows`,
     `evicted_ids`), as `publish_delta` takes them."""
     embeddings = model.embeddings
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     deleted: dict[str, torch.Tensor] = {}
     defaults: dict[str, np.ndarray] = {}
-    for table, touched in embeddings.touched_rows().items():
+    for table, touched in embeddings.take_touched_rows().items():
         if table in embeddings.self_managed:
             managed = embeddings.self_managed[table]
             evicted = managed.evicted_ids()

@@ -409,7 +409,7 @@ def test_collection_routes_through_the_kernels(kernel_collections, sequence: boo
     sum((outputs[n] * upstream[n]).sum() for n in outputs).backward()
     sum((expected[n] * upstream[n]).sum() for n in expected).backward()
     touched = reference_touched_rows(ec.plans, feature_to_table, features)
-    recorded = ec.touched_rows()
+    recorded = ec.take_touched_rows()
     for name, weight in weights.items():
         new = weight.detach().clone()
         sparse_update(new, momenta[name], weight.grad, touched.get(name, set()), optimizer)

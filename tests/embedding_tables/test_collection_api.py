@@ -188,14 +188,14 @@ def test_touched_rows_follow_backward_only(lookup_backend) -> None:
     assert ec.backend == lookup_backend
     features = random_kjt(tables, feature_to_table)
     ec(features)
-    assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
+    assert all(rows.numel() == 0 for rows in ec.take_touched_rows().values())
     before = {t.name: ec.tables.weight(t.name).clone() for t in ec.physical_tables()}
     train_step(ec, features)
-    touched = ec.touched_rows()
+    touched = ec.take_touched_rows()
     for name, rows in touched.items():
         changed = (ec.tables.weight(name) != before[name]).any(dim=1).nonzero().flatten()
         assert set(changed.tolist()) <= set(rows.tolist())
-    assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
+    assert all(rows.numel() == 0 for rows in ec.take_touched_rows().values())
 
 
 def test_export_then_load_rows_restores_a_table(lookup_backend) -> None:
@@ -209,7 +209,7 @@ def test_export_then_load_rows_restores_a_table(lookup_backend) -> None:
         for ids, rows in chunks:
             target.load_rows(table.name, ids, rows)
         assert torch.equal(target.tables.weight(table.name), source.tables.weight(table.name))
-        assert target.touched_rows()[table.name].numel() == table.num_rows
+        assert target.take_touched_rows()[table.name].numel() == table.num_rows
     features = random_kjt(tables, feature_to_table)
     assert torch.equal(target(features).values(), source(features).values())
 
@@ -330,7 +330,7 @@ class FakeCollisionless(torch.nn.Module):
     def sequence(self, values):
         return self.weight[values]
 
-    def touched_rows(self):
+    def take_touched_rows(self):
         return torch.tensor([1, 2])
 
     def export_rows(self, chunk_rows):
@@ -367,7 +367,7 @@ def test_self_managed_tables_are_called_per_feature(monkeypatch) -> None:
         features.to_dict()["z"].values().numel(),
         4,
     )
-    assert ec.touched_rows()["c"].tolist() == [1, 2]
+    assert ec.take_touched_rows()["c"].tolist() == [1, 2]
     assert ec.memory_bytes()["c"] == 20 * 4 * 4 and ec.num_parameters()["total"] == 80 + 800
     ids, rows = next(ec.export_rows("c"))
     ec.load_rows("c", ids[:2], torch.zeros(2, 4))

@@ -111,7 +111,7 @@ def test_fused_update_matches_reference(method, sequence, kind, lookup_backend) 
     sum((expected[f] * upstream[f]).sum() for f in expected).backward()
 
     touched = reference_touched_rows(ec.plans, ec.feature_to_table, features)
-    recorded = ec.touched_rows()
+    recorded = ec.take_touched_rows()
     for name, weight in weights.items():
         new = weight.detach().clone()
         sparse_update(new, momenta[name], weight.grad, touched.get(name, set()), optimizer)
@@ -119,7 +119,7 @@ def test_fused_update_matches_reference(method, sequence, kind, lookup_backend) 
         if kind == "rowwise_adagrad":
             torch.testing.assert_close(ec.tables.momentum(name), momenta[name], **FP32_ROUNDING)
         assert set(recorded[name].tolist()) == touched.get(name, set())
-    assert all(rows.numel() == 0 for rows in ec.touched_rows().values())
+    assert all(rows.numel() == 0 for rows in ec.take_touched_rows().values())
 
 
 def test_all_bags_empty_pool_to_zeros(lookup_backend) -> None:

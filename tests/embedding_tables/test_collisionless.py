@@ -268,11 +268,11 @@ def test_touched_rows_and_export_for_delta_sync() -> None:
     table = make_table(clock, capacity=2)
     step(table, [1, 2])
     clock.now += 1
-    touched = table.touched_rows()
+    touched = table.take_touched_rows()
     assert sorted(table.ids_of_rows(touched).tolist()) == [1, 2]
-    assert table.touched_rows().tolist() == []
+    assert table.take_touched_rows().tolist() == []
     step(table, [2, 3])  # 3 evicts 1 (LRU) and takes its row
-    touched = table.touched_rows()
+    touched = table.take_touched_rows()
     assert sorted(table.ids_of_rows(touched).tolist()) == [2, 3]
     assert table.evicted_ids().tolist() == [1]
     exported = dict(
@@ -287,7 +287,7 @@ def test_touched_rows_and_export_for_delta_sync() -> None:
 def test_default_row_is_reported_when_trained() -> None:
     table = make_table(min_count=2)
     step(table, [8])
-    assert table.touched_rows().tolist() == [DEFAULT_ROW]
+    assert table.take_touched_rows().tolist() == [DEFAULT_ROW]
 
 
 def test_load_rows_over_capacity_changes_nothing() -> None:

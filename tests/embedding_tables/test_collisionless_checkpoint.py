@@ -54,7 +54,7 @@ def train(table: CollisionlessTable, clock: Clock, stream: list) -> list[tuple]:
         clock.now += 0.75
         output = table.pooled(values, offsets)
         (output.float() * target).sum().backward()
-        observed.append((output.detach(), table.touched_rows(), table.evicted_ids()))
+        observed.append((output.detach(), table.take_touched_rows(), table.evicted_ids()))
     return observed
 
 

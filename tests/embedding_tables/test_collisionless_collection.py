@@ -40,7 +40,7 @@ def test_train_checkpoint_and_serve_through_the_collection(
     )
     for _ in range(2):
         collection(batch).values().sum().backward()
-    touched = collection.touched_rows()["item_id"]
+    touched = collection.take_touched_rows()["item_id"]
     item_table = collection.self_managed["item_id"]
     assert DEFAULT_ROW in touched.tolist()  # the shared default row trained on ids 6 and 7
     assert sorted(item_table.ids_of_rows(touched[touched != DEFAULT_ROW]).tolist()) == [5, 6, 7]
