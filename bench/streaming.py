@@ -156,12 +156,12 @@ def _json_trainer(
 ) -> None:
     """The trainer process of (d): the wall time at which each batch was applied."""
     applied: list[tuple[float, int]] = []
-    nodes = RedisNodes(RedisConfig.parse(redis_url, retries=0))
-    trainer = Trainer(
-        KafkaSettings(bootstrap),
-        Topics(prefix=prefix),
-        StartingPoint.from_checkpoint(checkpoint),
-        ParamPublisher(nodes, model),
+    trainer = _bench_trainer(
+        bootstrap,
+        prefix,
+        redis_url,
+        model,
+        checkpoint,
         TrainerConfig(
             group_id="bench-json-trainer",
             idle_timeout_s=20.0,
@@ -171,6 +171,27 @@ def _json_trainer(
     )
     report = trainer.run()
     results.put({"report": report.to_dict(), "applied": applied})
+
+
+def _bench_trainer(
+    bootstrap: str,
+    prefix: str,
+    redis_url: str,
+    model: str,
+    checkpoint: str,
+    config: TrainerConfig,
+    hooks: TrainerHooks,
+) -> Trainer:
+    """A trainer process's Trainer: from the offline checkpoint, publishing `model`."""
+    nodes = RedisNodes(RedisConfig.parse(redis_url, retries=0))
+    return Trainer(
+        KafkaSettings(bootstrap),
+        Topics(prefix=prefix),
+        StartingPoint.from_checkpoint(checkpoint),
+        ParamPublisher(nodes, model),
+        config,
+        hooks,
+    )
 
 
 def json_end_to_end(
@@ -346,12 +367,12 @@ def _freshness_trainer(
         covered.append((record.version, record.delta, record.published_at, clicks))
         pending.clear()
 
-    nodes = RedisNodes(RedisConfig.parse(redis_url, retries=0))
-    trainer = Trainer(
-        KafkaSettings(bootstrap),
-        Topics(prefix=prefix),
-        StartingPoint.from_checkpoint(checkpoint),
-        ParamPublisher(nodes, model),
+    trainer = _bench_trainer(
+        bootstrap,
+        prefix,
+        redis_url,
+        model,
+        checkpoint,
         TrainerConfig(
             group_id=f"bench-fresh-trainer-{prefix}", sync=SyncConfig(interval_s=sync_interval)
         ),
