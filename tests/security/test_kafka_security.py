@@ -46,6 +46,7 @@ def test_stream_flags_override_the_environment_and_passwords_come_from_it_only(m
         "ssl_cafile": "/etc/embtab/kafka-ca.pem",
         "ssl_certfile": "/etc/embtab/me.pem",
         "client_id": "embtab",
+        "bootstrap_timeout_ms": 30_000,
     }
     for command in ("produce", "join", "train", "run"):
         parsed = vars(build_parser().parse_args(["stream", command]))
