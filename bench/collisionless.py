@@ -174,8 +174,11 @@ def bench_table(eviction: str, capacity: int, warm: list, measured: list) -> dic
         "evicted_capacity": stats["evicted_capacity"],
         "rejected": stats["rejected"],
         "memory_bytes_with_rows": memory["map"] + memory["rows"],
-        "memory_bytes_with_rows_and_optimizer": sum(memory.values()),
+        "memory_bytes_with_rows_and_optimizer": memory["map"]
+        + memory["rows"]
+        + memory["optimizer"],
         "memory_bytes_map_only": memory["map"],
+        "memory_bytes_evicted_ids_not_drained": memory["evicted_ids"],
         "map_bytes_per_id": memory["map"] / table.num_tracked,
     }
 

@@ -337,7 +337,12 @@ class CollisionlessTable(nn.Module):
         return sum(self.memory_breakdown().values())
 
     def memory_breakdown(self) -> dict[str, int]:
-        """memory_bytes split into `rows` (allocated storage), `optimizer` and `map` (the rest)."""
+        """memory_bytes by part: `rows`, `optimizer`, `map` and `evicted_ids`.
+
+        `rows` is the allocated row storage; `map` the id map and every per-id and per-row
+        bookkeeping tensor; `evicted_ids` the ids that lost their row, held until `evicted_ids()`
+        drains them.
+        """
         tensors = [
             self._touched,
             self._entry_count,
@@ -352,6 +357,7 @@ class CollisionlessTable(nn.Module):
             "rows": self.weight.numel() * self.weight.element_size(),
             "optimizer": self._momentum.numel() * self._momentum.element_size(),
             "map": held + self._map.memory_bytes() + self._rows.memory_bytes(),
+            "evicted_ids": sum(ids.numel() * ids.element_size() for ids in self._evicted),
         }
 
     # -- lookup and the fused update -------------------------------------------------------------
