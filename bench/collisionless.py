@@ -16,7 +16,10 @@ Both at two capacities: 524,288 rows (more than one batch's distinct ids) and 32
 
 Collisions: ids of a measured batch that do not get a row of their own and so share one
 (our default row; MCH's last slot). Memory: bytes the structure holds, with and without a
-16-dim fp32 row per slot. Timings are medians over the measured batches; ratios are of medians.
+16-dim fp32 row per slot; `map_bytes_per_id` divides the bytes of every tensor the id map and
+the table's bookkeeping have allocated (`memory_breakdown()["map"]`: buckets, slot keys, counts,
+last-seen times, entry <-> row maps, touched flags, free lists, sketch) by the ids tracked at the
+end of the run. Timings are medians over the measured batches; ratios are of medians.
 
     .venv/bin/python bench/collisionless.py            # writes bench/results/collisionless.json
 """
@@ -112,6 +115,7 @@ def bench_map(warm: list[torch.Tensor], measured: list[torch.Tensor]) -> list[di
             "ids_per_s_median": statistics.median(lookup_ids_per_s),
             "ids_per_s_min": min(lookup_ids_per_s),
             "map_bytes": id_map.memory_bytes(),
+            "map_bytes_per_id": id_map.memory_bytes() / zipf_map_ids,
         },
         {
             "case": "idmap_zipf_insert_new_ids",
@@ -163,14 +167,19 @@ def bench_table(eviction: str, capacity: int, warm: list, measured: list) -> dic
         "case": f"collisionless_{eviction}_{capacity}",
         "capacity": capacity,
         "admitted": table.num_admitted,
+        "tracked": table.num_tracked,
         "train_ids_per_s_median": statistics.median(train_rates),
         "eval_lookups_per_s_median": statistics.median(lookup_rates),
         "collision_rate": shared / sum(b.numel() for b in measured),
         "evicted_capacity": stats["evicted_capacity"],
         "rejected": stats["rejected"],
         "memory_bytes_with_rows": memory["map"] + memory["rows"],
-        "memory_bytes_with_rows_and_optimizer": sum(memory.values()),
+        "memory_bytes_with_rows_and_optimizer": memory["map"]
+        + memory["rows"]
+        + memory["optimizer"],
         "memory_bytes_map_only": memory["map"],
+        "memory_bytes_evicted_ids_not_drained": memory["evicted_ids"],
+        "map_bytes_per_id": memory["map"] / table.num_tracked,
     }
 
 
@@ -245,6 +254,9 @@ def main() -> None:
     mch_small = by_case[f"torchrec_mch_lru_{SMALL_CAPACITY}"]
     summary = {
         "lookups_per_s": by_case["idmap_zipf_lookup"]["ids_per_s_median"],
+        "map_bytes_per_id": ours_lru["map_bytes_per_id"],
+        "map_bytes_per_id_small_capacity": ours_small["map_bytes_per_id"],
+        "idmap_bytes_per_id": by_case["idmap_zipf_lookup"]["map_bytes_per_id"],
         "inserts_per_s": by_case["idmap_zipf_insert_new_ids"]["inserts_per_s"],
         "mch_lookups_per_s": mch_lru["eval_lookups_per_s_median"],
         "fresh_inserts_per_s": by_case["idmap_fresh_insert_growing_to_4M"]["inserts_per_s_overall"],

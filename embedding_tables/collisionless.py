@@ -13,6 +13,13 @@ can grow and be reused without a dense optimizer ever holding it.
 Row 0 is the default row: it belongs to no id. Rows 1.. belong to admitted ids. Time is read from
 an injectable clock (seconds) and kept as int64 microseconds, so that a `.half()` of the model
 cannot round the last-seen times.
+
+Bookkeeping is kept lean, about 32 bytes per tracked id with the id map: counts are int32
+(saturating at 2^31 - 1), the entry -> row map int32 (row -> entry is derived from it when
+needed: delta sync, export, eviction at capacity), and an entry's last-seen time is an int32
+index into the table's list of distinct last-seen times (one int64 per training step that is
+still some entry's last sighting), so times stay exact to the microsecond. Checkpoints keep the
+int64 layout of version 1 (counts, microsecond times, rows), so old ones load unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ STAT_NAMES = (
     "forgotten_pending",  # not-yet-admitted ids dropped to keep within max_pending
 )
 _US_PER_SECOND = 1_000_000
+_MAX_COUNT = torch.iinfo(torch.int32).max
+_MIN_SEEN_TIMES = 1024  # distinct last-seen times kept before the list is first compacted
+# Bucket load of the id map: higher than the map's default to keep its bytes per id down; with
+# linear probing a lookup still resolves in about 2.5 probe rounds.
+_MAP_MAX_LOAD = 0.75
 
 
 class CapacityError(EmbeddingTableError):
@@ -141,7 +153,7 @@ class CollisionlessTable(nn.Module):
         else:
             self._cms = None
 
-        self._map = IdSlotMap(seed=config.seed, device=device)
+        self._map = IdSlotMap(seed=config.seed, max_load=_MAP_MAX_LOAD, device=device)
         self._rows = SlotAllocator(device)
         self._rows.allocate(1)  # row 0: the default row, never released
         initial_rows = min(chunk_rows, (self.capacity or chunk_rows) + 1)
@@ -152,11 +164,12 @@ class CollisionlessTable(nn.Module):
             dtype=torch.float32,
             device=device,
         )
-        self._row_entry = torch.full((initial_rows,), -1, dtype=torch.int64, device=device)
         self._touched = torch.zeros(initial_rows, dtype=torch.bool, device=device)
-        self._entry_count = torch.zeros(0, dtype=torch.int64, device=device)
-        self._entry_last_seen_us = torch.zeros(0, dtype=torch.int64, device=device)
-        self._entry_row = torch.zeros(0, dtype=torch.int64, device=device)
+        self._entry_count = torch.zeros(0, dtype=torch.int32, device=device)
+        self._entry_seen = torch.zeros(0, dtype=torch.int32, device=device)
+        self._entry_row = torch.zeros(0, dtype=torch.int32, device=device)
+        self._seen_times_us = torch.zeros(_MIN_SEEN_TIMES, dtype=torch.int64, device=device)
+        self._num_seen_times = 0
         self._evicted: list[torch.Tensor] = []
         self._stats = dict.fromkeys(STAT_NAMES, 0)
 
@@ -221,13 +234,13 @@ class CollisionlessTable(nn.Module):
         slots = self._map.lookup(ids)
         rows = torch.full_like(ids, DEFAULT_ROW)
         found = slots >= 0
-        rows[found] = self._entry_row[slots[found]].clamp(min=DEFAULT_ROW)
+        rows[found] = self._entry_row[slots[found]].clamp(min=DEFAULT_ROW).to(torch.int64)
         return rows
 
     def ids_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Id owning each row (as `take_touched_rows` gives them); EMPTY for the default row and
         free rows."""
-        entries = self._row_entry[rows]
+        entries = self._row_entries()[rows]
         ids = torch.full_like(entries, EMPTY)
         owned = entries >= 0
         ids[owned] = self._map.ids_of(entries[owned])
@@ -241,7 +254,7 @@ class CollisionlessTable(nn.Module):
         `ids_of_rows(rows)`.
         """
         used = self._rows.high_water
-        touched = self._touched[:used] & (self._row_entry[:used] >= 0)
+        touched = self._touched[:used] & (self._row_entries() >= 0)
         touched[DEFAULT_ROW] = self._touched[DEFAULT_ROW]
         self._touched.zero_()
         return touched.nonzero().reshape(-1)
@@ -256,11 +269,11 @@ class CollisionlessTable(nn.Module):
 
     def export_rows(self, chunk_rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (ids, rows) of every admitted id, `chunk_rows` at a time, ordered by row."""
-        used = self._rows.high_water
-        rows = (self._row_entry[:used] >= 0).nonzero().reshape(-1)
+        row_entries = self._row_entries()
+        rows = (row_entries >= 0).nonzero().reshape(-1)
         for start in range(0, rows.numel(), chunk_rows):
             chunk = rows[start : start + chunk_rows]
-            yield self._map.ids_of(self._row_entry[chunk]), self.weight[chunk].clone()
+            yield self._map.ids_of(row_entries[chunk]), self.weight[chunk].clone()
 
     def default_row_values(self) -> torch.Tensor:
         """The vector unknown and not-yet-admitted ids read (zeros with default_row='zeros')."""
@@ -290,13 +303,13 @@ class CollisionlessTable(nn.Module):
                 f"table {self.config.name!r}: loading {new_rows} new ids needs "
                 f"{self.num_admitted + new_rows} rows, capacity is {self.capacity}"
             )
-        now = self._now_us()
+        seen_now = self._seen_index(self._now_us())
         absent = ~has_entry
         slots[absent] = self._new_entries(ids[absent], torch.zeros_like(ids[absent]))
         self._entry_count[slots] = self._entry_count[slots].clamp(min=self.config.min_count)
-        self._entry_last_seen_us[slots] = now
+        self._entry_seen[slots] = seen_now
         self._give_rows(slots[~has_row])
-        target = self._entry_row[slots]
+        target = self._entry_row[slots].to(torch.int64)
         self.weight[target] = rows.to(device=self.weight.device, dtype=self._dtype)
         self._touched[target] = True
 
@@ -324,13 +337,18 @@ class CollisionlessTable(nn.Module):
         return sum(self.memory_breakdown().values())
 
     def memory_breakdown(self) -> dict[str, int]:
-        """memory_bytes split into `rows` (allocated storage), `optimizer` and `map` (the rest)."""
+        """memory_bytes by part: `rows`, `optimizer`, `map` and `evicted_ids`.
+
+        `rows` is the allocated row storage; `map` the id map and every per-id and per-row
+        bookkeeping tensor; `evicted_ids` the ids that lost their row, held until `evicted_ids()`
+        drains them.
+        """
         tensors = [
-            self._row_entry,
             self._touched,
             self._entry_count,
-            self._entry_last_seen_us,
+            self._entry_seen,
             self._entry_row,
+            self._seen_times_us,
         ]
         if self._cms is not None:
             tensors.append(self._cms)
@@ -339,6 +357,7 @@ class CollisionlessTable(nn.Module):
             "rows": self.weight.numel() * self.weight.element_size(),
             "optimizer": self._momentum.numel() * self._momentum.element_size(),
             "map": held + self._map.memory_bytes() + self._rows.memory_bytes(),
+            "evicted_ids": sum(ids.numel() * ids.element_size() for ids in self._evicted),
         }
 
     # -- lookup and the fused update -------------------------------------------------------------
@@ -396,6 +415,7 @@ class CollisionlessTable(nn.Module):
         unique_ids, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         now = self._now_us()
         self._expire(now)
+        seen_now = self._seen_index(now)
         slots = self._map.lookup(unique_ids)
         missing = (slots < 0).nonzero().reshape(-1)
         if missing.numel():
@@ -408,13 +428,14 @@ class CollisionlessTable(nn.Module):
             slots[missing] = self._new_entries(unique_ids[missing], starting_counts)
         present = (slots >= 0).nonzero().reshape(-1)
         seen = slots[present]
-        self._entry_count[seen] += counts[present]
-        self._entry_last_seen_us[seen] = now
+        added = self._entry_count[seen] + counts[present]
+        self._entry_count[seen] = added.clamp(max=_MAX_COUNT).to(torch.int32)
+        self._entry_seen[seen] = seen_now
         waiting = (self._entry_row[seen] < 0) & (self._entry_count[seen] >= self.config.min_count)
         if bool(waiting.any()):
             self._admit(seen[waiting])
         unique_rows = torch.full_like(unique_ids, DEFAULT_ROW)
-        unique_rows[present] = self._entry_row[seen].clamp(min=DEFAULT_ROW)
+        unique_rows[present] = self._entry_row[seen].clamp(min=DEFAULT_ROW).to(torch.int64)
         self._bound_pending()
         self._stats["lookups"] += ids.numel()
         self._stats["default_lookups"] += int(counts[unique_rows == DEFAULT_ROW].sum())
@@ -427,8 +448,7 @@ class CollisionlessTable(nn.Module):
             0 if self.capacity is None else self.num_admitted + waiting.numel() - self.capacity
         )
         if overflow > 0:
-            used = self._rows.high_water
-            holders = self._row_entry[:used]
+            holders = self._row_entries()
             holders = holders[holders >= 0]
             pool = torch.cat([holders, waiting])
             losers = self._lowest_priority(pool, overflow)
@@ -451,8 +471,7 @@ class CollisionlessTable(nn.Module):
             return
         rows = self._rows.allocate(entries.numel())
         self._grow_rows(self._rows.high_water)
-        self._row_entry[rows] = entries
-        self._entry_row[entries] = rows
+        self._entry_row[entries] = rows.to(torch.int32)
         self.weight[rows] = self._initial_values(self._map.ids_of(entries))
         self._momentum[rows] = self.optimizer_config.initial_accumulator_value
         self._touched[rows] = True
@@ -479,9 +498,8 @@ class CollisionlessTable(nn.Module):
         if self._ttl_us is None or len(self._map) == 0:
             return
         used = self._map.slot_high_water
-        stale = self._map.live_slot_mask() & (
-            now_us - self._entry_last_seen_us[:used] >= self._ttl_us
-        )
+        stale_times = now_us - self._seen_times_us[: self._num_seen_times] >= self._ttl_us
+        stale = self._map.live_slot_mask() & stale_times[self._entry_seen[:used].to(torch.int64)]
         entries = stale.nonzero().reshape(-1)
         if entries.numel():
             admitted = int((self._entry_row[entries] >= 0).sum())
@@ -493,18 +511,17 @@ class CollisionlessTable(nn.Module):
         """Forget these entries: free their rows and slots; record admitted ids if `record`."""
         if entries.numel() == 0:
             return
-        rows = self._entry_row[entries]
+        rows = self._entry_row[entries].to(torch.int64)
         admitted = rows >= 0
         ids = self._map.ids_of(entries)
         if record:
             self._evicted.append(ids[admitted])
         freed = rows[admitted]
-        self._row_entry[freed] = -1
         self._touched[freed] = False
         self._rows.release(freed)
         self._entry_row[entries] = -1
         self._entry_count[entries] = 0
-        self._entry_last_seen_us[entries] = 0
+        self._entry_seen[entries] = 0
         self._map.remove(ids)
 
     def _lowest_priority(self, entries: torch.Tensor, count: int) -> torch.Tensor:
@@ -515,7 +532,7 @@ class CollisionlessTable(nn.Module):
         """
         if count >= entries.numel():
             return torch.arange(entries.numel(), device=entries.device)
-        last_seen = self._entry_last_seen_us[entries]
+        last_seen = self._last_seen_us(entries)
         seen_count = self._entry_count[entries]
         if self.config.eviction == "lru":
             primary, secondary = last_seen, seen_count
@@ -534,13 +551,72 @@ class CollisionlessTable(nn.Module):
         entries = self._map.insert_new(ids)
         needed = self._map.slot_high_water
         if needed > self._entry_row.numel():
-            size = max(needed, 2 * self._entry_row.numel())
+            # 1.125x steps, as the map's slot keys grow: amortised O(1), an eighth idle at most
+            size = max(needed, self._entry_row.numel() * 9 // 8)
             self._entry_count = _grown(self._entry_count, size, 0)
-            self._entry_last_seen_us = _grown(self._entry_last_seen_us, size, 0)
+            self._entry_seen = _grown(self._entry_seen, size, 0)
             self._entry_row = _grown(self._entry_row, size, -1)
-        self._entry_count[entries] = starting_counts
+        self._entry_count[entries] = starting_counts.clamp(max=_MAX_COUNT).to(torch.int32)
         self._entry_row[entries] = -1
         return entries
+
+    def _row_entries(self) -> torch.Tensor:
+        """Entry owning each row in use, -1 for the default row and free rows (int64).
+
+        Derived from the entry -> row map on each call (one scatter over the entries) rather than
+        kept as a second map: the table's only per-row bookkeeping is then the touched flag.
+        """
+        row_entries = torch.full(
+            (self._rows.high_water,), -1, dtype=torch.int64, device=self.weight.device
+        )
+        entry_rows = self._entry_row[: self._map.slot_high_water]
+        owners = (entry_rows >= 0).nonzero().reshape(-1)
+        row_entries[entry_rows[owners].to(torch.int64)] = owners
+        return row_entries
+
+    def _last_seen_us(self, entries: torch.Tensor) -> torch.Tensor:
+        """Last-seen time (int64 microseconds) of live `entries`."""
+        return self._seen_times_us[self._entry_seen[entries].to(torch.int64)]
+
+    def _seen_index(self, now_us: int) -> int:
+        """Index of `now_us` in the list of distinct last-seen times, appended if new.
+
+        When the list is full it is compacted to the times some live entry still holds (and
+        grown if more than half of it is still in use), so it stays a small fraction of the
+        entries unless nearly every entry was last seen at a time of its own.
+        """
+        count = self._num_seen_times
+        if count and int(self._seen_times_us[count - 1]) == now_us:
+            return count - 1
+        if count == self._seen_times_us.numel():
+            self._compact_seen_times()
+            count = self._num_seen_times
+        self._seen_times_us[count] = now_us
+        self._num_seen_times = count + 1
+        return count
+
+    def _compact_seen_times(self) -> None:
+        used = self._map.slot_high_water
+        live = self._map.live_slot_mask()
+        held, renumbered = torch.unique(self._entry_seen[:used][live], return_inverse=True)
+        size = max(_MIN_SEEN_TIMES, 2 * held.numel() + 1)
+        times = torch.zeros(size, dtype=torch.int64, device=self._seen_times_us.device)
+        times[: held.numel()] = self._seen_times_us[held.to(torch.int64)]
+        self._seen_times_us = times
+        self._num_seen_times = held.numel()
+        entry_seen = torch.zeros_like(self._entry_seen[:used])
+        entry_seen[live] = renumbered.to(torch.int32)
+        self._entry_seen[:used] = entry_seen
+
+    def _set_seen_times(self, last_seen_us: torch.Tensor, live: torch.Tensor) -> None:
+        """Rebuild the entries' time indices and the list of times from int64 last-seen times."""
+        times, index = torch.unique(last_seen_us[live], return_inverse=True)
+        size = max(_MIN_SEEN_TIMES, 2 * times.numel() + 1)
+        self._seen_times_us = torch.zeros(size, dtype=torch.int64, device=last_seen_us.device)
+        self._seen_times_us[: times.numel()] = times
+        self._num_seen_times = times.numel()
+        self._entry_seen = torch.zeros(last_seen_us.numel(), dtype=torch.int32, device=live.device)
+        self._entry_seen[live] = index.to(torch.int32)
 
     def _cms_add(self, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Add `counts` to the count-min sketch; return each id's estimate after the add."""
@@ -568,7 +644,6 @@ class CollisionlessTable(nn.Module):
         self._momentum = _grown(
             self._momentum, size, self.optimizer_config.initial_accumulator_value
         )
-        self._row_entry = _grown(self._row_entry, size, -1)
         self._touched = _grown(self._touched, size, False)
 
     def _initial_values(self, ids: torch.Tensor) -> torch.Tensor:
@@ -595,6 +670,9 @@ class CollisionlessTable(nn.Module):
             if self._evicted
             else torch.empty(0, dtype=torch.int64, device=self.weight.device)
         )
+        live = self._map.live_slot_mask()
+        last_seen_us = torch.zeros(used_entries, dtype=torch.int64, device=self.weight.device)
+        last_seen_us[live] = self._last_seen_us(live.nonzero().reshape(-1))
         state = {
             "version": torch.tensor([CHECKPOINT_VERSION], dtype=torch.int64),
             "weight": self.weight[:used_rows],
@@ -603,9 +681,9 @@ class CollisionlessTable(nn.Module):
             "free_rows": self._rows.free_indices(),
             "entry_ids": map_state["slot_ids"],
             "free_entries": map_state["free_slots"],
-            "entry_count": self._entry_count[:used_entries],
-            "entry_last_seen_us": self._entry_last_seen_us[:used_entries],
-            "entry_row": self._entry_row[:used_entries],
+            "entry_count": self._entry_count[:used_entries].to(torch.int64),
+            "entry_last_seen_us": last_seen_us,
+            "entry_row": self._entry_row[:used_entries].to(torch.int64),
             "evicted_ids": evicted,
             "stats": torch.tensor([self._stats[name] for name in STAT_NAMES], dtype=torch.int64),
         }
@@ -683,7 +761,11 @@ class CollisionlessTable(nn.Module):
             )
         try:
             id_map = IdSlotMap.from_state_tensors(
-                entry_ids, state["free_entries"], seed=self.config.seed, device=device
+                entry_ids,
+                state["free_entries"],
+                seed=self.config.seed,
+                max_load=_MAP_MAX_LOAD,
+                device=device,
             )
         except IdError as error:
             raise CheckpointError(f"table {name!r}: {error}") from error
@@ -703,8 +785,6 @@ class CollisionlessTable(nn.Module):
                 f"table {name!r}: checkpoint rows are inconsistent: each of rows 1..{used_rows - 1}"
                 " must belong to exactly one live id or be free"
             )
-        row_entry = torch.full((used_rows,), -1, dtype=torch.int64, device=device)
-        row_entry[owned_rows] = owned.nonzero().reshape(-1)
 
         size = -(-used_rows // self._chunk_rows) * self._chunk_rows
         if self.capacity is not None:
@@ -716,15 +796,13 @@ class CollisionlessTable(nn.Module):
             self.optimizer_config.initial_accumulator_value,
         )
         self._touched = _grown(state["touched"].to(device=device, dtype=torch.bool), size, False)
-        self._row_entry = _grown(row_entry, size, -1)
         self._rows = SlotAllocator(device)
         self._rows.restore(used_rows, free_rows)
         self._map = id_map
-        self._entry_count = state["entry_count"].to(device=device, dtype=torch.int64).clone()
-        self._entry_last_seen_us = (
-            state["entry_last_seen_us"].to(device=device, dtype=torch.int64).clone()
-        )
-        self._entry_row = entry_row.clone()
+        entry_count = state["entry_count"].to(device=device, dtype=torch.int64)
+        self._entry_count = entry_count.clamp(max=_MAX_COUNT).to(torch.int32)
+        self._set_seen_times(state["entry_last_seen_us"].to(device=device, dtype=torch.int64), live)
+        self._entry_row = entry_row.to(torch.int32)
         self._evicted = [state["evicted_ids"].to(device=device, dtype=torch.int64).clone()]
         self._stats = dict(zip(STAT_NAMES, state["stats"].tolist(), strict=True))
         if cms is not None:
@@ -736,10 +814,10 @@ class CollisionlessTable(nn.Module):
         self.weight = fn(self.weight)
         device = self.weight.device
         self._momentum = self._momentum.to(device)
-        self._row_entry = self._row_entry.to(device)
         self._touched = self._touched.to(device)
         self._entry_count = self._entry_count.to(device)
-        self._entry_last_seen_us = self._entry_last_seen_us.to(device)
+        self._entry_seen = self._entry_seen.to(device)
+        self._seen_times_us = self._seen_times_us.to(device)
         self._entry_row = self._entry_row.to(device)
         if self._cms is not None:
             self._cms = self._cms.to(device)
