@@ -136,7 +136,9 @@ class RequestValues:
     encoding (serving.raw_values) and the model's checks (`request_columns`) take. `features`:
     name -> (positions of the candidates that give it, their values), names in order of first
     appearance. `user_known` / `item_known`: whether the user's and each item's raw id maps to a
-    row (set by the encoder; None: all do)."""
+    row (set by the encoder; None: all do). `raw_user_id` / `raw_item_ids`: the raw ids the
+    online store is keyed by (set by the encoder; None: the ids themselves, for a model without
+    an artifact)."""
 
     model: str | None
     user_id: int | str
@@ -145,6 +147,8 @@ class RequestValues:
     features: dict[str, tuple[list[int], list[object]]]
     user_known: bool = True
     item_known: np.ndarray | None = None
+    raw_user_id: int | str | None = None
+    raw_item_ids: list[int | str | None] | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -241,11 +245,23 @@ class RequestColumns:
     # does not is an empty bag in the model's input.
     user_known: bool = True
     item_known: np.ndarray | None = None
+    # The raw ids the online store is keyed by (None: user_id and item_ids, for a model
+    # without an artifact); an item whose raw id is unknown (a prepared OOV id) is None.
+    raw_user_id: int | str | None = None
+    raw_item_ids: list[int | str | None] | None = None
 
     def known_items(self) -> np.ndarray:
         if self.item_known is None:
             return np.ones(self.num_candidates, dtype=bool)
         return self.item_known
+
+    def online_user(self) -> int | str | None:
+        """The user's raw id in the online store."""
+        return self.user_id if self.raw_user_id is None else self.raw_user_id
+
+    def online_items(self) -> list[int | str | None]:
+        """Each candidate's raw id in the online store."""
+        return self.item_ids.tolist() if self.raw_item_ids is None else self.raw_item_ids
 
 
 def request_columns(
@@ -297,7 +313,15 @@ def request_columns(
             mask = mask | previous[1]
         sparse[name] = (column, mask)
     return RequestColumns(
-        request.user_id, count, item_ids, sparse, dense, request.user_known, request.item_known
+        request.user_id,
+        count,
+        item_ids,
+        sparse,
+        dense,
+        request.user_known,
+        request.item_known,
+        request.raw_user_id,
+        request.raw_item_ids,
     )
 
 
