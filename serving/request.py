@@ -137,8 +137,8 @@ class RequestValues:
     name -> (positions of the candidates that give it, their values), names in order of first
     appearance. `user_known` / `item_known`: whether the user's and each item's raw id maps to a
     row (set by the encoder; None: all do). `raw_user_id` / `raw_item_ids`: the raw ids the
-    online store is keyed by (set by the encoder; None: the ids themselves, for a model without
-    an artifact)."""
+    online store is keyed by, None where one is not known (set by the encoder; `raw_item_ids`
+    None: not encoded, the ids are the raw ids, for a model without an artifact)."""
 
     model: str | None
     user_id: int | str
@@ -245,8 +245,8 @@ class RequestColumns:
     # does not is an empty bag in the model's input.
     user_known: bool = True
     item_known: np.ndarray | None = None
-    # The raw ids the online store is keyed by (None: user_id and item_ids, for a model
-    # without an artifact); an item whose raw id is unknown (a prepared OOV id) is None.
+    # The raw ids the online store is keyed by (the ids themselves for a model without an
+    # artifact); None where a raw id is not known (a prepared out-of-vocabulary id).
     raw_user_id: int | str | None = None
     raw_item_ids: list[int | str | None] | None = None
 
@@ -254,14 +254,6 @@ class RequestColumns:
         if self.item_known is None:
             return np.ones(self.num_candidates, dtype=bool)
         return self.item_known
-
-    def online_user(self) -> int | str | None:
-        """The user's raw id in the online store."""
-        return self.user_id if self.raw_user_id is None else self.raw_user_id
-
-    def online_items(self) -> list[int | str | None]:
-        """Each candidate's raw id in the online store."""
-        return self.item_ids.tolist() if self.raw_item_ids is None else self.raw_item_ids
 
 
 def request_columns(
@@ -312,6 +304,7 @@ def request_columns(
             column = column.where(mask, previous[0])
             mask = mask | previous[1]
         sparse[name] = (column, mask)
+    encoded = request.raw_item_ids is not None  # by the artifact's encoder
     return RequestColumns(
         request.user_id,
         count,
@@ -320,8 +313,8 @@ def request_columns(
         dense,
         request.user_known,
         request.item_known,
-        request.raw_user_id,
-        request.raw_item_ids,
+        raw_user_id=request.raw_user_id if encoded else request.user_id,
+        raw_item_ids=request.raw_item_ids if encoded else item_ids.tolist(),
     )
 
 

@@ -568,12 +568,16 @@ class Scorer:
         columns: dict[str, Jagged | np.ndarray] = {}
         position_of: dict[int | str | None, int] = {}
         user_of_request = [
-            position_of.setdefault(request.online_user(), len(position_of)) for request in batch
+            position_of.setdefault(request.raw_user_id, len(position_of)) for request in batch
         ]
         known = [user for user in position_of if user is not None]
         try:
             if snapshot.item_features is not None:
-                items = [item for request in batch for item in request.online_items()]
+                items = [
+                    item
+                    for request in batch
+                    for item in request.raw_item_ids or [None] * request.num_candidates
+                ]
                 columns.update(snapshot.item_features.columns(items, self.health.up))
             if not self.health.up:
                 return columns

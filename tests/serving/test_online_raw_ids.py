@@ -171,3 +171,24 @@ def test_one_store_gives_each_version_its_own_ids_for_the_same_raw_values(served
             )
             # The user's features matter: a user the store does not know scores otherwise.
             assert not np.allclose(scores(scorer, None, items, with_features=False), given)
+        # Prepared ids (embtab's own fast path) find the same raw ids' features.
+        prepared = {
+            "user_id": preprocessing.encode("user_id", pa.array([USERS[7]]))[0].as_py(),
+            "context": {"user_activity": 1.5},
+            "candidates": [
+                {"item_id": item_id, "features": {"item_popularity": item / 10}}
+                for item, item_id in zip(
+                    items,
+                    preprocessing.encode(
+                        "item_id", pa.array([ITEMS[i] for i in items])
+                    ).to_pylist(),
+                    strict=True,
+                )
+            ],
+        }
+        request = scorer.prepare(ScoreRequest.model_validate(prepared))
+        np.testing.assert_allclose(
+            scorer.score([request]).per_request[0],
+            scores(scorer, 7, items, with_features=True),
+            atol=1e-6,
+        )
