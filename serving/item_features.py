@@ -41,6 +41,11 @@ def model_column(
             values = column.fill_null(0).to_numpy(zero_copy_only=False)
             return np.asarray(values, dtype=np.float32)
         return Jagged.from_arrow(column)[0]
+    if not column.null_count:
+        encoded = preprocessing.encode(spec.name, column)
+        if spec.kind == "dense":
+            return np.asarray(encoded.to_numpy(zero_copy_only=False), dtype=np.float32)
+        return Jagged.from_arrow(encoded)[0]
     present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     encoded = preprocessing.encode(spec.name, column.filter(pa.array(present)))
     if spec.kind == "dense":
