@@ -115,10 +115,10 @@ def checkpoint_path(arguments: argparse.Namespace, scratch: Path) -> tuple[Path,
 def fill_online_store(url: str, schema) -> OnlineFeatureStore:
     """User profiles, sequences and item attributes as of the end of the training split."""
     client = RedisNodes(RedisConfig.parse(url, socket_timeout_s=30.0)).meta
-    store = OnlineFeatureStore(client, schema)
     dataset = open_prepared(DATASET)
+    store = OnlineFeatureStore(client, schema, preprocessing=dataset.preprocessor())
     for batch in dataset.iter_batches("train", 200_000):
-        store.write_events(batch)
+        store.write_events(store.raw_events(batch))
     return store
 
 
@@ -181,7 +181,8 @@ def raw_counts(prepared: pa.ChunkedArray) -> list[int]:
 def baseline(checkpoint: Path, store: OnlineFeatureStore, plain: list[dict]) -> dict:
     """The same scoring in process: features already in memory, no HTTP, no Redis. The model
     is built as the service builds it (plain tables, no optimizer state) with every row loaded;
-    the raw dense values go through the checkpoint's artifact, as the service applies it."""
+    the raw values (the online store's and the dense ones) go through the checkpoint's artifact,
+    as the service applies it."""
     trained = load_checkpoint(checkpoint)
     preprocessing = trained.model.spec.preprocessing
     model = servable_model(trained.manifest, dense_state(trained.model))
@@ -192,8 +193,13 @@ def baseline(checkpoint: Path, store: OnlineFeatureStore, plain: list[dict]) -> 
     prepared = []
     for body in plain[:BASELINE_REQUESTS]:
         items = np.array([c["item_id"] for c in body["candidates"]], dtype=np.int64)
-        features = store.get_request(body["user_id"], items)
-        columns = {name: features.column(name) for name in features.schema.names}
+        user = preprocessing.decode("user_id", pa.array([body["user_id"]]))[0].as_py()
+        raw_items = preprocessing.decode("item_id", pa.array(items)).to_pylist()
+        features = store.get_request(user, raw_items)
+        columns = {
+            name: preprocessing.encode(name, features.column(name))
+            for name in features.schema.names
+        }
         activity = [body["context"]["user_activity"]] * len(items)
         popularity = [c["features"]["item_popularity"] for c in body["candidates"]]
         columns["user_activity"] = model_input(preprocessing, "user_activity", activity)

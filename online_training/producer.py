@@ -357,7 +357,7 @@ class ReplayProducer:
             }
         )
         if self.online is not None:
-            written = self.online.write_events(rows)
+            written = self.online.write_events(self.online.raw_events(rows))
             self.report.online_user_writes += written.users
             self.report.online_item_writes += written.items
         report = self.report

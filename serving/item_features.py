@@ -6,6 +6,10 @@ of a batch, while those attributes change rarely. Entries are read again once ol
 `ttl_s`, so a change in the store shows within that time. Items the store does not know are kept
 as unknown (empty bags, 0.0). With Redis down, whatever is held is used, however old.
 
+The store holds raw values keyed by raw item ids; the cache is keyed by the raw id too and holds
+the values as this version's artifact encodes them (`model_column`), so a cache serves one
+artifact: a version with another one gets a cache of its own.
+
 Storage is one padded array per feature (row = item slot, up to the feature's `max_length` ids),
 so a batch's columns are one gather each, with no per-item Python. Not thread-safe: the one
 scoring thread owns it.
@@ -14,12 +18,44 @@ scoring thread owns it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
-from feature_store.online import OnlineFeatureStore
+from feature_store.artifact import Preprocessor
+from feature_store.online import OnlineFeatureStore, RawId
 from feature_store.schema import FeatureSpec
 from serving.jagged import Jagged
+
+
+def model_column(
+    preprocessing: Preprocessor | None, spec: FeatureSpec, column: pa.Array
+) -> Jagged | np.ndarray:
+    """One online column (raw values read from the store, null where the store knows nothing)
+    as the model takes it: a Jagged column of ids, or float32 numbers for a dense feature;
+    null rows stay empty bags and 0.0. Raw values go through the artifact's `encode`, as a
+    request's raw values do; without an artifact the store holds prepared ids already."""
+    if preprocessing is None:
+        if spec.kind == "dense":
+            values = column.fill_null(0).to_numpy(zero_copy_only=False)
+            return np.asarray(values, dtype=np.float32)
+        return Jagged.from_arrow(column)[0]
+    if not column.null_count:
+        encoded = preprocessing.encode(spec.name, column)
+        if spec.kind == "dense":
+            return np.asarray(encoded.to_numpy(zero_copy_only=False), dtype=np.float32)
+        return Jagged.from_arrow(encoded)[0]
+    present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    encoded = preprocessing.encode(spec.name, column.filter(pa.array(present)))
+    if spec.kind == "dense":
+        numbers = np.zeros(len(column), dtype=np.float32)
+        numbers[present] = encoded.to_numpy(zero_copy_only=False)
+        return numbers
+    rows = Jagged.from_arrow(encoded)[0]
+    lengths = np.zeros(len(column), dtype=np.int64)
+    lengths[present] = rows.lengths
+    return Jagged(rows.values, lengths)
 
 
 class ItemFeatureCache:
@@ -37,25 +73,35 @@ class ItemFeatureCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._slot_of: dict[int, int] = {}
+        self._slot_of: dict[RawId, int] = {}
         self._fetched_at = np.zeros(0, dtype=np.float64)
         self._ids: dict[str, np.ndarray] = {}
         self._lengths: dict[str, np.ndarray] = {}
         self._dense: dict[str, np.ndarray] = {}
 
-    def columns(self, item_ids: np.ndarray, may_fetch: bool) -> dict[str, Jagged | np.ndarray]:
-        """Every cached feature for each of `item_ids` (one row per id, repeats allowed),
-        reading absent or expired items from the store first if `may_fetch`. Raises the
-        store's errors (OnlineStoreUnavailable, ...) when a read fails."""
-        distinct, inverse = np.unique(item_ids, return_inverse=True)
+    def columns(self, item_ids: Sequence[RawId], may_fetch: bool) -> dict[str, Jagged | np.ndarray]:
+        """Every cached feature for each of `item_ids` (raw ids, one row per id, repeats
+        allowed), reading absent or expired items from the store first if `may_fetch`. Raises
+        the store's errors (OnlineStoreUnavailable, ...) when a read fails."""
+        position_of: dict[RawId, int] = {}
+        inverse = np.fromiter(
+            (position_of.setdefault(item, len(position_of)) for item in item_ids),
+            dtype=np.int64,
+            count=len(item_ids),
+        )
+        distinct = list(position_of)
         slots = self._slots(distinct)
         if may_fetch:
             now = time.monotonic()
             fetched_at = np.full(len(slots), -np.inf)
             fetched_at[slots >= 0] = self._fetched_at[slots[slots >= 0]]
-            stale = fetched_at < now - self.ttl_s
-            if stale.any():
-                self._insert(distinct[stale], self.store.get_items(distinct[stale]), now)
+            stale = np.flatnonzero(fetched_at < now - self.ttl_s)
+            if len(stale):
+                # An item without a raw id (a prepared OOV id) has nothing in the store.
+                wanted = [distinct[index] for index in stale.tolist()]
+                wanted = [item for item in wanted if item is not None]
+                if wanted:
+                    self._insert(wanted, self.store.get_items(wanted), now)
                 slots = self._slots(distinct)
         known = slots >= 0
         if not known.any():
@@ -75,33 +121,34 @@ class ItemFeatureCache:
             columns[spec.name] = Jagged(padded[keep], lengths.astype(np.int64))
         return columns
 
-    def _slots(self, distinct: np.ndarray) -> np.ndarray:
+    def _slots(self, distinct: Sequence[RawId]) -> np.ndarray:
         get = self._slot_of.get
         return np.fromiter(
-            (get(item, -1) for item in distinct.tolist()), dtype=np.int64, count=len(distinct)
+            (get(item, -1) for item in distinct), dtype=np.int64, count=len(distinct)
         )
 
-    def _insert(self, item_ids: np.ndarray, batch, now: float) -> None:
+    def _insert(self, item_ids: list[RawId], batch: pa.RecordBatch, now: float) -> None:
         if len(self._slot_of) + len(item_ids) > self.max_items:
             self._reset()
         slots = self._slots(item_ids)
-        new = slots < 0
+        new = np.flatnonzero(slots < 0)
         start = len(self._slot_of)
-        slots[new] = np.arange(start, start + int(new.sum()))
-        self._slot_of.update(zip(item_ids[new].tolist(), slots[new].tolist(), strict=True))
-        size = start + int(new.sum())
+        slots[new] = np.arange(start, start + len(new))
+        self._slot_of.update((item_ids[index], int(slots[index])) for index in new.tolist())
+        size = start + len(new)
         self._fetched_at = _grown(self._fetched_at, size)
         self._fetched_at[slots] = now
+        preprocessing = self.store.preprocessing
         for spec in self.specs:
-            column = batch.column(spec.name)
-            if spec.kind == "dense":
-                values = np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False), np.float32)
+            column = model_column(preprocessing, spec, batch.column(spec.name))
+            if isinstance(column, np.ndarray):
+                values = column
                 self._dense[spec.name] = _grown(
                     self._dense.get(spec.name, np.zeros(0, np.float32)), size
                 )
                 self._dense[spec.name][slots] = values
                 continue
-            rows, _ = Jagged.from_arrow(column)
+            rows = column
             width = spec.max_length
             lengths = np.minimum(rows.lengths, width)
             padded = np.zeros((len(item_ids), width), dtype=np.int64)

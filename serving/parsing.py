@@ -113,6 +113,8 @@ def columns_to_bytes(columns: RequestColumns) -> bytes:
         "user_id": columns.user_id,
         "num_candidates": columns.num_candidates,
         "user_known": columns.user_known,
+        "raw_user_id": columns.raw_user_id,
+        "raw_item_ids": columns.raw_item_ids,
         "sparse": list(columns.sparse),
         "dense": list(columns.dense),
     }
@@ -143,6 +145,8 @@ def columns_from_bytes(blob: bytes) -> RequestColumns:
         dense=dense,
         user_known=described["user_known"],
         item_known=arrays.get("item_known"),
+        raw_user_id=described["raw_user_id"],
+        raw_item_ids=described["raw_item_ids"],
     )
 
 

@@ -67,7 +67,26 @@ class RawValueEncoder:
             features=features,
             user_known=user_known,
             item_known=item_known,
+            raw_user_id=self._raw_ids(self.user_column, [request.user_id])[0],
+            raw_item_ids=self._raw_ids(self.item_column, request.item_ids),
         )
+
+    def _raw_ids(self, name: str, values: list) -> list:
+        """The raw ids of the user or the candidates, which the online store is keyed by: as
+        sent, but a prepared id (an int sent for string ids) becomes its vocabulary value (None
+        for the OOV id). Hashed string ids cannot be inverted: those stay as sent."""
+        feature = self.features.get(name)
+        if feature is None or feature.type != "string" or feature.ids != "vocabulary":
+            return list(values)
+        prepared = [index for index, value in enumerate(values) if type(value) is int]
+        if not prepared:
+            return list(values)
+        raw = [None if type(value) is int and value < 0 else value for value in values]
+        prepared = [index for index in prepared if raw[index] is not None]
+        decoded = self.preprocessing.decode(name, pa.array([values[i] for i in prepared]))
+        for index, value in zip(prepared, decoded.to_pylist(), strict=True):
+            raw[index] = value
+        return raw
 
     def _id(self, name: str, value: object, where: str) -> tuple[int, bool]:
         ids, known = self._ids(name, [value], lambda _: where)

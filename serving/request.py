@@ -136,7 +136,9 @@ class RequestValues:
     encoding (serving.raw_values) and the model's checks (`request_columns`) take. `features`:
     name -> (positions of the candidates that give it, their values), names in order of first
     appearance. `user_known` / `item_known`: whether the user's and each item's raw id maps to a
-    row (set by the encoder; None: all do)."""
+    row (set by the encoder; None: all do). `raw_user_id` / `raw_item_ids`: the raw ids the
+    online store is keyed by, None where one is not known (set by the encoder; `raw_item_ids`
+    None: not encoded, the ids are the raw ids, for a model without an artifact)."""
 
     model: str | None
     user_id: int | str
@@ -145,6 +147,8 @@ class RequestValues:
     features: dict[str, tuple[list[int], list[object]]]
     user_known: bool = True
     item_known: np.ndarray | None = None
+    raw_user_id: int | str | None = None
+    raw_item_ids: list[int | str | None] | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -241,6 +245,10 @@ class RequestColumns:
     # does not is an empty bag in the model's input.
     user_known: bool = True
     item_known: np.ndarray | None = None
+    # The raw ids the online store is keyed by (the ids themselves for a model without an
+    # artifact); None where a raw id is not known (a prepared out-of-vocabulary id).
+    raw_user_id: int | str | None = None
+    raw_item_ids: list[int | str | None] | None = None
 
     def known_items(self) -> np.ndarray:
         if self.item_known is None:
@@ -296,8 +304,17 @@ def request_columns(
             column = column.where(mask, previous[0])
             mask = mask | previous[1]
         sparse[name] = (column, mask)
+    encoded = request.raw_item_ids is not None  # by the artifact's encoder
     return RequestColumns(
-        request.user_id, count, item_ids, sparse, dense, request.user_known, request.item_known
+        request.user_id,
+        count,
+        item_ids,
+        sparse,
+        dense,
+        request.user_known,
+        request.item_known,
+        raw_user_id=request.raw_user_id if encoded else request.user_id,
+        raw_item_ids=request.raw_item_ids if encoded else item_ids.tolist(),
     )
 
 

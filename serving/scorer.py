@@ -50,7 +50,7 @@ from serving.errors import (
     VersionNotFoundError,
 )
 from serving.health import RedisHealth
-from serving.item_features import ItemFeatureCache
+from serving.item_features import ItemFeatureCache, model_column
 from serving.jagged import Jagged
 from serving.param_store import DenseState, ParamReader, VersionHead, VersionManifest
 from serving.parsing import Preparation, check_model, prepare_columns
@@ -173,7 +173,7 @@ class Scorer:
         reader: ParamReader,
         config: ScorerConfig,
         health: RedisHealth | None = None,
-        online: Callable[[Schema], OnlineFeatureStore | None] | None = None,
+        online: Callable[[Schema, Preprocessor | None], OnlineFeatureStore | None] | None = None,
     ) -> None:
         if reader.model != config.model:
             raise ServingError(f"reader is for {reader.model!r}, config for {config.model!r}")
@@ -348,10 +348,20 @@ class Scorer:
             for name, layout in published.items()
         }
         schema = spec.schema
-        if previous is not None and previous.schema == schema:
+        encoder = self._encoder_of(manifest, schema, previous)
+        preprocessing = None if encoder is None else encoder.preprocessing
+        if (
+            previous is not None
+            and previous.schema == schema
+            and _artifact_hash(previous.encoder) == _artifact_hash(encoder)
+        ):
             online, item_features = previous.online, previous.item_features
         else:
-            online = None if self.online_store_for is None else self.online_store_for(schema)
+            online = (
+                None
+                if self.online_store_for is None
+                else self.online_store_for(schema, preprocessing)
+            )
             item_features = None
             if online is not None and online.layout.item_features:
                 item_features = ItemFeatureCache(
@@ -362,7 +372,7 @@ class Scorer:
         return Snapshot(
             manifest=manifest,
             dense_revision=dense.revision,
-            encoder=self._encoder_of(manifest, schema, previous),
+            encoder=encoder,
             delta=delta,
             model=model,
             planner=RowPlanner(model.embeddings),
@@ -491,7 +501,7 @@ class Scorer:
         user_ids = np.array([request.user_id for request in batch], dtype=np.int64)
         item_ids = np.concatenate([request.item_ids for request in batch])
         user_of_row = np.repeat(user_ids, counts)
-        online = self._online_columns(snapshot, user_of_row, item_ids)
+        online = self._online_columns(snapshot, batch, counts)
         sparse: dict[str, Jagged] = {}
         dense: dict[str, np.ndarray] = {}
         for spec in snapshot.schema.features:
@@ -545,43 +555,55 @@ class Scorer:
         return sparse, dense
 
     def _online_columns(
-        self, snapshot: Snapshot, user_of_row: np.ndarray, item_ids: np.ndarray
+        self, snapshot: Snapshot, batch: list[RequestColumns], counts: np.ndarray
     ) -> dict[str, Jagged | np.ndarray]:
         """Online user features (one round trip per batch) and item features (local, see
-        `serving.item_features`) of every candidate row: a Jagged column, or float32 values for
-        a dense feature; unknown users and items give empty bags and zeros. With Redis down,
-        only the item features held locally."""
+        `serving.item_features`) of every candidate row, looked up by raw id and encoded through
+        the version's artifact: a Jagged column, or float32 values for a dense feature; unknown
+        users and items give empty bags and zeros. With Redis down, only the item features held
+        locally."""
         if snapshot.online is None:
             return {}
         specs = {spec.name: spec for spec in snapshot.schema.features}
         columns: dict[str, Jagged | np.ndarray] = {}
+        position_of: dict[int | str | None, int] = {}
+        user_of_request = [
+            position_of.setdefault(request.raw_user_id, len(position_of)) for request in batch
+        ]
+        known = [user for user in position_of if user is not None]
         try:
             if snapshot.item_features is not None:
-                columns.update(snapshot.item_features.columns(item_ids, self.health.up))
+                items = [
+                    item
+                    for request in batch
+                    for item in request.raw_item_ids or [None] * request.num_candidates
+                ]
+                columns.update(snapshot.item_features.columns(items, self.health.up))
             if not self.health.up:
                 return columns
-            distinct_users, user_index = np.unique(user_of_row, return_inverse=True)
-            users = snapshot.online.get_users(distinct_users)
+            users = snapshot.online.get_users(known)
         except OnlineStoreUnavailable as error:
             self.health.failed(error)
             return columns
         except OnlineFeatureError as error:
             log.warning("online features unusable, scoring without them: %s", error)
             return columns
+        # Rows of `users` in order of `known`, then one empty row for a user without a raw id.
+        row_of = {user: row for row, user in enumerate(known)}
+        rows = np.array([row_of.get(user, len(known)) for user in position_of], np.int64)
+        user_index = rows[np.repeat(user_of_request, counts)]
+        preprocessing = snapshot.online.preprocessing
         for name in users.schema.names:
             spec = specs.get(name)
             if spec is None or name in (snapshot.user_column, snapshot.item_column):
                 continue
-            column = users.column(name)
-            if spec.kind == "dense":
-                values = column.fill_null(0).to_numpy(zero_copy_only=False)
-                columns[name] = np.asarray(values, dtype=np.float32)[user_index]
+            column = model_column(preprocessing, spec, users.column(name))
+            if isinstance(column, np.ndarray):
+                columns[name] = np.append(column, np.float32(0))[user_index]
+            elif len(position_of) == 1 and known:  # as every request scored alone
+                columns[name] = column.repeat(0, len(user_index))
             else:
-                rows = Jagged.from_arrow(column)[0]
-                one_user = len(distinct_users) == 1  # as every request scored alone
-                columns[name] = (
-                    rows.repeat(0, len(user_index)) if one_user else rows.take(user_index)
-                )
+                columns[name] = Jagged.concat([column, Jagged.empty(1)]).take(user_index)
         return columns
 
     def _load_rows(
@@ -645,3 +667,9 @@ class Scorer:
             self.counts.cached += cached
             self.counts.fetched += fetched_count
             self.counts.defaulted += defaulted
+
+
+def _artifact_hash(encoder: RawValueEncoder | None) -> str | None:
+    """The content hash of a version's artifact: what the online store's values are encoded
+    with (None for a model without one)."""
+    return None if encoder is None else encoder.preprocessing.content_hash

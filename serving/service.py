@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import redis
 import torch
 
+from feature_store.artifact import Preprocessor
 from feature_store.online import NoOnlineLayout, OnlineFeatureStore, OnlineLayout
 from feature_store.schema import Schema
 from serving.batcher import MicroBatcher
@@ -126,8 +127,11 @@ class ScoringService:
         self.metrics = ServiceMetrics(self.scorer)
         self.parser = BodyParser(config.model, config.max_candidates)
 
-    def _online_store(self, schema: Schema) -> OnlineFeatureStore | None:
-        """The online store restricted to the model's features; None if its data set has none."""
+    def _online_store(
+        self, schema: Schema, preprocessing: Preprocessor | None
+    ) -> OnlineFeatureStore | None:
+        """The online store restricted to the model's features, reading raw values of the
+        version's artifact; None if its data set has none."""
         try:
             layout = OnlineLayout.for_schema(schema)
         except NoOnlineLayout:
@@ -139,7 +143,9 @@ class ScoringService:
             item_features=tuple(name for name in layout.item_features if name in names),
             sequence_feature=layout.sequence_feature if layout.sequence_feature in names else None,
         )
-        return OnlineFeatureStore(self._features_client, schema, layout)
+        return OnlineFeatureStore(
+            self._features_client, schema, layout, preprocessing=preprocessing
+        )
 
     def _score_batch(self, jobs: list[RequestColumns]) -> list[RequestScores]:
         self.metrics.batch_requests.observe(len(jobs))

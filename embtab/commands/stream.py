@@ -315,7 +315,10 @@ def run_produce(arguments: argparse.Namespace) -> int:
         if need_redis:
             with contextlib.suppress(NoOnlineLayout):
                 online = OnlineFeatureStore.from_url(
-                    services.redis_url, dataset.schema, namespace=arguments.redis_namespace
+                    services.redis_url,
+                    dataset.schema,
+                    namespace=arguments.redis_namespace,
+                    preprocessing=dataset.preprocessor(),
                 )
         report = ReplayProducer(dataset, settings, topics, config, online=online).run()
     result = {
@@ -414,7 +417,9 @@ def run_pipeline(arguments: argparse.Namespace) -> tuple[dict[str, Any], str]:
         online = None
         if not arguments.no_online_features:
             with contextlib.suppress(NoOnlineLayout):
-                online = OnlineFeatureStore.from_url(services.redis_url, dataset.schema)
+                online = OnlineFeatureStore.from_url(
+                    services.redis_url, dataset.schema, preprocessing=dataset.preprocessor()
+                )
         producer = ReplayProducer(
             dataset,
             settings,

@@ -157,9 +157,13 @@ def publish(run: DemoRun, services: Services, checkpoint: Path, dataset: Dataset
         )
         written = 0
         if has_online_layout(dataset.schema):
-            store = OnlineFeatureStore(nodes.meta, load_checkpoint(checkpoint).model.schema)
+            store = OnlineFeatureStore(
+                nodes.meta,
+                load_checkpoint(checkpoint).model.schema,
+                preprocessing=dataset.preprocessor(),
+            )
             for batch in dataset.iter_batches("train", 50_000):
-                store.write_events(batch)
+                store.write_events(store.raw_events(batch))
                 written += batch.num_rows
                 if run.config.online_store_rows and written >= run.config.online_store_rows:
                     break

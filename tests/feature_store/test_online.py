@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from feature_store import datasets
+from feature_store.artifact import Preprocessor
 from feature_store.offline import Dataset
 from feature_store.online import (
     CorruptFeatureValue,
@@ -30,21 +31,33 @@ def movielens() -> Dataset:
     return datasets.load("movielens-1m")
 
 
+@pytest.fixture(scope="module")
+def preprocessing(movielens) -> Preprocessor:
+    return movielens.preprocessor()
+
+
 @pytest.fixture
-def store(redis_service, movielens):
+def store(redis_service, movielens, preprocessing):
     """A store under a namespace of its own; its keys are deleted afterwards (never a flush)."""
     online = OnlineFeatureStore(
         redis_client(redis_service.redis_url),
         movielens.schema,
         namespace=f"test-{uuid.uuid4().hex[:10]}",
+        preprocessing=preprocessing,
     )
     yield online
     online.clear()
 
 
 @pytest.fixture(scope="module")
-def events(movielens):
+def prepared(movielens):
     return movielens.read("test").slice(0, EVENTS).combine_chunks().to_batches()[0]
+
+
+@pytest.fixture
+def events(store, prepared):
+    """The events as the source files have them: raw string ids."""
+    return store.raw_events(prepared)
 
 
 def _round_trips(monkeypatch) -> list:
@@ -62,21 +75,23 @@ def _round_trips(monkeypatch) -> list:
 
 def test_profiles_and_sequences_after_a_replay_are_what_the_next_request_sees(store, events):
     written = store.write_events(events)
-    users = events.column("user_id").to_numpy()
+    users = np.array(events.column("user_id").to_pylist())
     assert written.users == written.sequences == len(np.unique(users))
-    online = store.get_users(np.unique(users))
+    online = store.get_users(np.unique(users).tolist())
     for row, user in enumerate(online.column("user_id").to_pylist()):
         last = int(np.flatnonzero(users == user)[-1])
-        expected = events.column("hist_item_id")[last].as_py() + [events.column("item_id")[last]]
-        assert online.column("hist_item_id")[row].as_py() == [int(i) for i in expected[-20:]]
+        expected = events.column("hist_item_id")[last].as_py() + [
+            events.column("item_id")[last].as_py()
+        ]
+        assert online.column("hist_item_id")[row].as_py() == expected[-20:]
         for name in ("age", "gender", "occupation", "zip_code"):
             assert online.column(name)[row].as_py() == events.column(name)[last].as_py()
 
 
 def test_one_user_and_its_candidates_are_read_in_one_round_trip(store, events, monkeypatch):
     store.write_events(events)
-    user = int(events.column("user_id")[0].as_py())
-    candidates = np.unique(events.column("item_id").to_numpy())[:100]
+    user = events.column("user_id")[0].as_py()
+    candidates = sorted(set(events.column("item_id").to_pylist()))[:100]
     sent = _round_trips(monkeypatch)
     request = store.get_request(user, candidates)
     assert len(sent) == 1
@@ -96,65 +111,88 @@ def test_one_user_and_its_candidates_are_read_in_one_round_trip(store, events, m
     assert request.column("genres").null_count == 0
 
     sent.clear()
-    many = store.get_users(np.unique(events.column("user_id").to_numpy()))
+    many = store.get_users(sorted(set(events.column("user_id").to_pylist())))
     assert len(sent) == 1 and many.num_rows > 10
 
 
 def test_items_carry_their_attributes_and_unknown_ids_are_null(store, events):
     store.write_events(events)
-    items = events.column("item_id").to_numpy()
-    known = int(items[0])
-    batch = store.get_items([known, 10**9])
-    assert batch.column("item_id").to_pylist() == [known, 10**9]
+    items = np.array(events.column("item_id").to_pylist())
+    known = str(items[0])
+    batch = store.get_items([known, "never seen"])
+    assert batch.column("item_id").to_pylist() == [known, "never seen"]
     row = int(np.flatnonzero(items == known)[-1])
     assert batch.column("genres")[0].as_py() == events.column("genres")[row].as_py()
     assert batch.column("release_year")[0].as_py() == events.column("release_year")[row].as_py()
     assert batch.column("release_year")[1].as_py() is None
 
-    unknown = store.get_users([10**9])
+    unknown = store.get_users(["never seen"])
     assert unknown.column("age")[0].as_py() is None
     assert unknown.column("hist_item_id")[0].as_py() == []
 
 
 def test_appended_sequences_stay_capped_newest_last(store):
-    store.append_to_sequences([7] * 25, list(range(25)))
-    store.append_to_sequences([7, 8], [100, 101])
-    batch = store.get_users([7, 8])
-    assert batch.column("hist_item_id")[0].as_py() == [*range(6, 25), 100]
-    assert batch.column("hist_item_id")[1].as_py() == [101]
+    store.append_to_sequences(["u7"] * 25, [f"m{i}" for i in range(25)])
+    store.append_to_sequences(["u7", "u8"], ["m100", "m101"])
+    batch = store.get_users(["u7", "u8"])
+    assert batch.column("hist_item_id")[0].as_py() == [f"m{i}" for i in range(6, 25)] + ["m100"]
+    assert batch.column("hist_item_id")[1].as_py() == ["m101"]
 
 
 def test_values_are_compact_and_keys_namespaced(store, events):
     store.write_events(events)
-    user = int(events.column("user_id")[0].as_py())
+    user = events.column("user_id")[0].as_py()
     client = store.client
     assert all(key.startswith(store.prefix.encode()) for key in client.keys(f"{store.prefix}:*"))
+    assert client.exists(f"{store.prefix}:user:{user}")
+    last = max(i for i, u in enumerate(events.column("user_id").to_pylist()) if u == user)
     assert client.hget(store.user_key(user), "age") == msgpack.packb(
-        int(events.column("age")[0].as_py())
+        events.column("age")[last].as_py()
     )
-    assert all(len(element) == 8 for element in client.lrange(store.sequence_key(user), 0, -1))
-    assert client.llen(store.sequence_key(user)) <= 20
+    sequence = client.lrange(store.sequence_key(user), 0, -1)
+    assert all(isinstance(msgpack.unpackb(element), str) for element in sequence)
+    assert len(sequence) <= 20
+    item = events.column("item_id")[0].as_py()
+    assert client.hexists(store.items_key, item.encode())
 
 
-def test_writes_that_do_not_fit_the_schema_are_refused(store):
-    with pytest.raises(InvalidFeatureValues, match=r"ids must be in \[0, 8\)"):
-        store.write_users([1], {"age": [8]})
+def test_writes_that_do_not_fit_the_raw_types_are_refused(store):
+    with pytest.raises(InvalidFeatureValues, match="'age' holds string ids: Expected bytes"):
+        store.write_users(["u1"], {"age": [8]})
+    with pytest.raises(InvalidFeatureValues, match="'user_id' ids must be string ids"):
+        store.write_users([1], {"age": ["25"]})
     with pytest.raises(InvalidFeatureValues, match="accepted: age, gender, occupation, zip_code"):
-        store.write_users([1], {"colour": [1]})
+        store.write_users(["u1"], {"colour": ["1"]})
     with pytest.raises(InvalidFeatureValues, match="accepted: release_year, genres"):
-        store.write_items([1], {"release_year": [3]})
+        store.write_items(["m1"], {"release_year": ["1995"]})
     with pytest.raises(InvalidFeatureValues, match="2 values for 1 ids"):
-        store.write_users([1], {"age": [1, 2]})
+        store.write_users(["u1"], {"age": ["25", "35"]})
+
+
+def test_without_an_artifact_the_store_holds_prepared_ids_in_range(redis_service, movielens):
+    store = OnlineFeatureStore(
+        redis_client(redis_service.redis_url),
+        movielens.schema,
+        namespace=f"test-{uuid.uuid4().hex[:10]}",
+    )
+    try:
+        cardinality = movielens.schema.feature("age").cardinality
+        with pytest.raises(InvalidFeatureValues, match=rf"ids must be in \[0, {cardinality}\)"):
+            store.write_users([1], {"age": [cardinality]})
+        store.write_users([1], {"age": [2]})
+        assert store.get_users([1]).column("age").to_pylist() == [2]
+    finally:
+        store.clear()
 
 
 def test_a_corrupt_stored_value_is_a_typed_error(store):
-    store.write_users([5], {"age": [3]})
-    store.client.hset(store.user_key(5), "age", b"\xc1")
+    store.write_users(["u5"], {"age": ["25"]})
+    store.client.hset(store.user_key("u5"), "age", b"\xc1")
     with pytest.raises(CorruptFeatureValue, match="not msgpack"):
-        store.get_users([5])
-    store.client.rpush(store.sequence_key(6), b"abc")
-    with pytest.raises(CorruptFeatureValue, match="8-byte id"):
-        store.get_users([6])
+        store.get_users(["u5"])
+    store.client.rpush(store.sequence_key("u6"), msgpack.packb(3))
+    with pytest.raises(CorruptFeatureValue, match="'hist_item_id' are not lists of string ids"):
+        store.get_users(["u6"])
 
 
 def test_a_data_set_without_a_layout_is_refused():

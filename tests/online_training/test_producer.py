@@ -67,24 +67,26 @@ def test_partitions_hold_their_users_in_time_order_with_watermarks(kafka, topics
 
 def test_the_online_features_follow_the_replay(kafka, topics, movielens, redis_service):
     store = OnlineFeatureStore.from_url(
-        redis_service.redis_url, movielens.schema, namespace=f"test-{uuid.uuid4().hex[:10]}"
+        redis_service.redis_url,
+        movielens.schema,
+        namespace=f"test-{uuid.uuid4().hex[:10]}",
+        preprocessing=movielens.preprocessor(),
     )
     try:
         report = ReplayProducer(
             movielens, kafka, topics, ProducerConfig(limit=EVENTS), online=store
         ).run()
         assert report.online_user_writes > 0 and report.online_item_writes > 0
-        rows = movielens.read("test", ["user_id", "item_id", "age", "hist_item_id"]).slice(
-            0, EVENTS
-        )
-        users = rows.column("user_id").to_numpy()
-        online = store.get_users(np.unique(users))
+        prepared = movielens.read("test", ["user_id", "item_id", "age", "hist_item_id"])
+        rows = store.raw_events(prepared.slice(0, EVENTS).combine_chunks().to_batches()[0])
+        users = np.array(rows.column("user_id").to_pylist())
+        online = store.get_users(np.unique(users).tolist())
         for position, user in enumerate(online.column("user_id").to_pylist()):
             last = int(np.flatnonzero(users == user)[-1])
-            history = rows.column("hist_item_id")[last].as_py() + [rows.column("item_id")[last]]
-            assert online.column("hist_item_id")[position].as_py() == [
-                int(item) for item in history[-20:]
+            history = rows.column("hist_item_id")[last].as_py() + [
+                rows.column("item_id")[last].as_py()
             ]
+            assert online.column("hist_item_id")[position].as_py() == history[-20:]
             assert online.column("age")[position].as_py() == rows.column("age")[last].as_py()
     finally:
         store.clear()

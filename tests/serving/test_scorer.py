@@ -193,7 +193,9 @@ def test_online_features_fill_in_what_the_request_leaves_out(nodes, redis_servic
     scorer = Scorer(
         ParamReader(nodes, name),
         ScorerConfig(name),
-        online=lambda schema: OnlineFeatureStore(client, schema, namespace=f"embtab:test:{name}"),
+        online=lambda schema, preprocessing: OnlineFeatureStore(
+            client, schema, namespace=f"embtab:test:{name}", preprocessing=preprocessing
+        ),
     )
     scorer.refresh()
     body = {
