@@ -43,8 +43,9 @@ from feature_store.schema import FeatureSpec, Schema
 
 NAMESPACE = "embtab:features"
 
-# Which features each data set keeps online, and under which entity.
-ONLINE_FEATURES: dict[str, dict[str, tuple[str, ...] | str]] = {
+# The built-in MovieLens layouts, for artifacts prepared before specs said it (`online:`, which
+# the bundled MovieLens specs now do); any other data set declares its layout in its spec.
+LAYOUTS_BEFORE_SPECS: dict[str, dict[str, tuple[str, ...] | str]] = {
     name: {
         "user_features": ("age", "gender", "occupation", "zip_code"),
         "item_features": ("release_year", "genres"),
@@ -88,12 +89,21 @@ class OnlineLayout:
     sequence_feature: str | None = None
 
     @classmethod
-    def for_schema(cls, schema: Schema) -> OnlineLayout:
-        groups = ONLINE_FEATURES.get(schema.dataset)
+    def for_schema(cls, schema: Schema, preprocessing: Preprocessor | None = None) -> OnlineLayout:
+        """The layout the data set's spec declares (`online:`), from its artifact."""
+        declared = preprocessing.spec.online if preprocessing is not None else None
+        if declared is not None:
+            groups = {
+                "user_features": declared.user_features,
+                "item_features": declared.item_features,
+                "sequence_feature": declared.sequence,
+            }
+        else:
+            groups = LAYOUTS_BEFORE_SPECS.get(schema.dataset)
         if groups is None or not {"user", "item"} <= schema.id_columns.keys():
             raise NoOnlineLayout(
-                f"data set {schema.dataset!r} has no online feature layout; "
-                f"data sets with one: {', '.join(sorted(ONLINE_FEATURES))}"
+                f"data set {schema.dataset!r} has no online feature layout; declare one in its "
+                "spec (`online:` with user_features, item_features, sequence; docs/your-data.md)"
             )
         return cls(
             dataset=schema.dataset,
@@ -140,7 +150,7 @@ class OnlineFeatureStore:
     ) -> None:
         self.client = client
         self.schema = schema
-        self.layout = layout or OnlineLayout.for_schema(schema)
+        self.layout = layout or OnlineLayout.for_schema(schema, preprocessing)
         self.preprocessing = preprocessing
         self.prefix = f"{namespace}:{self.layout.dataset}"
         layout = self.layout

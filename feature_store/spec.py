@@ -147,6 +147,17 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class OnlineSpec:
+    """What the online feature store keeps (feature_store.online): features per user and per
+    item, and the user's behaviour sequence, keyed by the raw ids of roles.user and roles.item.
+    A request then carries only the ids; the service reads the rest from the store."""
+
+    user_features: tuple[str, ...] = ()
+    item_features: tuple[str, ...] = ()
+    sequence: str | None = None
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     source: SourceSpec
@@ -158,6 +169,7 @@ class DatasetSpec:
     split: SplitSpec = SplitSpec()
     fit_on: str = "train"
     base_dir: str = "."
+    online: OnlineSpec | None = None
 
     def feature(self, name: str) -> FeatureDef:
         for feature in self.features:
@@ -176,6 +188,8 @@ class DatasetSpec:
             {**join["source"], "key": join["key"], "columns": join["columns"]}
             for join in raw["joins"]
         ]
+        if raw["online"] is None:  # as specs were written before they could say it: same hash
+            del raw["online"]
         return json.dumps(raw, sort_keys=True)
 
     @classmethod
@@ -243,6 +257,8 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
             "0 < valid, 0 < test and valid + test < 1 (every split needs rows)"
         )
     fit_on = top.choice("fit_on", FIT_ON, default="train")
+    online = _online(top.mapping("online")) if "online" in top.raw else None
+    top.seen.add("online")
     recorded_base = top.text("base_dir", default=".")
     top.done()
     spec = DatasetSpec(
@@ -256,9 +272,43 @@ def parse_spec(raw: Any, base_dir: str | None) -> DatasetSpec:
         split=split,
         fit_on=fit_on,
         base_dir=base_dir if base_dir is not None else recorded_base,
+        online=online,
     )
     _check(spec)
     return spec
+
+
+def _online(online_map: _Mapping) -> OnlineSpec:
+    online = OnlineSpec(
+        user_features=tuple(online_map.strings("user_features", default=[])),
+        item_features=tuple(online_map.strings("item_features", default=[])),
+        sequence=online_map.text("sequence", default=None),
+    )
+    online_map.done()
+    return online
+
+
+def _check_online(
+    online: OnlineSpec, by_name: dict[str, FeatureDef], roles: dict[str, str]
+) -> None:
+    if not {"user", "item"} <= roles.keys():
+        raise SpecError(
+            "online: the store is keyed by user and item ids; set roles.user and roles.item"
+        )
+    for group in ("user_features", "item_features"):
+        for name in getattr(online, group):
+            feature = by_name.get(name)
+            if feature is None or feature.kind not in ("categorical", "multi_valued", "dense"):
+                raise SpecError(
+                    f"online.{group}: {name!r} must name a categorical, multi_valued or dense "
+                    "feature of this spec (sequences and counts are built from the events)"
+                )
+    if online.sequence is not None:
+        feature = by_name.get(online.sequence)
+        if feature is None or feature.kind != "sequence":
+            raise SpecError(
+                f"online.sequence: {online.sequence!r} must name a sequence feature of this spec"
+            )
 
 
 def _check(spec: DatasetSpec) -> None:
@@ -294,6 +344,8 @@ def _check(spec: DatasetSpec) -> None:
             )
         if role in ("user", "item") and by_name[column].kind != "categorical":
             raise SpecError(f"roles.{role}: feature {column!r} must be categorical")
+    if spec.online is not None:
+        _check_online(spec.online, by_name, spec.roles)
     joined = {column for join in spec.joins for column in join.columns}
     for join in spec.joins:
         if join.key in joined:

@@ -133,7 +133,7 @@ class ScoringService:
         """The online store restricted to the model's features, reading raw values of the
         version's artifact; None if its data set has none."""
         try:
-            layout = OnlineLayout.for_schema(schema)
+            layout = OnlineLayout.for_schema(schema, preprocessing)
         except NoOnlineLayout:
             return None
         names = {spec.name for spec in schema.features}

@@ -33,7 +33,6 @@ from embtab.demo.load import LoadClient, request_bodies
 from embtab.services import Services, free_port
 from feature_store.offline import Dataset
 from feature_store.online import NoOnlineLayout, OnlineFeatureStore, OnlineLayout
-from feature_store.schema import Schema
 from models.batches import batch_from_columns
 from models.checkpoint import load_checkpoint
 from models.config import run_config_from_dict
@@ -105,10 +104,10 @@ class DemoRun:
         self.stages[name] = {"status": "ok", "seconds": round(time.monotonic() - started, 1)}
 
 
-def has_online_layout(schema: Schema) -> bool:
+def has_online_layout(dataset: Dataset) -> bool:
     """Whether an online feature store holds this data set's user and item features."""
     try:
-        OnlineLayout.for_schema(schema)
+        OnlineLayout.for_schema(dataset.schema, dataset.preprocessor())
     except NoOnlineLayout:
         return False
     return True
@@ -156,7 +155,7 @@ def publish(run: DemoRun, services: Services, checkpoint: Path, dataset: Dataset
             ParamPublisher(nodes, MODEL_NAME), str(checkpoint), num_shards=4
         )
         written = 0
-        if has_online_layout(dataset.schema):
+        if has_online_layout(dataset):
             store = OnlineFeatureStore(
                 nodes.meta,
                 load_checkpoint(checkpoint).model.schema,
@@ -407,7 +406,7 @@ def run_demo_stages(run: DemoRun, services: Services, dataset: Dataset, progress
                     dataset,
                     500,
                     config.candidates,
-                    with_context=not has_online_layout(dataset.schema),
+                    with_context=not has_online_layout(dataset),
                 )
                 client = LoadClient(service.port, bodies)
                 client.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -18,10 +19,14 @@ from feature_store.online import (
     InvalidFeatureValues,
     NoOnlineLayout,
     OnlineFeatureStore,
+    OnlineLayout,
     OnlineStoreUnavailable,
     redis_client,
 )
 from feature_store.schema import FeatureSpec, Schema
+from feature_store.spec import SpecError, parse_spec
+from tests.feature_store.test_prepare import base_spec, prepare, write_csv
+from tests.feature_store.test_prepare import events as raw_events
 
 EVENTS = 2_000
 
@@ -197,8 +202,57 @@ def test_a_corrupt_stored_value_is_a_typed_error(store):
 
 def test_a_data_set_without_a_layout_is_refused():
     schema = Schema("obd", (FeatureSpec("item_id", "categorical", 80),))
-    with pytest.raises(NoOnlineLayout, match="movielens-1m"):
+    with pytest.raises(NoOnlineLayout, match="declare one in its spec"):
         OnlineFeatureStore(redis_client("redis://127.0.0.1:1/0"), schema)
+
+
+def test_a_spec_declares_its_layout_and_the_store_keeps_those_features_by_raw_id(
+    tmp_path, redis_service
+):
+    write_csv(tmp_path / "events.csv", raw_events())
+    layout = {
+        "user_features": ["city"],
+        "item_features": ["tags", "price"],
+        "sequence": "hist_item",
+    }
+    dataset = prepare(tmp_path, base_spec(online=layout))
+    preprocessing = dataset.preprocessor()
+    assert OnlineLayout.for_schema(dataset.schema, preprocessing) == OnlineLayout(
+        dataset="clicks",
+        user_column="user",
+        item_column="item",
+        user_features=("city",),
+        item_features=("tags", "price"),
+        sequence_feature="hist_item",
+    )
+    store = OnlineFeatureStore(
+        redis_client(redis_service.redis_url),
+        dataset.schema,
+        namespace=f"test-{uuid.uuid4().hex[:10]}",
+        preprocessing=preprocessing,
+    )
+    try:
+        rows = store.raw_events(dataset.read("train").combine_chunks().to_batches()[0])
+        store.write_events(rows)
+        last = rows.num_rows - 1
+        user, item = rows.column("user")[last].as_py(), rows.column("item")[last].as_py()
+        assert isinstance(user, str) and user.startswith("u"), "keyed by the raw id"
+        request = store.get_request(user, [item])
+        assert request.column("city")[0].as_py() == rows.column("city")[last].as_py()
+        assert request.column("price")[0].as_py() == rows.column("price")[last].as_py()
+    finally:
+        store.clear()
+
+
+def test_a_spec_without_online_hashes_as_before_and_a_bad_layout_is_refused(tmp_path):
+    plain = parse_spec(base_spec(), base_dir=str(tmp_path))
+    assert plain.online is None and "online" not in json.loads(plain.to_json())
+    with pytest.raises(SpecError, match="online.user_features: 'hist_item' must name"):
+        parse_spec(base_spec(online={"user_features": ["hist_item"]}), base_dir=str(tmp_path))
+    with pytest.raises(SpecError, match="online.sequence: 'city' must name a sequence"):
+        parse_spec(base_spec(online={"sequence": "city"}), base_dir=str(tmp_path))
+    with pytest.raises(SpecError, match=r"online: unknown key\(s\) \['users'\]"):
+        parse_spec(base_spec(online={"users": ["city"]}), base_dir=str(tmp_path))
 
 
 def test_an_unreachable_redis_fails_fast_with_a_typed_error(movielens):
