@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from feature_store.spec import DatasetSpec, SpecError, load_spec, parse_spec
 
@@ -324,3 +326,12 @@ def test_bundled_specs_are_valid():
     for path in sorted((Path(__file__).parents[2] / "feature_store" / "specs").glob("*.yaml")):
         spec = load_spec(path)
         assert spec.name == path.stem
+
+
+def test_the_annotated_spec_in_docs_your_data_is_a_valid_spec():
+    """The walk-through's spec is what a new user copies: it must parse as it stands."""
+    text = (Path(__file__).parents[2] / "docs" / "your-data.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None, "docs/your-data.md lost its annotated spec"
+    spec = parse_spec(yaml.safe_load(block.group(1)), base_dir="/data")
+    assert spec.online is not None and spec.roles.keys() >= {"user", "item"}
