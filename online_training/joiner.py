@@ -59,6 +59,8 @@ from online_training.kafka import (
 log = logging.getLogger(__name__)
 
 OPEN = -1
+# How long the idle rule waits for the broker to confirm a partition's end offset.
+END_OFFSETS_TIMEOUT_MS = 2000
 
 
 class JoinError(ValueError):
@@ -891,13 +893,23 @@ def check_partitions(consumer: KafkaConsumer, topics: Topics) -> int:
 
 
 def _read_to_end(consumer: KafkaConsumer, topic: str, partition: int, next_offset) -> bool:
-    """Whether this joiner has read a topic-partition up to its end, as the last fetch saw it
-    (False while no fetch has said where the end is)."""
+    """Whether this joiner has read a topic-partition up to its end: the last fetch says so and
+    the broker confirms it. A fetch's end can be old (a joiner busy with other partitions has
+    not fetched this one since); taken for the end, it would let the idle rule close windows
+    whose clicks are not read yet."""
+    tp = TopicPartition(topic, partition)
     try:
-        end = consumer.highwater(TopicPartition(topic, partition))
+        end = consumer.highwater(tp)
     except IllegalStateError:  # taken away by a rebalance this turn has not applied yet
         return False
-    return end is not None and (next_offset or 0) >= end
+    if end is None or (next_offset or 0) < end:
+        return False
+    try:
+        end = consumer.end_offsets([tp], timeout_ms=END_OFFSETS_TIMEOUT_MS)[tp]
+    except KafkaError as error:
+        log.info("end offset of %s[%d] not read, not idle this turn: %s", topic, partition, error)
+        return False
+    return (next_offset or 0) >= end
 
 
 def _produced_at(record) -> float:
