@@ -28,6 +28,10 @@ trainer's own step, so that no model selection looks at the replayed period.
     `json_events_per_s`: impressions over the wall time from the producer's start to the moment
     the trainer has applied 99% of them (the last few wait for the idle rule to close their
     windows, a fixed tail of window + lateness + idle seconds, not a rate).
+(d') The joiner alone, on a backlog of the same events as per-event JSON and, as baselines,
+    as JSON read 2000 messages a poll (the earlier default) and as embtab's Arrow batches:
+    events over the wall time from its first message read to 99% of the impressions joined
+    (summary key `json_joiner_events_per_s`; `json_vs_json_poll_2000`, `json_vs_arrow`).
 (e) Freshness and trainer throughput at a 1 s sync: (b) and (a)'s trainer again with
     `--sync-interval 1` (summary keys `freshness_p99_s_sync1`, `examples_per_s_sync1`).
 (c) Value of online training. The last 20% of events (validation then test split, time
@@ -44,6 +48,8 @@ writing this), which would make the baseline, not the trainer, the thing measure
     .venv/bin/python bench/streaming.py      # writes bench/results/streaming.json
     .venv/bin/python bench/streaming.py --offline-rows 200000 --throughput-events 50000 \
         --freshness-events 20000 --freshness-seconds 30     # a brief run
+    .venv/bin/python bench/streaming.py --json-only --offline-rows 20000 --offline-epochs 1
+        # (d) and (d') alone, merged into the results file of a full run
 """
 
 # ruff: noqa: E402 (the path fix below must run before the imports)
@@ -81,7 +87,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import RunConfig, TrainConfig, to_dict
 from models.metrics import auc
 from models.train import dense_optimizer, seed_everything, train_step
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner, JoinerConfig, JoinerReport
 from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
 from online_training.learner import OnlineLearner
 from online_training.producer import ProducerConfig, ReplayProducer
@@ -194,6 +200,11 @@ def _bench_trainer(
     )
 
 
+def _impressions_settled(report: JoinerReport) -> int:
+    """The impressions a joiner is done with: joined into examples, or dropped and counted."""
+    return report.examples + report.stale_impressions + report.duplicate_impressions
+
+
 def json_end_to_end(
     dataset: Dataset, services: Services, checkpoint: Path, events: int, sync_interval: float
 ) -> dict[str, Any]:
@@ -247,8 +258,12 @@ def json_end_to_end(
     started = producer_results.get(timeout=60)
     produced = producer_results.get(timeout=600)
     producer.join(timeout=60)
-    deadline = time.monotonic() + 300  # the joiner catches up; the idle rule closes the rest
-    while joiner.report.examples < produced["impressions"] and time.monotonic() < deadline:
+    # The joiner catches up; the idle rule closes the rest. An impression read after its window
+    # closed is dropped (stale), a repeated one too: no example waits for those.
+    deadline = time.monotonic() + 300
+    while _impressions_settled(joiner.report) < produced["impressions"]:
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.2)
     stop_joiner.set()
     joined.join()
@@ -276,10 +291,74 @@ def json_end_to_end(
         "joiner_late_clicks": joiner.report.late_clicks,
         "trainer_examples": report["examples"],
         "trainer_examples_per_s": report["examples_per_s"],
+        # A trainer put out of its group re-reads uncommitted examples (at-least-once): its
+        # examples then exceed the joiner's.
+        "trainer_rebalances": report["rebalances"],
         "sync_interval_s": sync_interval,
         "seconds_to_99pct_trained": None if reached is None else reached - started,
         "json_events_per_s": None if reached is None else target / (reached - started),
     }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def backlog_join(dataset: Dataset, services: Services, events: int) -> dict[str, Any]:
+    """(d'): the joiner alone on a backlog of the same events as per-event JSON and as Arrow
+    batches (the baseline): the wall time from its start until 99% of the impressions are
+    settled (joined, or dropped and counted); the last few wait for the idle rule instead."""
+    result: dict[str, Any] = {"case": "json_backlog_join", "events": events}
+    variants = {"json": ("json", {}), "json_poll_2000": ("json", {"max_poll_events": 2000})}
+    variants["arrow"] = ("arrow", {})
+    for name, (message_format, overrides) in variants.items():
+        settings, topics = _topics(services, f"backlog-{name.replace('_', '-')}.")
+        replay = ReplayProducer(
+            dataset,
+            settings,
+            topics,
+            ProducerConfig(split="valid", limit=events, label_delay_s=1.0, format=message_format),
+        )
+        produced = replay.run()
+        joiner = Joiner(
+            settings,
+            topics,
+            JoinerConfig(
+                group_id=f"bench-backlog-{name}",
+                window_s=5.0,
+                allowed_lateness_s=1.0,
+                idle_after_s=1.0,
+                **overrides,
+            ),
+            preprocessor=dataset.preprocessor(),
+        )
+        stop_joiner = threading.Event()
+        joined = threading.Thread(target=joiner.run, args=(stop_joiner,))
+        load = os.getloadavg()[0]
+        joined.start()
+        while not (joiner.report.impressions or joiner.report.actions) and joined.is_alive():
+            time.sleep(0.01)
+        started = time.monotonic()
+        target = 0.99 * produced.impressions
+        deadline = started + 300
+        while _impressions_settled(joiner.report) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        stop_joiner.set()
+        joined.join()
+        settled = _impressions_settled(joiner.report) >= target
+        result[name] = {
+            "max_poll_events": joiner.config.max_poll_events,
+            "messages": produced.messages,
+            "seconds_to_99pct": seconds if settled else None,
+            "events_per_s": target / seconds if settled else None,
+            "joiner_examples": joiner.report.examples,
+            "joiner_stale_impressions": joiner.report.stale_impressions,
+            "joiner_dead_letters": joiner.report.dlq_messages,
+            "load_average_1min": load,
+        }
+    rates = {name: result[name]["events_per_s"] for name in variants}
+    for baseline in ("arrow", "json_poll_2000"):
+        ratio = rates["json"] / rates[baseline] if rates["json"] and rates[baseline] else None
+        result[f"json_vs_{baseline}"] = ratio
     print(json.dumps(result), flush=True)
     return result
 
@@ -586,6 +665,40 @@ def online_vs_frozen(dataset: Dataset, checkpoint: Path, window: int) -> dict[st
     return result
 
 
+def json_only(dataset: Dataset, host: dict[str, Any], arguments: argparse.Namespace) -> int:
+    """`--json-only`: (d) alone, merged into the results file of a full run: its entry and
+    `json_events_per_s` are replaced; `full_run` keeps the machine, command and date that the
+    other cases' results came from."""
+    document = json.loads(arguments.out.read_text())
+    with tempfile.TemporaryDirectory(prefix="embtab-bench-") as scratch:
+        checkpoint = Path(scratch) / "dcn-offline.safetensors"
+        offline_model(dataset, arguments.offline_epochs, arguments.offline_rows, checkpoint)
+        with embedded_services() as services:
+            json_case = json_end_to_end(
+                dataset, services, checkpoint, arguments.json_events, arguments.sync_interval
+            )
+            backlog = backlog_join(dataset, services, arguments.json_events)
+    host["load_average_1min_at_end"] = os.getloadavg()[0]
+    replaced = {json_case["case"], backlog["case"]}
+    results = [r for r in document["results"] if r["case"] not in replaced]
+    full_run = document.get("full_run") or {
+        key: document[key] for key in ("machine", "command", "date", "config")
+    }
+    write_results(
+        arguments.out,
+        host,
+        [*results, json_case, backlog],
+        {
+            **document["summary"],
+            "json_events_per_s": json_case["json_events_per_s"],
+            "json_joiner_events_per_s": backlog["json"]["events_per_s"],
+        },
+        config={key: value for key, value in vars(arguments).items() if key != "out"},
+        full_run=full_run,
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--offline-epochs", type=int, default=2)
@@ -599,6 +712,12 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=10_000)
     parser.add_argument("--json-events", type=int, default=100_000, help="events replayed in (d)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--json-only",
+        action="store_true",
+        help="run only (d) (after the offline model it starts from) and update its result and "
+        "summary key in --out, keeping the other cases' results there",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     arguments = parser.parse_args()
     # Children (the trainer and reader processes) read it when torch starts.
@@ -606,6 +725,8 @@ def main() -> int:
     torch.set_num_threads(arguments.threads)
     host = machine_info()
     dataset = load(DATASET)
+    if arguments.json_only:
+        return json_only(dataset, host, arguments)
     results = []
     with tempfile.TemporaryDirectory(prefix="embtab-bench-") as scratch:
         checkpoint = Path(scratch) / "dcn-offline.safetensors"
@@ -631,6 +752,8 @@ def main() -> int:
                 dataset, services, checkpoint, arguments.json_events, arguments.sync_interval
             )
             results.append(json_case)
+            backlog = backlog_join(dataset, services, arguments.json_events)
+            results.append(backlog)
             _, trained_sync1 = throughput(
                 dataset,
                 services,
@@ -662,6 +785,7 @@ def main() -> int:
         "trainer_vs_offline_loop": trained["examples_per_s"] / offline["examples_per_s"],
         "online_minus_frozen_auc": value["online_auc_mean"] - value["frozen_auc_mean"],
         "json_events_per_s": json_case["json_events_per_s"],
+        "json_joiner_events_per_s": backlog["json"]["events_per_s"],
         "freshness_p99_s_sync1": fresh_sync1["freshness_p99_s"],
         "examples_per_s_sync1": trained_sync1["examples_per_s"],
     }

@@ -98,3 +98,81 @@ def test_decode_gives_raw_values_that_encode_back(movielens):
             np.testing.assert_allclose(back, prepared, rtol=1e-6, atol=1e-6)
         else:
             assert back.to_pylist() == prepared.to_pylist(), feature.name
+
+
+def test_a_run_parsed_at_once_keeps_each_events_meaning(raw_dataset, decoder):
+    """One run holds what the column-wise parse cannot vouch for (a null, a missing field, a
+    pretty-printed object, an empty message, a time too far ahead, an unmappable value) between
+    good events: each bad one gets its reason, and every good one is encoded as on its own."""
+    preprocessor = raw_dataset.preprocessor()
+    sent: list = [impression(f"r{i}", NOW - 20 + i, f"u{i}", f"sku-{i}") for i in range(10)]
+    sent[1]["item"] = None  # a missing value, as offline: the out-of-vocabulary id
+    sent[2] = json.dumps(sent[2], indent=2).encode()  # line breaks inside the message
+    del sent[3]["price"]
+    sent[4]["price"] = None
+    sent[5]["ts"] = int((NOW + 3600) * 1000)
+    sent[6] = b""
+    sent[7]["campaign"] = "c-unknown"
+    sent[8]["tags"] = "b||e"
+    values = [v if isinstance(v, bytes) else encoded(v) for v in sent]
+    decoded, errors = decoder.impressions(values, [NOW - i for i in range(10)])
+    assert {i: e.reason for i, e in errors.items()} == {
+        3: "missing-field",
+        5: "future-time",
+        6: "malformed-json",
+        7: "unmappable",
+    }
+    good = [0, 1, 2, 4, 8, 9]
+    assert decoded.message_index.tolist() == good
+    raw = [json.loads(values[i]) for i in good]
+    rows = decoded.rows
+    assert (
+        rows.column("request_id").to_pylist()
+        == events.request_keys([e["req"] for e in raw]).tolist()
+    )
+    assert rows.column("event_time").to_pylist() == [e["ts"] / 1000 for e in raw]
+    assert rows.column("produced_at").to_pylist() == [NOW - i for i in good]
+    for name, column in [
+        ("user", pa.array([e["user"] for e in raw], pa.string())),
+        ("item", pa.array([e["item"] for e in raw], pa.string())),
+        ("campaign", pa.array([e["campaign"] for e in raw])),
+        ("tags", pa.array([[t for t in e["tags"].split("|") if t] for e in raw])),
+        ("price", pa.array([e["price"] for e in raw], pa.float64())),
+    ]:
+        assert rows.column(name).equals(preprocessor.encode(name, column)), name
+
+
+def test_a_run_the_parse_refuses_is_decoded_event_by_event(raw_dataset, decoder):
+    """Ids of two types in one run (a string and an integer request id, tags as text and as a
+    list) make the column-wise parse refuse it: every event is still decoded."""
+    sent = [impression("r-a", NOW - 5), impression(7, NOW - 4), impression("r-b", NOW - 3)]
+    sent[2]["tags"] = ["a", "c"]
+    decoded, errors = decoder.impressions([encoded(e) for e in sent], [NOW] * 3)
+    assert errors == {}
+    assert (
+        decoded.rows.column("request_id").to_pylist()
+        == events.request_keys(["r-a", 7, "r-b"]).tolist()
+    )
+    tags = decoded.rows.column("tags")
+    assert tags.equals(raw_dataset.preprocessor().encode("tags", pa.array([["a", "c"]] * 3)))
+
+
+def test_a_run_of_actions_keeps_each_labels_meaning(decoder):
+    sent = [
+        click("r1", NOW - 5),
+        {**click("r2", NOW - 4), "clicked": 0},
+        {**click("r3", NOW - 3), "clicked": None},
+        {**click("r4", NOW - 2), "clicked": 2},
+        {**click("r5", NOW - 1), "clicked": 1},
+        {"ts": int(NOW * 1000)},
+    ]
+    decoded, errors = decoder.actions([encoded(e) for e in sent])
+    assert {i: e.reason for i, e in errors.items()} == {
+        2: "wrong-type",
+        3: "wrong-type",
+        5: "missing-field",
+    }
+    assert decoded.message_index.tolist() == [0, 1, 4]
+    assert decoded.click.tolist() == [1, 0, 1]
+    assert decoded.event_time.tolist() == [NOW - 5, NOW - 4, NOW - 1]
+    assert decoded.request_id.tolist() == events.request_keys(["r1", "r2", "r5"]).tolist()

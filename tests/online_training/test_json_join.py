@@ -11,11 +11,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 
 from online_training.events import request_keys
-from online_training.joiner import Joiner, JoinerConfig, JoinError
-from online_training.kafka import Topics
+from online_training.joiner import Joiner, JoinerConfig, JoinError, _read_to_end
+from online_training.kafka import Topics, make_consumer
 from online_training.producer import ProducerConfig, ReplayProducer
 from tests.online_training.conftest import SLICE, event_index, read_examples, read_topic
 from tests.online_training.raw_events import click, encoded, impression
@@ -169,3 +169,25 @@ def test_a_json_replay_joins_to_the_prepared_rows(kafka, topics, movielens, slic
                 np.testing.assert_allclose(sent, rows.column(spec.name), rtol=1e-6, atol=1e-6)
             else:
                 assert sent.to_pylist() == rows.column(spec.name).to_pylist(), spec.name
+
+
+def test_a_partition_counts_as_read_to_its_end_only_when_the_broker_says_so(kafka, topics):
+    """The idle rule's test of silence: a consumer's last fetch said where the end was, then
+    more clicks came; until it fetches again, only the broker knows they are there."""
+    producer = _producer(kafka)
+    _send(producer, topics.actions, [click(f"r{i}", 1_700_000_000 + i) for i in range(5)], 0)
+    consumer = make_consumer(kafka, None)
+    tp = TopicPartition(topics.actions, 0)
+    consumer.assign([tp])
+    read = 0
+    deadline = time.monotonic() + 20
+    while read < 5 and time.monotonic() < deadline:
+        read += sum(len(records) for records in consumer.poll(timeout_ms=500).values())
+    try:
+        assert read == 5 and _read_to_end(consumer, topics.actions, 0, 5)
+        _send(producer, topics.actions, [click("r-more", 1_700_000_010)], 0)
+        assert consumer.highwater(tp) == 5  # what the last fetch saw
+        assert not _read_to_end(consumer, topics.actions, 0, 5)
+    finally:
+        consumer.close()
+        producer.close()
