@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    # torchrec asks torch.fx whether it is tracing, and torch answers with a one-time notice to
+    # torchrec's developers ("is_fx_tracing will return true for ..."): nothing a user can act on.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         return arguments.run(arguments) or 0
     except KeyboardInterrupt:
