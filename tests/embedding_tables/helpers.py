@@ -92,3 +92,8 @@ def random_kjt(
     return KeyedJaggedTensor(
         keys=keys, values=torch.cat(values), lengths=lengths.flatten(), weights=weights
     )
+
+
+def slots_of(transforms: list) -> list[tuple]:
+    """A BatchedTransform's slots: (transform, physical table index) for every table of each."""
+    return [(t, j) for t in transforms for j in range(len(t.tables))]

@@ -16,7 +16,7 @@ from embedding_tables.cpu_kernels import KernelTransform, built_library, library
 from embedding_tables.errors import IdError
 from embedding_tables.hashing import bucket_keyed, seed_key
 from embedding_tables.transforms import BatchedTransform, transform_for
-from tests.embedding_tables.helpers import method_case, random_kjt
+from tests.embedding_tables.helpers import method_case, random_kjt, slots_of
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 KERNELS = library()
@@ -83,7 +83,7 @@ def test_batched_transform_kernel_rows_equal_torch_rows(counts: list[int], seed:
             ids[t.feature] = torch.randint(0, 2**62, (n,), generator=generator)
         else:
             ids[t.feature] = torch.randint(-(2**62), 2**62, (n,), generator=generator) * 2
-    slots = [(t, j) for t in transforms for j in range(len(t.tables))]
+    slots = slots_of(transforms)
     batched = BatchedTransform(slots)
     fast = batched([ids[t.feature] for t, _ in slots])
     original = transforms_module.library

@@ -8,6 +8,7 @@ import torch
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import IdError
 from embedding_tables.transforms import BatchedTransform, transform_for
+from tests.embedding_tables.helpers import slots_of
 
 
 class ModuloMapping:
@@ -15,10 +16,6 @@ class ModuloMapping:
 
     def transform_all(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([ids.remainder(3), 3 + ids.remainder(4)], dim=1)
-
-
-def slots_of(transforms):
-    return [(t, j) for t in transforms for j in range(len(t.tables))]
 
 
 def test_batched_rows_equal_per_feature_rows() -> None:
