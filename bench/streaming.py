@@ -179,6 +179,33 @@ def _json_trainer(
     results.put({"report": report.to_dict(), "applied": applied})
 
 
+def _start_trainer_process(
+    context: Any,
+    target: Any,
+    services: Services,
+    topics: Topics,
+    model: str,
+    checkpoint: Path,
+    sync_interval: float,
+    results: multiprocessing.Queue,
+) -> multiprocessing.Process:
+    """One of the trainer processes (`_json_trainer`, `_freshness_trainer`), started."""
+    trainer = context.Process(
+        target=target,
+        args=(
+            services.kafka_bootstrap,
+            topics.prefix,
+            services.redis_url,
+            model,
+            str(checkpoint),
+            sync_interval,
+            results,
+        ),
+    )
+    trainer.start()
+    return trainer
+
+
 def _bench_trainer(
     bootstrap: str,
     prefix: str,
@@ -219,19 +246,9 @@ def json_end_to_end(
         args=(services.kafka_bootstrap, topics.prefix, events, go, producer_results),
     )
     producer.start()
-    trainer = context.Process(
-        target=_json_trainer,
-        args=(
-            services.kafka_bootstrap,
-            topics.prefix,
-            services.redis_url,
-            model,
-            str(checkpoint),
-            sync_interval,
-            trainer_results,
-        ),
+    trainer = _start_trainer_process(
+        context, _json_trainer, services, topics, model, checkpoint, sync_interval, trainer_results
     )
-    trainer.start()
     joiner = Joiner(
         settings,
         topics,
@@ -521,19 +538,16 @@ def freshness(
         target=_serving_reader, args=(services.redis_url, model, stop_reader, reader_results)
     )
     reader.start()
-    trainer = context.Process(
-        target=_freshness_trainer,
-        args=(
-            services.kafka_bootstrap,
-            topics.prefix,
-            services.redis_url,
-            model,
-            str(checkpoint),
-            sync_interval,
-            trainer_results,
-        ),
+    trainer = _start_trainer_process(
+        context,
+        _freshness_trainer,
+        services,
+        topics,
+        model,
+        checkpoint,
+        sync_interval,
+        trainer_results,
     )
-    trainer.start()
     joiner = Joiner(
         settings,
         topics,
