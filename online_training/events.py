@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -146,16 +147,13 @@ class EventDecoder:
                         [column.take(pa.array(fast)) for column in raw_columns],
                     )
                 )
-        parsed: list[tuple[int, str | int, float, list]] = []
-        for index in np.flatnonzero(slow).tolist():
-            try:
-                event = self._object(values[index])
-                request_id, event_time = self._key_and_time(event, now)
-                raw = [self._feature_value(feature, event) for feature in self.features]
-            except messages.MessageError as error:
-                errors[index] = error
-                continue
-            parsed.append((index, request_id, event_time, raw))
+        parsed = self._one_by_one(
+            values,
+            slow,
+            now,
+            errors,
+            lambda event: [self._feature_value(feature, event) for feature in self.features],
+        )
         if parsed:
             parts.append(
                 (
@@ -394,23 +392,14 @@ class EventDecoder:
             fast = np.flatnonzero(~slow)
             if len(fast):
                 parts.append((fast, request_ids[fast], clicks[fast], event_times[fast]))
-        good: list[tuple[int, str | int, int, float]] = []
-        for index in np.flatnonzero(slow).tolist():
-            try:
-                event = self._object(values[index])
-                request_id, event_time = self._key_and_time(event, now)
-                click = self._click(event)
-            except messages.MessageError as error:
-                errors[index] = error
-                continue
-            good.append((index, request_id, click, event_time))
+        good = self._one_by_one(values, slow, now, errors, self._click)
         if good:
             parts.append(
                 (
                     np.array([g[0] for g in good], dtype=np.int64),
                     request_keys([g[1] for g in good]),
-                    np.array([g[2] for g in good], dtype=np.int8),
-                    np.array([g[3] for g in good], dtype=np.float64),
+                    np.array([g[3] for g in good], dtype=np.int8),
+                    np.array([g[2] for g in good], dtype=np.float64),
                 )
             )
         if not parts:
@@ -463,6 +452,29 @@ class EventDecoder:
         return int(_LABEL_RULES[rule.op](value, rule.value))
 
     # -- fields --------------------------------------------------------------------------
+
+    def _one_by_one(
+        self,
+        values: Sequence[bytes | None],
+        slow: np.ndarray,
+        now: float,
+        errors: dict[int, messages.MessageError],
+        rest: Callable[[dict], Any],
+    ) -> list[tuple[int, str | int, float, Any]]:
+        """The messages a run's parse could not vouch for, checked one at a time: (index,
+        request id, event time, what `rest` reads of the event) of each good one; a bad one's
+        error goes into `errors`."""
+        good = []
+        for index in np.flatnonzero(slow).tolist():
+            try:
+                event = self._object(values[index])
+                request_id, event_time = self._key_and_time(event, now)
+                read = rest(event)
+            except messages.MessageError as error:
+                errors[index] = error
+                continue
+            good.append((index, request_id, event_time, read))
+        return good
 
     @staticmethod
     def _object(value: bytes | None) -> dict:
