@@ -42,6 +42,7 @@ from embedding_tables import (  # noqa: E402
 )
 from embedding_tables.hashing import bucket, bucket_int  # noqa: E402
 from embedding_tables.kernels import ops, triton_kernels  # noqa: E402
+from embedding_tables.methods import QR, Full, GraphHash, Method
 from embedding_tables.planning import PhysicalTable  # noqa: E402
 from embedding_tables.reference import (  # noqa: E402
     reference_pooled,
@@ -327,9 +328,9 @@ def test_out_of_range_ids_raise_the_cpu_paths_error(method: str, bad: int) -> No
     assert torch.equal(group.flat_weights, before)
 
 
-@pytest.mark.parametrize("method", ["full", "qr"])
-def test_out_of_range_hash_option_hashes_into_range(method: str) -> None:
-    config = TableConfig("t", 10, 4, method, out_of_range="hash", seed=5)
+@pytest.mark.parametrize("method", [Full(out_of_range="hash"), QR(out_of_range="hash")])
+def test_out_of_range_hash_option_hashes_into_range(method: Method) -> None:
+    config = TableConfig("t", 10, 4, method, seed=5)
     specs, physical = layout_module.feature_specs([config], {"item": "t"})
     group = FusedTableGroup(physical, specs, None, "cpu")
     ids = torch.tensor([-7, 10, 2**62, 3])
@@ -453,7 +454,7 @@ def test_collection_out_of_range_ids_and_graphhash_rows(kernel_collections) -> N
         def transform_all(self, ids: torch.Tensor) -> torch.Tensor:
             return torch.stack([ids.remainder(5), 5 + ids.remainder(45)], dim=1)
 
-    config = TableConfig("g", 1000, 4, "graphhash", budget=0.05, graphhash_variant="double")
+    config = TableConfig("g", 1000, 4, GraphHash(graphhash_variant="double"), budget=0.05)
     tables, feature_to_table = [config, TableConfig("h", 100, 4, "hash")], {"a": "g", "b": "h"}
     mapping = CycleMapping()
     ec = EmbeddingCollection(tables, feature_to_table, None, mappings={"g": mapping})
