@@ -89,7 +89,7 @@ def test_train_summary_line(tiny, tmp_path, capsys):
         (["--model", "transformer"], "unknown model 'transformer'; accepted:"),
         (
             ["--method", "lsh"],
-            "unknown table method 'lsh'; accepted: collisionless, full, graphhash, hash, qr, unified",
+            "unknown table method 'lsh'; accepted: collisionless, full, graphhash",
         ),
         (["--set", "features=[user_id, shoe_size]"], "unknown feature"),
         (["--model", "deepfm", "--set", "tables.overrides.item_id.dim=8"], "width equal"),

@@ -80,7 +80,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         ({"model": {"name": "gpt"}}, "unknown model 'gpt'; accepted: dcn, deepfm, din"),
         (
             {"tables": {"method": "pq"}},
-            "unknown table method 'pq'; accepted: collisionless, full, graphhash, hash, qr, unified",
+            "unknown table method 'pq'; accepted: collisionless, full, graphhash",
         ),
         ({"features": ["user_id", "mood"]}, r"unknown feature\(s\) \['mood'\].*accepted: user_id"),
         (
