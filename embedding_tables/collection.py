@@ -78,6 +78,7 @@ from embedding_tables.errors import (
     FeatureError,
     IdError,
 )
+from embedding_tables.interfaces import TableGroupLookup
 from embedding_tables.lookup import TORCH_DTYPES, TableBatchedLookup, bag_offsets
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import PhysicalTable, TablePlan, plan_table
@@ -170,7 +171,7 @@ class PhysicalTables(nn.Module):
     """The lookup groups and the name of every physical table in them; owns the state_dict
     entries `<physical>.weight` and `<physical>.momentum`."""
 
-    def __init__(self, lookups: Sequence[nn.Module]) -> None:
+    def __init__(self, lookups: Sequence[TableGroupLookup]) -> None:
         super().__init__()
         self.lookups = nn.ModuleList(lookups)
         self.locations: dict[str, tuple[int, int]] = {}
@@ -190,9 +191,9 @@ class PhysicalTables(nn.Module):
         group, t = self.locations[name]
         return self.lookups[group].momentum(t)
 
-    def take_touched(self, name: str) -> torch.Tensor:
+    def take_touched_rows(self, name: str) -> torch.Tensor:
         group, t = self.locations[name]
-        return self.lookups[group].take_touched(t)
+        return self.lookups[group].take_touched_rows(t)
 
     def mark_touched(self, name: str, rows: torch.Tensor) -> None:
         group, t = self.locations[name]
@@ -378,7 +379,7 @@ class EmbeddingCollection(nn.Module):
     def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """Physical rows changed since the last call (by a backward or `load_rows`), per
         physical table; resets the record."""
-        touched = {name: self.tables.take_touched(name) for name in self.tables.locations}
+        touched = {name: self.tables.take_touched_rows(name) for name in self.tables.locations}
         for name, table in self.self_managed.items():
             touched[name] = table.take_touched_rows()
         return touched
@@ -500,7 +501,7 @@ class EmbeddingCollection(nn.Module):
         mapping = self._mapping(table)
         return None if mapping is None else mapping.num_rows
 
-    def _build_lookups(self) -> list[nn.Module]:
+    def _build_lookups(self) -> list[TableGroupLookup]:
         """Group physical tables: one pooled group per dtype, one `rows` group per qr mult
         table; each table in one group, tables in order of first use. Every lookup of every
         feature gets a slot of its group, the slots sorted by table (fbgemm's CPU row-wise
@@ -538,7 +539,7 @@ class EmbeddingCollection(nn.Module):
                 )
             self._lookups[feature] = lookup
         self._group_kinds = [layout.kind for layout in groups.values()]
-        lookups: list[nn.Module] = []
+        lookups: list[TableGroupLookup] = []
         for layout in groups.values():
             slots = sorted(layout.slots, key=lambda slot: slot[0])
             for feature in layout.features:
@@ -566,7 +567,7 @@ class EmbeddingCollection(nn.Module):
                 )
         return lookups
 
-    def _fused_group(self, layout: _GroupLayout) -> nn.Module:
+    def _fused_group(self, layout: _GroupLayout) -> TableGroupLookup:
         """The FusedTableGroup of a `fused` group layout; records each feature's columns."""
         from embedding_tables.kernels.group import FusedTableGroup
         from embedding_tables.kernels.layout import feature_spec

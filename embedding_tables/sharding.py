@@ -209,7 +209,7 @@ class ShardableEmbeddingCollection(nn.Module):
         one rank alone cannot leave."""
         self._transform(self._check(features))
 
-    def take_touched(self) -> dict[str, torch.Tensor]:
+    def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """The static physical rows this rank's training lookups read since the last call (with
         `track_touched` on; off, nothing is kept), unique per physical table; resets. A row's
         owner may be another rank: the union over ranks is what changed."""

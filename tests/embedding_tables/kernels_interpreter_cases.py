@@ -41,6 +41,7 @@ from embedding_tables import (  # noqa: E402
     TableConfig,
 )
 from embedding_tables.hashing import bucket, bucket_int  # noqa: E402
+from embedding_tables.interfaces import TableGroupLookup
 from embedding_tables.kernels import ops, triton_kernels  # noqa: E402
 from embedding_tables.methods import QR, Full, GraphHash, Method
 from embedding_tables.planning import PhysicalTable  # noqa: E402
@@ -60,6 +61,11 @@ HALF = {"rtol": 1e-2, "atol": 1e-3}
 
 def test_kernels_are_interpreted() -> None:
     assert isinstance(triton_kernels.fused_lookup_kernel, InterpretedFunction)
+
+
+def test_the_fused_group_is_a_table_group_lookup() -> None:
+    _, _, group, _ = build("hash")
+    assert isinstance(group, TableGroupLookup)
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -234,8 +240,8 @@ def check_fused_update(group, plans, feature_to_table, features, optimizer, sequ
         torch.testing.assert_close(group.weight(t).float(), new, **FP32)
         if optimizer.kind == "rowwise_adagrad":
             torch.testing.assert_close(group.momentum(t), momenta[table.name], **FP32)
-        assert set(group.take_touched(t).tolist()) == rows
-        assert group.take_touched(t).numel() == 0
+        assert set(group.take_touched_rows(t).tolist()) == rows
+        assert group.take_touched_rows(t).numel() == 0
 
 
 @pytest.mark.parametrize("method", ["hash", "qr_mult"])
