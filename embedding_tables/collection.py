@@ -47,9 +47,11 @@ gathers, combine, pooling; the sparse optimizer fused into its backward, or dens
 `optimizer=None`), with the same physical tables, names, state_dict and numerics. The kernels
 are opt-in because they have been checked only under Triton's interpreter, not on a GPU.
 
-Plug-ins: `graphhash` is one more static index transform (a GraphHashMapping per table, given as
-`mappings=` or by `set_graphhash_mapping`); `collisionless` tables are self-managed
-`embedding_tables.collisionless.CollisionlessTable` modules the collection calls per feature.
+Methods: each table's method (`embedding_tables.methods`) plans its physical tables and builds
+its index transforms; the collection asks it, never its name. A method that takes a mapping
+(`graphhash`: a GraphHashMapping per table, given as `mappings=` or by `set_graphhash_mapping`)
+is a static transform like the others; a self-managed method (`collisionless`) builds a module
+of its own (`Method.build_table`) that the collection calls per feature.
 """
 
 from __future__ import annotations
