@@ -50,6 +50,7 @@ from embedding_tables.collisionless import DEFAULT_ROW, CollisionlessTable
 from embedding_tables.config import TableConfig
 from embedding_tables.hashing import hash64
 from embedding_tables.idmap import IdSlotMap
+from embedding_tables.methods import Collisionless
 from embtab.machine import machine_info, write_results
 
 BATCH = 100_000
@@ -142,9 +143,7 @@ def bench_table(eviction: str, capacity: int, warm: list, measured: list) -> dic
         name="item_id",
         num_embeddings=VOCABULARY,
         dim=DIM,
-        method="collisionless",
-        capacity=capacity,
-        eviction=eviction,
+        method=Collisionless(capacity=capacity, eviction=eviction),
     )
     table = CollisionlessTable(config, clock=lambda: 0.0)
     table.train()

@@ -91,9 +91,8 @@ def method_tables(method: str, dim: int, max_rows: int) -> tuple[list[TableConfi
         rows = sum(min(n, max_rows) for n in CRITEO_CARDINALITIES)
         table = TableConfig("unified", sum(CRITEO_CARDINALITIES), dim, "unified", budget=rows)
         return [table], dict.fromkeys(names, "unified")
-    options = {"combine": "mult"} if method == "qr" else {}
     tables = [
-        TableConfig(name, n, dim, method, budget=max_rows if n > max_rows else None, **options)
+        TableConfig(name, n, dim, method, budget=max_rows if n > max_rows else None)
         for name, n in zip(names, CRITEO_CARDINALITIES, strict=True)
     ]
     return tables, {name: name for name in names}

@@ -69,6 +69,7 @@ from embedding_tables.kernels.layout import (  # noqa: E402
     feature_specs,
     plan_call,
 )
+from embedding_tables.methods import Unified
 from embedding_tables.reference import reference_embedding  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "gpu_kernels.json"
@@ -116,14 +117,11 @@ def case_a(method: str, dim: int, dtype: str, scale: float) -> Case:
     names = ["f0", "f1"]
     if method == "unified":
         table = TableConfig(
-            "u", 2 * rows, dim // 2, "unified", dtype=dtype, feature_chunks=dict.fromkeys(names, 2)
+            "u", 2 * rows, dim // 2, Unified(feature_chunks=dict.fromkeys(names, 2)), dtype=dtype
         )
         tables, mapping = (table,), dict.fromkeys(names, "u")
     else:
-        options = {"combine": "mult"} if method == "qr" else {}
-        tables = tuple(
-            TableConfig(f"t{i}", rows, dim, method, dtype=dtype, **options) for i in range(2)
-        )
+        tables = tuple(TableConfig(f"t{i}", rows, dim, method, dtype=dtype) for i in range(2))
         mapping = {name: f"t{i}" for i, name in enumerate(names)}
     label = "qr_mult" if method == "qr" else method
     batch = max(8, int(65536 * scale))
@@ -142,8 +140,7 @@ def case_c(scale: float, batch: int | None = None, name: str = "C/hash/d16/fp32"
 
 def case_d(method: str, scale: float) -> Case:
     rows = max(64, int(1e6 * scale * 10))
-    options = {"combine": "mult"} if method == "qr" else {}
-    tables = tuple(TableConfig(f"d{i}", rows, 64, method, **options) for i in range(8))
+    tables = tuple(TableConfig(f"d{i}", rows, 64, method) for i in range(8))
     mapping = {f"seq_{i}": f"d{i}" for i in range(8)}
     label = "qr_mult" if method == "qr" else method
     batch = max(8, int(16384 * scale))
@@ -550,8 +547,6 @@ def shrink(case: Case, scale: float) -> Case:
             t.dim,
             t.method,
             dtype=t.dtype,
-            combine=t.combine,
-            feature_chunks=dict(t.feature_chunks),
         )
         for t in case.tables
     )

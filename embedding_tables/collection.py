@@ -47,14 +47,15 @@ gathers, combine, pooling; the sparse optimizer fused into its backward, or dens
 `optimizer=None`), with the same physical tables, names, state_dict and numerics. The kernels
 are opt-in because they have been checked only under Triton's interpreter, not on a GPU.
 
-Plug-ins: `graphhash` is one more static index transform (a GraphHashMapping per table, given as
-`mappings=` or by `set_graphhash_mapping`); `collisionless` tables are self-managed
-`embedding_tables.collisionless.CollisionlessTable` modules the collection calls per feature.
+Methods: each table's method (`embedding_tables.methods`) plans its physical tables and builds
+its index transforms; the collection asks it, never its name. A method that takes a mapping
+(`graphhash`: a GraphHashMapping per table, given as `mappings=` or by `set_graphhash_mapping`)
+is a static transform like the others; a self-managed method (`collisionless`) builds a module
+of its own (`Method.build_table`) that the collection calls per feature.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -79,14 +80,10 @@ from embedding_tables.errors import (
     FeatureError,
     IdError,
 )
+from embedding_tables.interfaces import TableGroupLookup
 from embedding_tables.lookup import TORCH_DTYPES, TableBatchedLookup, bag_offsets
 from embedding_tables.optimizer import SparseOptimizerConfig
-from embedding_tables.planning import (
-    SELF_MANAGED_METHODS,
-    PhysicalTable,
-    TablePlan,
-    plan_table,
-)
+from embedding_tables.planning import PhysicalTable, TablePlan, plan_table
 from embedding_tables.torch_lookup import TorchLookup
 from embedding_tables.transforms import (
     BatchedTransform,
@@ -176,7 +173,7 @@ class PhysicalTables(nn.Module):
     """The lookup groups and the name of every physical table in them; owns the state_dict
     entries `<physical>.weight` and `<physical>.momentum`."""
 
-    def __init__(self, lookups: Sequence[nn.Module]) -> None:
+    def __init__(self, lookups: Sequence[TableGroupLookup]) -> None:
         super().__init__()
         self.lookups = nn.ModuleList(lookups)
         self.locations: dict[str, tuple[int, int]] = {}
@@ -196,9 +193,9 @@ class PhysicalTables(nn.Module):
         group, t = self.locations[name]
         return self.lookups[group].momentum(t)
 
-    def take_touched(self, name: str) -> torch.Tensor:
+    def take_touched_rows(self, name: str) -> torch.Tensor:
         group, t = self.locations[name]
-        return self.lookups[group].take_touched(t)
+        return self.lookups[group].take_touched_rows(t)
 
     def mark_touched(self, name: str, rows: torch.Tensor) -> None:
         group, t = self.locations[name]
@@ -282,13 +279,13 @@ class EmbeddingCollection(nn.Module):
         self.plans = {
             name: plan_table(config, self._mapping_rows(name))
             for name, config in self.configs.items()
-            if config.method not in SELF_MANAGED_METHODS
+            if not config.method.self_managed
         }
         self.self_managed = nn.ModuleDict(
             {
-                name: _build_self_managed(config, optimizer)
+                name: config.method.build_table(config, optimizer)
                 for name, config in self.configs.items()
-                if config.method in SELF_MANAGED_METHODS
+                if config.method.self_managed
             }
         )
         self._lookups: dict[str, _FeatureLookup] = {}
@@ -321,7 +318,7 @@ class EmbeddingCollection(nn.Module):
         if lookup.combine == "self_managed":
             raise ConfigError(
                 f"feature {feature!r}: table {lookup.table!r} is self-managed "
-                f"({self.configs[lookup.table].method}); it has no static index transform"
+                f"({self.configs[lookup.table].method.name}); it has no static index transform"
             )
         return self._transform(feature)
 
@@ -384,7 +381,7 @@ class EmbeddingCollection(nn.Module):
     def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """Physical rows changed since the last call (by a backward or `load_rows`), per
         physical table; resets the record."""
-        touched = {name: self.tables.take_touched(name) for name in self.tables.locations}
+        touched = {name: self.tables.take_touched_rows(name) for name in self.tables.locations}
         for name, table in self.self_managed.items():
             touched[name] = table.take_touched_rows()
         return touched
@@ -466,11 +463,11 @@ class EmbeddingCollection(nn.Module):
     def set_graphhash_mapping(self, table: str, mapping: GraphHashMappingLike) -> None:
         """Use `mapping` for graphhash table `table`; its rows must match the allocated rows."""
         config = self.configs.get(table)
-        if config is None or config.method != "graphhash":
-            graphhash = [name for name, c in self.configs.items() if c.method == "graphhash"]
+        if config is None or not config.method.takes_mapping:
+            mapped = [name for name, c in self.configs.items() if c.method.takes_mapping]
             raise ConfigError(
-                f"set_graphhash_mapping: {table!r} is not a graphhash table of this collection; "
-                f"graphhash tables: {', '.join(graphhash) or 'none'}"
+                f"set_graphhash_mapping: {table!r} is not a table of this collection that takes "
+                f"a mapping (graphhash); such tables: {', '.join(mapped) or 'none'}"
             )
         allocated = self.plans[table].physical[0].num_rows
         if mapping.num_rows != allocated:
@@ -506,7 +503,7 @@ class EmbeddingCollection(nn.Module):
         mapping = self._mapping(table)
         return None if mapping is None else mapping.num_rows
 
-    def _build_lookups(self) -> list[nn.Module]:
+    def _build_lookups(self) -> list[TableGroupLookup]:
         """Group physical tables: one pooled group per dtype, one `rows` group per qr mult
         table; each table in one group, tables in order of first use. Every lookup of every
         feature gets a slot of its group, the slots sorted by table (fbgemm's CPU row-wise
@@ -518,7 +515,7 @@ class EmbeddingCollection(nn.Module):
             lookup = _FeatureLookup(
                 feature, table_name, "self_managed", config.dim, config.pooling == "mean"
             )
-            if config.method not in SELF_MANAGED_METHODS:
+            if not config.method.self_managed:
                 plan = self.plans[table_name]
                 # A qr mult table gets a lookup of its own: its unpooled output then holds
                 # only its partitions side by side, so the product reads nearby memory.
@@ -530,17 +527,21 @@ class EmbeddingCollection(nn.Module):
                     key = ("pooled", config.dtype)
                 layout = groups.setdefault(key, _GroupLayout(len(groups), key[0]))
                 transform = self._transform_or_none(config, feature, plan)
-                tables = transform.tables if transform else _lookup_tables(config, plan)
+                tables = (
+                    transform.tables
+                    if transform
+                    else config.method.lookup_tables(config, plan, feature)
+                )
                 layout.add(feature, plan.physical, tables)
                 lookup = replace(
                     lookup,
                     combine=plan.combine,
-                    output_dim=_output_dim(config, feature),
+                    output_dim=config.method.output_dim(config, feature),
                     group=layout.index,
                 )
             self._lookups[feature] = lookup
         self._group_kinds = [layout.kind for layout in groups.values()]
-        lookups: list[nn.Module] = []
+        lookups: list[TableGroupLookup] = []
         for layout in groups.values():
             slots = sorted(layout.slots, key=lambda slot: slot[0])
             for feature in layout.features:
@@ -568,7 +569,7 @@ class EmbeddingCollection(nn.Module):
                 )
         return lookups
 
-    def _fused_group(self, layout: _GroupLayout) -> nn.Module:
+    def _fused_group(self, layout: _GroupLayout) -> TableGroupLookup:
         """The FusedTableGroup of a `fused` group layout; records each feature's columns."""
         from embedding_tables.kernels.group import FusedTableGroup
         from embedding_tables.kernels.layout import feature_spec
@@ -582,7 +583,7 @@ class EmbeddingCollection(nn.Module):
                 feature,
                 plan,
                 self._transforms.get(feature),
-                _lookup_tables(config, plan),
+                config.method.lookup_tables(config, plan, feature),
             )
             specs.append(spec)
             self._lookups[feature] = replace(
@@ -594,9 +595,10 @@ class EmbeddingCollection(nn.Module):
     def _transform_or_none(
         self, config: TableConfig, feature: str, plan: TablePlan
     ) -> IndexTransform | None:
-        """Build and keep the feature's transform; None for graphhash without a mapping yet."""
+        """Build and keep the feature's transform; None for a table that takes a mapping
+        (graphhash) and has none yet."""
         mapping = self._mapping(config.name)
-        if config.method == "graphhash" and mapping is None:
+        if config.method.takes_mapping and mapping is None:
             return None
         transform = transform_for(config, feature, mapping, plan)
         self._transforms[feature] = transform
@@ -875,13 +877,13 @@ class EmbeddingCollection(nn.Module):
         self, batch: _Batch, group: int
     ) -> tuple[list[int], list[int], dict[int, torch.Tensor]]:
         """A fused group's inputs beyond the KJT: each of its features' position among the
-        KJT's keys, the ids per key, and the rows of its graphhash features (their mappings
-        run as torch ops)."""
+        KJT's keys, the ids per key, and the rows of its features whose transforms the kernels
+        do not run (graphhash mappings: run as torch ops)."""
         fused = self.tables.lookups[group]
         names = [spec.name for spec in fused.layout.features]
         given = {}
         for f, spec in enumerate(fused.layout.features):
-            if spec.plan.config.method == "graphhash":
+            if spec.given_rows:
                 rows = self._transform(spec.name)(batch.features[spec.name].ids)
                 given[f] = torch.stack(rows, dim=1)
         return [batch.keys.index(name) for name in names], batch.counts, given
@@ -951,18 +953,6 @@ class EmbeddingCollection(nn.Module):
         return self.tables.weight(physical_table)
 
 
-def _output_dim(config: TableConfig, feature: str) -> int:
-    if config.method == "unified":
-        return config.feature_chunks.get(feature, 1) * config.dim
-    return config.dim
-
-
-def _lookup_tables(config: TableConfig, plan: TablePlan) -> tuple[str, ...]:
-    """Physical table of each lookup, for a table whose transform is not built yet."""
-    lookups = 2 if config.method == "graphhash" and config.graphhash_variant == "double" else 1
-    return tuple(physical.name for physical in plan.physical) * lookups
-
-
 def _check_tables(
     tables: Sequence[TableConfig],
     feature_to_table: Mapping[str, str],
@@ -988,42 +978,12 @@ def _check_tables(
         features = [f for f, t in feature_to_table.items() if t == name]
         if not features:
             raise ConfigError(f"table {name!r} has no feature mapped to it in feature_to_table")
-        stray = [f for f in config.feature_chunks if f not in features]
-        if stray:
-            raise ConfigError(
-                f"table {name!r}: feature_chunks names {', '.join(map(repr, stray))}, not mapped "
-                f"to it; its features: {', '.join(features)}"
-            )
-        if config.feature_chunks and config.method != "unified":
-            raise ConfigError(
-                f"table {name!r}: feature_chunks applies to method 'unified', not {config.method!r}"
-            )
+        config.method.check(config, features)
         if config.dtype not in TORCH_DTYPES:
             raise ConfigError(f"table {name!r}: unsupported dtype {config.dtype!r}")
-        if config.method == "graphhash":
-            _require_module("graphhash", name)
     for name in mappings:
-        if name not in configs or configs[name].method != "graphhash":
-            raise ConfigError(f"mappings names {name!r}, which is not a graphhash table")
+        if name not in configs or not configs[name].method.takes_mapping:
+            raise ConfigError(
+                f"mappings names {name!r}, which is not a table that takes a mapping (graphhash)"
+            )
     return configs
-
-
-def _require_module(method: str, table: str) -> object:
-    try:
-        return importlib.import_module(f"embedding_tables.{method}")
-    except ImportError as error:
-        raise ConfigError(
-            f"table {table!r}: method {method!r} is not available in this build "
-            f"(embedding_tables.{method} cannot be imported: {error})"
-        ) from error
-
-
-def _build_self_managed(config: TableConfig, optimizer: SparseOptimizerConfig | None) -> nn.Module:
-    module = _require_module(config.method, config.name)
-    table_class = getattr(module, "CollisionlessTable", None)
-    if table_class is None:
-        raise ConfigError(
-            f"table {config.name!r}: embedding_tables.{config.method} has no CollisionlessTable"
-        )
-    fused = optimizer if optimizer is not None and optimizer.kind is not None else None
-    return table_class(config, fused)

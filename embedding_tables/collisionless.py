@@ -36,6 +36,7 @@ from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError, ConfigError, EmbeddingTableError, IdError
 from embedding_tables.hashing import bucket, hash64
 from embedding_tables.idmap import EMPTY, IdSlotMap, SlotAllocator, check_ids
+from embedding_tables.methods import Collisionless
 from embedding_tables.optimizer import SparseOptimizerConfig
 
 DEFAULT_ROW = 0
@@ -74,16 +75,17 @@ def resolve_capacity(config: TableConfig) -> int | None:
         raise BudgetError(
             f"table {config.name!r}: budget {config.budget} buys {budget_rows} rows of "
             f"{config.num_embeddings}; collisionless needs at least 1 row, so the minimum "
-            f"budget is {minimum:.3g} (or an int number of rows >= 1)"
+            f"budget is {minimum:.3g} (or an int number of rows >= 2)"
         )
-    if config.capacity is None:
+    capacity = config.method.capacity
+    if capacity is None:
         return budget_rows
-    if budget_rows is not None and config.capacity > budget_rows:
+    if budget_rows is not None and capacity > budget_rows:
         raise ConfigError(
-            f"table {config.name!r}: capacity {config.capacity} exceeds the {budget_rows} rows "
-            f"its budget {config.budget} buys; set one of them, or capacity <= the budget's rows"
+            f"table {config.name!r}: capacity {capacity} exceeds the {budget_rows} rows its "
+            f"budget {config.budget} buys; set one of them, or capacity <= the budget's rows"
         )
-    return config.capacity
+    return capacity
 
 
 class CollisionlessTable(nn.Module):
@@ -112,10 +114,10 @@ class CollisionlessTable(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if config.method != "collisionless":
+        if not isinstance(config.method, Collisionless):
             raise ConfigError(
                 f"table {config.name!r}: CollisionlessTable needs method='collisionless', "
-                f"got {config.method!r}"
+                f"got {config.method.name!r}"
             )
         if chunk_rows < 1:
             raise ConfigError(f"table {config.name!r}: chunk_rows must be >= 1, got {chunk_rows}")
@@ -134,11 +136,13 @@ class CollisionlessTable(nn.Module):
         self._chunk_rows = chunk_rows
         self._clock: Callable[[], float] = clock or time.time
         self._ttl_us = (
-            None if config.ttl_seconds is None else round(config.ttl_seconds * _US_PER_SECOND)
+            None
+            if config.method.ttl_seconds is None
+            else round(config.method.ttl_seconds * _US_PER_SECOND)
         )
         self._dtype = torch.float32 if config.dtype == "fp32" else torch.float16
         self._init_bound = math.sqrt(1.0 / config.num_embeddings)
-        use_cms = config.admission == "cms" and config.min_count > 1
+        use_cms = config.method.admission == "cms" and config.method.min_count > 1
         if use_cms:
             if cms_depth < 1:
                 raise ConfigError(f"table {config.name!r}: cms_depth must be >= 1")
@@ -306,7 +310,7 @@ class CollisionlessTable(nn.Module):
         seen_now = self._seen_index(self._now_us())
         absent = ~has_entry
         slots[absent] = self._new_entries(ids[absent], torch.zeros_like(ids[absent]))
-        self._entry_count[slots] = self._entry_count[slots].clamp(min=self.config.min_count)
+        self._entry_count[slots] = self._entry_count[slots].clamp(min=self.config.method.min_count)
         self._entry_seen[slots] = seen_now
         self._give_rows(slots[~has_row])
         target = self._entry_row[slots].to(torch.int64)
@@ -329,7 +333,7 @@ class CollisionlessTable(nn.Module):
 
     def num_parameters(self) -> int:
         """Trainable values in use: admitted rows, plus the shared default row."""
-        rows = self.num_admitted + (1 if self.config.default_row == "shared" else 0)
+        rows = self.num_admitted + (1 if self.config.method.default_row == "shared" else 0)
         return rows * self.config.dim
 
     def memory_bytes(self) -> int:
@@ -387,7 +391,7 @@ class CollisionlessTable(nn.Module):
 
     def _apply_gradient(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
         """Optimizer step on distinct `rows` with their summed gradients `grads`."""
-        if self.config.default_row == "zeros":
+        if self.config.method.default_row == "zeros":
             keep = rows != DEFAULT_ROW
             rows, grads = rows[keep], grads[keep]
         grads = grads.float()
@@ -422,7 +426,7 @@ class CollisionlessTable(nn.Module):
             starting_counts = torch.zeros_like(missing)
             if self._cms is not None:
                 estimates = self._cms_add(unique_ids[missing], counts[missing])
-                ready = estimates >= self.config.min_count
+                ready = estimates >= self.config.method.min_count
                 missing = missing[ready]
                 starting_counts = estimates[ready] - counts[missing]
             slots[missing] = self._new_entries(unique_ids[missing], starting_counts)
@@ -431,7 +435,9 @@ class CollisionlessTable(nn.Module):
         added = self._entry_count[seen] + counts[present]
         self._entry_count[seen] = added.clamp(max=_MAX_COUNT).to(torch.int32)
         self._entry_seen[seen] = seen_now
-        waiting = (self._entry_row[seen] < 0) & (self._entry_count[seen] >= self.config.min_count)
+        waiting = (self._entry_row[seen] < 0) & (
+            self._entry_count[seen] >= self.config.method.min_count
+        )
         if bool(waiting.any()):
             self._admit(seen[waiting])
         unique_rows = torch.full_like(unique_ids, DEFAULT_ROW)
@@ -534,7 +540,7 @@ class CollisionlessTable(nn.Module):
             return torch.arange(entries.numel(), device=entries.device)
         last_seen = self._last_seen_us(entries)
         seen_count = self._entry_count[entries]
-        if self.config.eviction == "lru":
+        if self.config.method.eviction == "lru":
             primary, secondary = last_seen, seen_count
         else:
             primary, secondary = seen_count, last_seen
@@ -830,8 +836,8 @@ class CollisionlessTable(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.config.name!r}, dim={self.config.dim}, admitted={self.num_admitted}, "
-            f"capacity={self.capacity}, min_count={self.config.min_count}, "
-            f"eviction={self.config.eviction}, ttl_seconds={self.config.ttl_seconds}"
+            f"capacity={self.capacity}, min_count={self.config.method.min_count}, "
+            f"eviction={self.config.method.eviction}, ttl_seconds={self.config.method.ttl_seconds}"
         )
 
 

@@ -11,7 +11,7 @@ slots side by side; `rows` returns the unpooled rows of every slot.
 - `embedding_tables.torch_lookup.TorchLookup`: the same interface in torch ops, for any device,
   with the same sparse optimizer or none (dense gradients).
 
-Both record the rows that received a gradient (`take_touched`), for delta sync.
+Both record the rows that received a gradient (`take_touched_rows`), for delta sync.
 Neither writes its own state_dict entries: the owning `PhysicalTables` names them.
 """
 
@@ -100,7 +100,7 @@ class _Lookup(nn.Module):
     def mark_touched(self, table: int, rows: torch.Tensor) -> None:
         self._touched.index_fill_(0, rows + self._table_starts[table], True)
 
-    def take_touched(self, table: int) -> torch.Tensor:
+    def take_touched_rows(self, table: int) -> torch.Tensor:
         """Rows of `table` that got a gradient (or were loaded) since the last call; resets."""
         flags = self._touched[self._table_starts[table] : self._table_starts[table + 1]]
         rows = flags.nonzero().flatten()

@@ -1,7 +1,8 @@
 """Plain-torch reference of every static method, written for clarity, not speed.
 
 The fast path (transform -> fbgemm TBE -> combine) is tested against this: rows are computed id
-by id with the pure-int hash specification (`hashing.bucket_int`) and Python integer digits,
+by id by each method's own reference (`Method.reference_rows`: the pure-int hash specification
+`hashing.bucket_int`, Python integer digits),
 gathered by indexing, combined and pooled bag by bag, so autograd through it gives reference
 gradients. `sparse_update` is the reference of the fused row-wise Adagrad / SGD step.
 Only the layout (a TablePlan: physical tables and qr radices) is shared with the fast path.
@@ -14,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from embedding_tables.hashing import bucket_int, feature_seed
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import TablePlan
 from embedding_tables.transforms import GraphHashMappingLike
@@ -27,35 +27,7 @@ def reference_rows_of_id(
     plan: TablePlan, feature: str, value: int, mapping: GraphHashMappingLike | None = None
 ) -> list[tuple[str, int]]:
     """(physical table, row) of each lookup of one id, from the method's definition."""
-    config = plan.config
-    names = [physical.name for physical in plan.physical]
-    n = config.num_embeddings
-    if config.method in ("full", "qr") and not 0 <= value < n:
-        if config.out_of_range != "hash":
-            raise ValueError(f"id {value} out of range for table {config.name!r}")
-        value = bucket_int(value, config.seed, n)
-    if config.method == "full":
-        return [(names[0], value)]
-    if config.method == "hash":
-        return [(names[0], bucket_int(value, config.seed, plan.physical[0].num_rows))]
-    if config.method == "unified":
-        chunks = config.feature_chunks.get(feature, 1)
-        rows = plan.physical[0].num_rows
-        return [
-            (names[0], bucket_int(value, feature_seed(config.seed, feature, j), rows))
-            for j in range(chunks)
-        ]
-    if config.method == "qr":
-        digits = []
-        for radix in plan.radices[:-1]:
-            digits.append(value % radix)
-            value //= radix
-        digits.append(value)
-        return list(zip(names, digits, strict=True))
-    if config.method == "graphhash" and mapping is not None:
-        rows = mapping.transform_all(torch.tensor([value]))[0].tolist()
-        return [(names[0], row) for row in rows]
-    raise ValueError(f"no reference for method {config.method!r}")
+    return plan.config.method.reference_rows(plan, feature, value, mapping)
 
 
 def reference_embedding(
@@ -173,7 +145,4 @@ def sparse_update(
 
 
 def _output_dim(plan: TablePlan, feature: str) -> int:
-    config = plan.config
-    if config.method == "unified":
-        return config.feature_chunks.get(feature, 1) * config.dim
-    return config.dim
+    return plan.config.method.output_dim(plan.config, feature)

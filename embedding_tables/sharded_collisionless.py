@@ -63,7 +63,7 @@ class OwnedCollisionlessTable(nn.Module):
         group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if config.admission == "cms" and config.min_count > 1:
+        if config.method.admission == "cms" and config.method.min_count > 1:
             raise ConfigError(
                 f"table {config.name!r}: count-min-sketch admission cannot be split between "
                 "owner ranks; accepted: admission='exact'"
@@ -75,7 +75,10 @@ class OwnedCollisionlessTable(nn.Module):
         owned = None if capacity is None else -(-capacity // self.world_size)
         self.config = config
         self.local = CollisionlessTable(
-            dataclasses.replace(config, capacity=owned, budget=None), optimizer
+            dataclasses.replace(
+                config, method=dataclasses.replace(config.method, capacity=owned), budget=None
+            ),
+            optimizer,
         )
 
     def sequence(self, ids: torch.Tensor) -> torch.Tensor:

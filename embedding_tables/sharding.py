@@ -40,13 +40,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.embedding_modules import EmbeddingCollection as TorchrecEmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embedding_tables.collection import TOTAL_KEY, _check_tables, _output_dim
+from embedding_tables.collection import TOTAL_KEY, _check_tables
 from embedding_tables.combine import combine_rows
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import ConfigError, FeatureError, IdError
 from embedding_tables.lookup import TORCH_DTYPES, init_bound
 from embedding_tables.optimizer import SparseOptimizerConfig
-from embedding_tables.planning import SELF_MANAGED_METHODS, PhysicalTable, plan_table
+from embedding_tables.planning import PhysicalTable, plan_table
 from embedding_tables.sharded_collisionless import OwnedCollisionlessTable
 from embedding_tables.transforms import GraphHashMappingLike, IndexTransform, transform_for
 
@@ -91,7 +91,7 @@ class ShardableEmbeddingCollection(nn.Module):
         super().__init__()
         mappings = dict(mappings or {})
         self.configs = _check_tables(tables, feature_to_table, mappings)
-        managed = {n: c for n, c in self.configs.items() if c.method in SELF_MANAGED_METHODS}
+        managed = {n: c for n, c in self.configs.items() if c.method.self_managed}
         self.owned = nn.ModuleDict(
             {}
             if group is None
@@ -161,7 +161,8 @@ class ShardableEmbeddingCollection(nn.Module):
             raise FeatureError(
                 f"unknown feature {feature!r}; configured features: {', '.join(self.feature_names)}"
             )
-        return _output_dim(self.configs[self.feature_to_table[feature]], feature)
+        config = self.configs[self.feature_to_table[feature]]
+        return config.method.output_dim(config, feature)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled rows of every feature: KeyedTensor [B, sum of output dims]."""
@@ -208,7 +209,7 @@ class ShardableEmbeddingCollection(nn.Module):
         one rank alone cannot leave."""
         self._transform(self._check(features))
 
-    def take_touched(self) -> dict[str, torch.Tensor]:
+    def take_touched_rows(self) -> dict[str, torch.Tensor]:
         """The static physical rows this rank's training lookups read since the last call (with
         `track_touched` on; off, nothing is kept), unique per physical table; resets. A row's
         owner may be another rank: the union over ranks is what changed."""

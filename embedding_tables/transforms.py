@@ -1,9 +1,11 @@
 """Index transforms: ids of one feature -> physical rows, one tensor per lookup. Pure functions.
 
 Every static method is an index transform followed by a table-batched lookup of plain physical
-tables (and, for qr and graphhash double, a combine of the looked-up rows). The transforms here
-depend only on the TableConfig (and, for graphhash, its mapping), so serving rebuilds them with
-`transform_for(config, feature)` and gets bit-identical rows.
+tables (and, for qr and graphhash double, a combine of the looked-up rows). Each method defines
+its transform in its module (`embedding_tables.methods`); a transform depends only on the
+TableConfig (and, for graphhash, its mapping), so serving rebuilds it with
+`transform_for(config, feature)` and gets bit-identical rows. This module holds what the
+transforms share and the batched form that runs many of them at once.
 
 A transform is called on a 1-D integer tensor and returns a list of int64 row tensors of the
 same length, one per lookup; `tables` names the physical table of each lookup.
@@ -12,28 +14,37 @@ same length, one per lookup; `tables` names the physical table of each lookup.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from embedding_tables.config import TableConfig
 from embedding_tables.cpu_kernels import CpuKernels, KernelTransform, library
-from embedding_tables.errors import ConfigError, IdError
-from embedding_tables.hashing import bucket, bucket_keyed, feature_seed, low63_, mix64_, seed_key
+from embedding_tables.errors import IdError
+from embedding_tables.hashing import bucket, bucket_keyed, low63_, mix64_, seed_key
 from embedding_tables.planning import TablePlan, plan_table
+
+if TYPE_CHECKING:
+    from embedding_tables.config import TableConfig
 
 INTEGER_DTYPES = (torch.int64, torch.int32)
 
 
 class IndexTransform(Protocol):
-    """ids -> one row tensor per lookup; `tables[j]` is the physical table of lookup j."""
+    """ids -> one row tensor per lookup; `tables[j]` is the physical table of lookup j.
+
+    `slot_rule(j)` says how lookup j runs batched with other transforms' lookups: as a hash or
+    digit formula the batched transform and the kernels evaluate themselves, or (kind
+    `mapping`) by calling the transform."""
 
     feature: str
     tables: tuple[str, ...]
 
     def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def slot_rule(self, lookup: int) -> SlotRule: ...
 
 
 class GraphHashMappingLike(Protocol):
@@ -77,101 +88,6 @@ def in_range_rows(
     return rows
 
 
-@dataclass(frozen=True)
-class FullTransform:
-    """`full`: the id is the row."""
-
-    feature: str
-    tables: tuple[str, ...]
-    num_embeddings: int
-    out_of_range: str
-    seed: int
-
-    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        ids = check_id_dtype(ids, self.feature)
-        return [in_range_rows(ids, self.feature, self.num_embeddings, self.out_of_range, self.seed)]
-
-
-@dataclass(frozen=True)
-class HashTransform:
-    """`hash`: row = bucket(id, seed, num_rows); every int64 is a valid id."""
-
-    feature: str
-    tables: tuple[str, ...]
-    seed: int
-    num_rows: int
-
-    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        return [bucket(check_id_dtype(ids, self.feature), self.seed, self.num_rows)]
-
-
-@dataclass(frozen=True)
-class UnifiedTransform:
-    """`unified`: k_f lookups into the shared table, lookup j with the feature's seed j."""
-
-    feature: str
-    tables: tuple[str, ...]
-    seeds: tuple[int, ...]
-    num_rows: int
-
-    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        ids = check_id_dtype(ids, self.feature)
-        return [bucket(ids, seed, self.num_rows) for seed in self.seeds]
-
-
-@dataclass(frozen=True)
-class QRTransform:
-    """`qr`: the mixed-radix digits of the id, digit j indexing partition j (digit 0 is
-    id mod radices[0]; the last digit is what remains). Distinct ids < num_embeddings get
-    distinct digit tuples because the radices' product covers num_embeddings."""
-
-    feature: str
-    tables: tuple[str, ...]
-    num_embeddings: int
-    radices: tuple[int, ...]
-    out_of_range: str
-    seed: int
-
-    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        ids = check_id_dtype(ids, self.feature)
-        rest = in_range_rows(ids, self.feature, self.num_embeddings, self.out_of_range, self.seed)
-        digits = []
-        for radix in self.radices[:-1]:
-            digits.append(torch.remainder(rest, radix))
-            rest = torch.div(rest, radix, rounding_mode="floor")
-        digits.append(rest)
-        return digits
-
-
-@dataclass(frozen=True)
-class GraphHashTransform:
-    """`graphhash`: the mapping's row(s) of each id (two to sum for the double variant)."""
-
-    feature: str
-    tables: tuple[str, ...]
-    mapping: GraphHashMappingLike
-
-    def __call__(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        rows = self.mapping.transform_all(check_id_dtype(ids, self.feature))
-        if rows.shape[1] != len(self.tables):
-            raise ConfigError(
-                f"feature {self.feature!r}: the graphhash mapping gives {rows.shape[1]} rows per "
-                f"id; the table is configured for {len(self.tables)}"
-            )
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.mapping.num_rows):
-            raise ConfigError(
-                f"feature {self.feature!r}: the graphhash mapping returned rows outside "
-                f"[0, {self.mapping.num_rows})"
-            )
-        return list(rows.unbind(1))
-
-
-def unified_seeds(config: TableConfig, feature: str) -> tuple[int, ...]:
-    """Seeds of a unified feature's k_f lookups: feature_seed(table seed, feature, j)."""
-    chunks = config.feature_chunks.get(feature, 1)
-    return tuple(feature_seed(config.seed, feature, j) for j in range(chunks))
-
-
 def transform_for(
     config: TableConfig,
     feature: str,
@@ -181,35 +97,11 @@ def transform_for(
     """The index transform of `feature` looked up in the static table `config`."""
     if plan is None:
         plan = plan_table(config, None if mapping is None else mapping.num_rows)
-    tables = tuple(physical.name for physical in plan.physical)
-    if config.method == "full":
-        return FullTransform(
-            feature, tables, config.num_embeddings, config.out_of_range, config.seed
-        )
-    if config.method == "hash":
-        return HashTransform(feature, tables, config.seed, plan.physical[0].num_rows)
-    if config.method == "unified":
-        seeds = unified_seeds(config, feature)
-        return UnifiedTransform(feature, tables * len(seeds), seeds, plan.physical[0].num_rows)
-    if config.method == "qr":
-        return QRTransform(
-            feature, tables, config.num_embeddings, plan.radices, config.out_of_range, config.seed
-        )
-    if config.method == "graphhash":
-        if mapping is None:
-            raise ConfigError(
-                f"table {config.name!r}: graphhash needs a mapping (EmbeddingCollection(..., "
-                f"mappings={{{config.name!r}: mapping}}) or ec.set_graphhash_mapping)"
-            )
-        lookups = 2 if config.graphhash_variant == "double" else 1
-        return GraphHashTransform(feature, tables * lookups, mapping)
-    raise ConfigError(
-        f"table {config.name!r}: method {config.method!r} has no static index transform"
-    )
+    return config.method.transform(config, feature, plan, mapping)
 
 
 @dataclass(frozen=True)
-class _SlotRule:
+class SlotRule:
     """Lookup `lookup` of `transform`, as the parameters of one whole-batch formula:
     `hash`: bucket_keyed(ids, key, modulus); `arith`: range check against `limit`, then
     (ids // divisor) % modulus; `mapping`: the transform itself."""
@@ -246,7 +138,7 @@ class _SlotRule:
         )
 
 
-def kernel_transform_of(rules: Sequence[_SlotRule]) -> KernelTransform | None:
+def kernel_transform_of(rules: Sequence[SlotRule]) -> KernelTransform | None:
     """The lookups of one id (one rule, or a qr table's partitions in order) as one kernel
     transform; None for rules the kernels do not run (graphhash mappings)."""
     if any(rule.kind == "mapping" for rule in rules):
@@ -266,28 +158,19 @@ def kernel_transform_of(rules: Sequence[_SlotRule]) -> KernelTransform | None:
     )
 
 
-def _slot_rule(transform: IndexTransform, lookup: int) -> _SlotRule:
-    if isinstance(transform, HashTransform):
-        return _SlotRule(transform, lookup, "hash", seed_key(transform.seed), 1, transform.num_rows)
-    if isinstance(transform, UnifiedTransform):
-        key = seed_key(transform.seeds[lookup])
-        return _SlotRule(transform, lookup, "hash", key, 1, transform.num_rows)
-    if isinstance(transform, FullTransform | QRTransform):
-        radices = getattr(transform, "radices", (transform.num_embeddings,))
-        divisor = 1
-        for radix in radices[:lookup]:
-            divisor *= radix
-        return _SlotRule(
-            transform,
-            lookup,
-            "arith",
-            divisor=divisor,
-            modulus=radices[lookup],
-            limit=transform.num_embeddings,
-            out_of_range=transform.out_of_range,
-            range_key=seed_key(transform.seed),
-        )
-    return _SlotRule(transform, lookup, "mapping")
+def arith_rule(transform: IndexTransform, lookup: int, radices: Sequence[int]) -> SlotRule:
+    """Lookup `lookup` of a range-checked transform (`num_embeddings`, `out_of_range`, `seed`)
+    whose rows are the mixed-radix digits of the id (one digit, the id itself, for `full`)."""
+    return SlotRule(
+        transform,
+        lookup,
+        "arith",
+        divisor=math.prod(radices[:lookup]),
+        modulus=radices[lookup],
+        limit=transform.num_embeddings,
+        out_of_range=transform.out_of_range,
+        range_key=seed_key(transform.seed),
+    )
 
 
 class BatchedTransform:
@@ -301,7 +184,7 @@ class BatchedTransform:
     """
 
     def __init__(self, slots: Sequence[tuple[IndexTransform, int]]) -> None:
-        self.rules = [_slot_rule(transform, j) for transform, j in slots]
+        self.rules = [transform.slot_rule(j) for transform, j in slots]
         self._kinds = sorted({rule.kind for rule in self.rules})
 
     def __call__(
@@ -352,7 +235,7 @@ class BatchedTransform:
 
     @staticmethod
     def _kernel_rows(
-        kernels: CpuKernels, rules: Sequence[_SlotRule], ids: torch.Tensor, counts: list[int]
+        kernels: CpuKernels, rules: Sequence[SlotRule], ids: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
         """The rows of hash or arith slots by the CPU kernels, one pass per run of slots with
         one formula."""
@@ -374,9 +257,7 @@ class BatchedTransform:
         return rows
 
     @staticmethod
-    def _hash_rows(
-        rules: Sequence[_SlotRule], ids: torch.Tensor, counts: list[int]
-    ) -> torch.Tensor:
+    def _hash_rows(rules: Sequence[SlotRule], ids: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """bucket of every slot's ids with its seed and row count: one mix over all slots; the
         per-slot key and modulus applied in place on each run of slots sharing them."""
         keys = _runs([rule.key for rule in rules], counts)
@@ -392,7 +273,7 @@ class BatchedTransform:
         return hashes
 
     def _in_range(
-        self, rules: Sequence[_SlotRule], ids: torch.Tensor, counts: list[int]
+        self, rules: Sequence[SlotRule], ids: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
         """ids of full/qr slots checked against their table's range (error or hashed in)."""
         limits = _per_id([rule.limit for rule in rules], counts, ids.device)

@@ -60,7 +60,8 @@ class ModelSpec:
 
     @property
     def graphhash_tables(self) -> list[TableConfig]:
-        return [table for table in self.tables if table.method == "graphhash"]
+        """The tables that take an id -> rows mapping (GraphHash's clusters)."""
+        return [table for table in self.tables if table.method.takes_mapping]
 
 
 def sparse_optimizer_config(train: TrainConfig) -> SparseOptimizerConfig:
@@ -141,7 +142,7 @@ def graphhash_mappings(spec: ModelSpec, dataset: Dataset, seed: int = 0) -> dict
         user_table.budget_rows() if user_table else cardinality[sides["user"]],
         item_table.budget_rows() if item_table else cardinality[sides["item"]],
     )
-    variant = (user_table or item_table).graphhash_variant
+    variant = (user_table or item_table).method.graphhash_variant
     built = build_graphhash(
         np.asarray(users, dtype=np.int64),
         np.asarray(items, dtype=np.int64),

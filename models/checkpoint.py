@@ -31,7 +31,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from embedding_tables.config import TableConfig
 from embedding_tables.graphhash import GraphHashMapping
 from embedding_tables.optimizer import SparseOptimizerConfig
 from feature_store.artifact import Preprocessor
@@ -39,7 +38,7 @@ from feature_store.schema import Schema, SchemaError
 from feature_store.wheels import DataError
 from models.base import Model
 from models.build import ModelSpec, build_model
-from models.config import from_dict, model_config_from_dict, to_dict
+from models.config import model_config_from_dict, table_config_from_dict, to_dict
 from models.errors import CheckpointError, CheckpointWriteError, ModelError
 
 FORMAT = "embtab.checkpoint"
@@ -246,7 +245,8 @@ def spec_from_manifest(manifest: dict[str, Any]) -> ModelSpec:
             model=model_config_from_dict(manifest["model"], "manifest.model"),
             schema=Schema.from_json(json.dumps(manifest["schema"])),
             tables=tuple(
-                from_dict(TableConfig, table, "manifest.tables") for table in manifest["tables"]
+                table_config_from_dict(table, "manifest.tables", strict=False)
+                for table in manifest["tables"]
             ),
             feature_to_table=dict(manifest["feature_to_table"]),
             sparse_optimizer=None if optimizer is None else SparseOptimizerConfig(**optimizer),

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from embedding_tables.config import METHODS, POOLINGS, TableConfig
+from embedding_tables.config import POOLINGS, TableConfig
+from embedding_tables.errors import ConfigError
+from embedding_tables.methods import method_names
 from models.errors import ModelConfigError
 
 DEFAULT_DIM = 16
@@ -205,9 +207,9 @@ class TablesConfig:
     feature_to_table: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in method_names():
             raise ModelConfigError(
-                f"unknown table method {self.method!r}; accepted: {', '.join(METHODS)}"
+                f"unknown table method {self.method!r}; accepted: {', '.join(method_names())}"
             )
         if self.pooling not in POOLINGS:
             raise ModelConfigError(
@@ -303,7 +305,9 @@ def run_config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def to_dict(config: Any) -> Any:
-    """A config as plain JSON-able values (tuples become lists)."""
+    """A config as plain JSON-able values (tuples become lists; a TableConfig its flat form)."""
+    if isinstance(config, TableConfig):
+        return to_dict(config.to_fields())
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple | list):
@@ -313,10 +317,25 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def table_config_from_dict(
+    raw: Mapping[str, Any], where: str, *, strict: bool = True
+) -> TableConfig:
+    """A TableConfig from its flat form (`TableConfig.from_fields`; `strict` False drops the
+    options of other methods that old checkpoint manifests hold)."""
+    if not isinstance(raw, Mapping):
+        raise ModelConfigError(f"{where}: expected a mapping, got {raw!r}")
+    try:
+        return TableConfig.from_fields(raw, strict=strict)
+    except ConfigError as error:
+        raise ModelConfigError(f"{where}: {error}") from error
+
+
 def from_dict(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     """Build dataclass `cls` from `raw`, converting nested values by the field types."""
     if not isinstance(raw, Mapping):
         raise ModelConfigError(f"{where}: expected a mapping, got {raw!r}")
+    if cls is TableConfig:
+        return table_config_from_dict(raw, where)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - fields)
     if unknown:

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embedding_tables.config import TableConfig
 from embedding_tables.sharded_collisionless import (
     load_owned,
     read_owned,
@@ -37,7 +36,7 @@ from embedding_tables.sharded_collisionless import (
 )
 from embedding_tables.sharding import torchrec_name
 from models.checkpoint import MANIFEST_KEY, manifest_of, read_manifest, write_checkpoint_file
-from models.config import from_dict
+from models.config import table_config_from_dict
 from models.errors import CheckpointError
 
 SHARDS_KEY = "embtab.shards"
@@ -299,7 +298,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     for fields in checkpoint.manifest["tables"]:
         directory = checkpoint.path / COLLISIONLESS_DIR / fields["name"]
         if directory.is_dir():
-            config = from_dict(TableConfig, fields, "manifest.tables")
+            config = table_config_from_dict(fields, "manifest.tables", strict=False)
             state = state_from_entries(read_owned(directory, config), 1, 0)
             for key, value in state.items():
                 tensors[f"{PLAIN_SELF_MANAGED_PREFIX}{config.name}.{key}"] = value

@@ -7,20 +7,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedding_tables.config import TableConfig
+from embedding_tables.methods import method_class
 from feature_store.schema import FeatureSpec, Schema, SchemaError
 from models.batches import sparse_features
 from models.config import TablesConfig, from_dict
 from models.errors import ModelConfigError
 
 UNIFIED_TABLE = "unified"
+# Tables too small to compress keep one row per id.
+UNCOMPRESSED_METHOD = "full"
 # Methods that need the user-item interaction graph apply to the schema's id columns only;
 # the other compressed tables of such a config use this method at the same budget.
-GRAPH_METHODS = ("graphhash",)
 GRAPH_FALLBACK = "hash"
 # Raw 64-bit ids (a spec's `ids: hash`) cannot index rows one by one: a feature that has them
 # gets a hash table where the config asks for a method that indexes by id (the full table's
 # size for `full`, the config's budget otherwise).
-ID_INDEXED_METHODS = ("full", "qr", "graphhash")
 RAW_ID_METHOD = "hash"
 
 
@@ -53,7 +54,8 @@ def build_tables(
     """
     if config.tables:
         return _explicit_tables(schema, config)
-    if config.method == "unified":
+    _check_options(config)
+    if method_class(config.method).shares_one_table:
         return _unified_table(schema, config, dim)
     categorical = [spec.name for spec in schema.categorical]
     unknown = sorted(set(config.overrides) - set(categorical))
@@ -77,10 +79,12 @@ def build_tables(
             "method": method.name,
             "pooling": config.pooling,
         }
-        if method.name != "full":
-            fields.update(config.options)
+        override = config.overrides.get(spec.name, {})
+        if method_class(method.name).compresses:
+            # An override may change the method: the shared options apply where they belong.
+            fields.update(_options_of(override.get("method", method.name), config.options))
             fields["budget"] = config.budget if method.budgeted else None
-        fields.update(config.overrides.get(spec.name, {}))
+        fields.update(override)
         tables.append(from_dict(TableConfig, fields, f"table {spec.name!r}"))
     return tables, feature_routes(schema)
 
@@ -104,13 +108,36 @@ def feature_method(
     table where the method would index rows by id.
     """
     if not compressed:
-        method = "full"
-    elif method in GRAPH_METHODS and spec.name not in graph_features:
+        method = UNCOMPRESSED_METHOD
+    elif method_class(method).needs_interaction_graph and spec.name not in graph_features:
         method = GRAPH_FALLBACK
-    budgeted = method != "full"
-    if spec.hashed and method in ID_INDEXED_METHODS:
+    budgeted = method_class(method).compresses
+    if spec.hashed and method_class(method).indexes_by_id:
         return FeatureMethod(RAW_ID_METHOD, budgeted)
     return FeatureMethod(method, budgeted)
+
+
+def _check_options(config: TablesConfig) -> None:
+    """Every `tables.options` key is an option of the config's method."""
+    accepted = _accepted_options(config.method)
+    unknown = sorted(set(config.options) - set(accepted))
+    if unknown:
+        raise ModelConfigError(
+            f"tables.options {unknown} do not apply to method {config.method!r}; accepted: "
+            f"{', '.join(accepted)}"
+        )
+
+
+def _accepted_options(method: str) -> tuple[str, ...]:
+    """The option names a table of `method` takes beside its name, sizes and budget."""
+    return (*(field.name for field in dataclasses.fields(method_class(method))), "seed", "dtype")
+
+
+def _options_of(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The `tables.options` that apply to a table of `method` (a fallback table takes only
+    those of its own method)."""
+    accepted = _accepted_options(method)
+    return {key: value for key, value in options.items() if key in accepted}
 
 
 def feature_routes(schema: Schema) -> dict[str, str]:
@@ -138,7 +165,7 @@ def _unified_table(
         "name": UNIFIED_TABLE,
         "num_embeddings": sum(spec.cardinality for spec in schema.categorical),
         "dim": dim,
-        "method": "unified",
+        "method": config.method,
         "budget": config.budget,
         "pooling": config.pooling,
         **config.options,

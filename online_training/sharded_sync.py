@@ -104,7 +104,7 @@ class ShardedParamSync(ParamSync):
         that were touched or evicted."""
         local = [
             (name, (rows.numpy(), np.zeros(0, np.int64)))
-            for name, rows in self.embeddings.take_touched().items()
+            for name, rows in self.embeddings.take_touched_rows().items()
         ]
         for name, owned in self.embeddings.owned.items():
             table = owned.local
@@ -227,7 +227,7 @@ class ShardedParamSync(ParamSync):
     def _drain(self) -> None:
         """Forget every rank's record of changes (a full publish or the live version covers
         them)."""
-        self.embeddings.take_touched()
+        self.embeddings.take_touched_rows()
         for owned in self.embeddings.owned.values():
             owned.local.take_touched_rows()
             owned.local.evicted_ids()

@@ -225,9 +225,7 @@ def feature_rules(
     rules = {}
     for spec in schema.features:
         table = tables.get(feature_to_table.get(spec.name, ""))
-        bounded = table is not None and (
-            table.method in ("full", "qr") and table.out_of_range == "error"
-        )
+        bounded = table is not None and table.method.bounded_ids()
         rules[spec.name] = FeatureRule(spec, bounded)
     return rules
 

@@ -3,7 +3,7 @@ Triton kernels (one launch for every table and feature of the group) with the sp
 fused into backward.
 
 It has the interface of `embedding_tables.lookup`'s lookups that the collection relies on
-(`weight`, `momentum`, `mark_touched`, `take_touched`, `set_learning_rate`, no state_dict
+(`weight`, `momentum`, `mark_touched`, `take_touched_rows`, `set_learning_rate`, no state_dict
 entries of its own) but takes raw ids: the index transform runs inside the kernel.
 
 - With a fused optimizer (`SparseOptimizerConfig` with a kind), the weights are plain tensors,
@@ -121,7 +121,7 @@ class FusedTableGroup(nn.Module):
     def mark_touched(self, table: int, rows: torch.Tensor) -> None:
         self._touched.index_fill_(0, rows + self.layout.table_row_starts[table], 1)
 
-    def take_touched(self, table: int) -> torch.Tensor:
+    def take_touched_rows(self, table: int) -> torch.Tensor:
         """Rows of `table` that got a gradient (or were loaded) since the last call; resets."""
         start = self.layout.table_row_starts[table]
         flags = self._touched[start : start + self.tables[table].num_rows]

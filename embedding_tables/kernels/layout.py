@@ -5,7 +5,7 @@ and is looked up by features. Each feature is cut into *segments*: the column bl
 output that pool independently. A `single`, `add` or `mult` feature is one segment over all its
 lookups (their rows are summed or multiplied per id before pooling); a `concat` feature (unified
 chunks, qr concat) is one segment per lookup, side by side. Each lookup is one index transform
-(`transforms._SlotRule`: hash, arithmetic digit of a range-checked id, or rows given by the
+(`transforms.SlotRule`: hash, arithmetic digit of a range-checked id, or rows given by the
 caller for graphhash) into one table.
 
 The kernels read two static int64 tables, `segment_meta` [S, len(SEGMENT_FIELDS)] and
@@ -24,7 +24,7 @@ import torch
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import ConfigError
 from embedding_tables.planning import ELEMENT_BYTES, PhysicalTable, TablePlan, plan_table
-from embedding_tables.transforms import IndexTransform, _slot_rule, transform_for
+from embedding_tables.transforms import IndexTransform, transform_for
 
 SEGMENT_FIELDS = ("dim", "first_lookup", "end_lookup", "is_mult", "is_mean", "owns_positions")
 LOOKUP_FIELDS = (
@@ -70,7 +70,7 @@ VECTOR_BYTES = 16
 @dataclass(frozen=True)
 class LookupRule:
     """One lookup's index transform as the parameters the kernel evaluates (see
-    `transforms._SlotRule`): kind, hash key and row count, or divisor/modulus after a range check
+    `transforms.SlotRule`): kind, hash key and row count, or divisor/modulus after a range check
     against `limit` (out-of-range ids an error, or hashed in with `range_key`)."""
 
     kind: int
@@ -94,6 +94,12 @@ class FeatureSpec:
     mean: bool
 
     @property
+    def given_rows(self) -> bool:
+        """Whether the kernels take this feature's rows as given (transforms they cannot run:
+        graphhash mappings, plug-in methods without a formula)."""
+        return any(rule.kind == KIND_GIVEN for rule in self.rules)
+
+    @property
     def output_dim(self) -> int:
         if self.plan.combine == "concat":
             dims = {table.name: table.dim for table in self.plan.physical}
@@ -105,7 +111,7 @@ def lookup_rules(transform: IndexTransform) -> tuple[LookupRule, ...]:
     """The kernel parameters of every lookup of a static transform."""
     rules = []
     for j in range(len(transform.tables)):
-        rule = _slot_rule(transform, j)
+        rule = transform.slot_rule(j)
         rules.append(
             LookupRule(
                 kind=_KINDS[rule.kind],
@@ -123,11 +129,15 @@ def lookup_rules(transform: IndexTransform) -> tuple[LookupRule, ...]:
 def feature_spec(
     name: str, plan: TablePlan, transform: IndexTransform | None, lookup_tables: Sequence[str]
 ) -> FeatureSpec:
-    """A feature's spec from its transform; a graphhash feature may have none yet (its rows are
-    given per call), then `lookup_tables` names its lookups' tables."""
+    """A feature's spec from its transform; a feature of a table that takes a mapping
+    (graphhash) may have none yet (its rows are given per call), then `lookup_tables` names its
+    lookups' tables."""
     if transform is None:
-        if plan.config.method != "graphhash":
-            raise ConfigError(f"feature {name!r}: only graphhash lookups may have no transform")
+        if not plan.config.method.takes_mapping:
+            raise ConfigError(
+                f"feature {name!r}: only lookups of tables that take a mapping (graphhash) may "
+                "have no transform"
+            )
         rules = tuple(LookupRule(KIND_GIVEN) for _ in lookup_tables)
         tables = tuple(lookup_tables)
     else:

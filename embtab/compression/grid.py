@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from embtab.compression.errors import StudyConfigError
-from embtab.compression.tables import expand_methods
+from embtab.compression.tables import BASELINE, expand_methods
 from models.config import (
     DEFAULT_DIM,
     MODEL_CONFIGS,
@@ -153,12 +153,12 @@ class StudyConfig:
         """Every cell: the full baseline once per seed at budget 1.0 (it cannot be compressed),
         then every other method at every budget, budget-major (so a partial grid has whole
         budgets)."""
-        baseline = [Cell("full", 1.0, seed) for seed in self.seeds if "full" in self.methods]
+        baseline = [Cell(BASELINE, 1.0, seed) for seed in self.seeds if BASELINE in self.methods]
         return baseline + [
             Cell(method, budget, seed)
             for budget in self.budgets
             for method in self.methods
-            if method != "full"
+            if method != BASELINE
             for seed in self.seeds
         ]
 

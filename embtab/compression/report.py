@@ -16,6 +16,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from embtab.compression.results import DONE, SKIPPED
+from embtab.compression.tables import BASELINE
 
 SUMMARY_BUDGET = 0.1
 
@@ -82,7 +83,7 @@ def compression_summary(records: list[dict[str, Any]]) -> dict[str, float]:
     summary: dict[str, float] = {"cells": sum(r["status"] == DONE for r in records)}
     summary["skipped"] = sum(r["status"] == SKIPPED for r in records)
     for point in points(records, CTR_METRICS):
-        if point.method == "full" and point.budget == 1.0:
+        if point.method == BASELINE and point.budget == 1.0:
             summary["auc_full"] = point.best["auc"]
             summary["auc_mean_full"] = point.means["auc"]
             summary["logloss_mean_full"] = point.means["logloss"]
@@ -99,7 +100,7 @@ def retrieval_summary(records: list[dict[str, Any]]) -> dict[str, float]:
     summary: dict[str, float] = {"cells": sum(r["status"] == DONE for r in records)}
     summary["skipped"] = sum(r["status"] == SKIPPED for r in records)
     for point in points(records, RETRIEVAL_METRICS):
-        suffix = "full" if point.method == "full" else f"{point.method}_{point.budget:g}"
+        suffix = BASELINE if point.method == BASELINE else f"{point.method}_{point.budget:g}"
         summary[f"recall20_{suffix}"] = point.means["recall@20"]
         summary[f"ndcg20_{suffix}"] = point.means["ndcg@20"]
     return summary
@@ -189,16 +190,16 @@ def plot(document: dict[str, Any], title: str, path: Path) -> None:
             front = pareto_front(mine, metric)
             dominated = [p for p in mine if p not in front]
             color = colors(index % 10)
-            marker = "*" if method == "full" else "o"
+            marker = "*" if method == BASELINE else "o"
             axis.plot(
                 [p.bytes_allocated for p in front],
                 [p.means[metric.key] for p in front],
                 color=color,
                 marker=marker,
-                markersize=13 if method == "full" else 5,
+                markersize=13 if method == BASELINE else 5,
                 label=method,
                 linewidth=1.4,
-                zorder=4 if method == "full" else 3,
+                zorder=4 if method == BASELINE else 3,
             )
             axis.scatter(
                 [p.bytes_allocated for p in dominated],

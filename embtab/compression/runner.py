@@ -83,7 +83,7 @@ def run_cell(
     test = split_evaluator(model, dataset, "test", run.train)(model)
     memory = model.embeddings.memory_bytes()
     allocated = memory.pop("total")
-    compressed_bytes = sum(memory[t.name] for t in tables.tables if t.method != "full")
+    compressed_bytes = sum(memory[t.name] for t in tables.tables if t.method.compresses)
     return {
         **head,
         "status": DONE,
@@ -161,7 +161,7 @@ def _mappings(spec: ModelSpec, cell: Cell, dataset: Dataset) -> dict[str, nn.Mod
                 NO_IDS,
                 NO_IDS,
                 table.budget_rows(),
-                variant=table.graphhash_variant,
+                variant=table.method.graphhash_variant,
                 seed=table.seed,
             )
             for table in tables

@@ -36,12 +36,10 @@ from typing import Any
 
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError
-from embedding_tables.planning import ELEMENT_BYTES, TBE_DIM_MULTIPLE, plan_table
+from embedding_tables.methods import method_class
 from embtab.compression.errors import InfeasibleCellError, StudyConfigError
 from feature_store.schema import FeatureSpec, Schema
 from models.tables import UNIFIED_TABLE, FeatureMethod, feature_method, feature_routes
-
-MAX_QR_PARTITIONS = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("double_hash", "graphhash", {"graphhash_variant": "double"}, "hashed"),
     )
 }
+# The study's baseline: every table full; every budget is a fraction of its memory.
+BASELINE = "full"
 # Names that stand for several methods on the command line.
 METHOD_ALIASES = {"qr": ("qr_mult", "qr_add", "qr_concat")}
 
@@ -90,7 +90,7 @@ class CellTables:
 
     @property
     def graph_tables(self) -> list[TableConfig]:
-        return [table for table in self.tables if table.method == "graphhash"]
+        return [table for table in self.tables if table.method.takes_mapping]
 
 
 def expand_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -98,12 +98,12 @@ def expand_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     unknown one (before anything runs)."""
     expanded: list[str] = []
     for name in names:
-        for method in METHOD_ALIASES.get(name, (name,)):
-            if method not in METHODS:
+        for study_name in METHOD_ALIASES.get(name, (name,)):
+            if study_name not in METHODS:
                 accepted = ", ".join([*METHODS, *METHOD_ALIASES])
                 raise StudyConfigError(f"unknown method {name!r}; accepted: {accepted}")
-            if method not in expanded:
-                expanded.append(method)
+            if study_name not in expanded:
+                expanded.append(study_name)
     return tuple(expanded)
 
 
@@ -118,15 +118,16 @@ def cell_tables(
     fits, a budget that leaves a table no row).
     """
     spec = METHODS[method]
+    table_method = method_class(spec.table_method)
     categorical = schema.categorical
     compressed = [f.name for f in categorical if f.cardinality >= compress_min_rows]
-    if spec.table_method == "full" and budget < 1.0:
+    if not table_method.compresses and budget < 1.0:
         raise InfeasibleCellError(
             "full keeps one row per id; it runs at budget 1.0 only (it is the baseline)"
         )
     if spec.mappings == "graph":
         _check_graph(schema, method)
-    if spec.table_method != "full" and not compressed:
+    if table_method.compresses and not compressed:
         raise InfeasibleCellError(
             f"no table has >= {compress_min_rows} ids to compress; lower compress_min_rows"
         )
@@ -138,8 +139,10 @@ def cell_tables(
     full_bytes = sum(table.full_bytes for table in full_tables.values())
     compressed_full_bytes = sum(full_tables[name].full_bytes for name in compressed)
     decisions: dict[str, Any] = {}
-    if spec.table_method == "unified":
-        tables, feature_to_table = _unified(full_tables, feature_to_table, compressed, budget, seed)
+    if table_method.shares_one_table:
+        tables, feature_to_table = _shared(
+            full_tables, feature_to_table, compressed, spec, budget, seed
+        )
     else:
         # A graph method clusters the user and item id tables only; without a graph (double_hash)
         # it applies to every compressed table.
@@ -160,7 +163,7 @@ def cell_tables(
             tables.append(table)
             if decided:
                 decisions[feature.name] = decided
-        if spec.table_method == "full":
+        if not table_method.compresses:
             compressed = []
     _check_rows(tables, budget)
     return CellTables(
@@ -176,14 +179,7 @@ def cell_tables(
 def planned_bytes(tables: CellTables) -> int:
     """Weight bytes the cell will allocate at most, known before allocating anything: the
     planned physical tables (graphhash tables at their budget, collisionless at capacity)."""
-    total = 0
-    for table in tables.tables:
-        if table.method == "collisionless":
-            rows = table.capacity or table.budget_rows()
-            total += rows * table.dim * ELEMENT_BYTES[table.dtype]
-        else:
-            total += sum(physical.memory_bytes for physical in plan_table(table).physical)
-    return total
+    return sum(table.method.planned_bytes(table) for table in tables.tables)
 
 
 def _check_graph(schema: Schema, method: str) -> None:
@@ -194,20 +190,21 @@ def _check_graph(schema: Schema, method: str) -> None:
         )
 
 
-def _unified(
+def _shared(
     full_tables: dict[str, TableConfig],
     feature_to_table: dict[str, str],
     compressed: list[str],
+    spec: MethodSpec,
     budget: float,
     seed: int,
 ) -> tuple[list[TableConfig], dict[str, str]]:
-    """One shared hashed table for the compressed features, sized to the budget's total."""
+    """One shared table (unified) for the compressed features, sized to the budget's total."""
     first = full_tables[compressed[0]]
     shared = TableConfig(
         name=UNIFIED_TABLE,
         num_embeddings=sum(full_tables[name].num_embeddings for name in compressed),
         dim=first.dim,
-        method="unified",
+        method=method_class(spec.table_method)(**spec.options),
         budget=budget,
         pooling=first.pooling,
         seed=seed,
@@ -229,7 +226,7 @@ def _compress(
     seed: int,
 ) -> tuple[TableConfig, dict[str, Any]]:
     """One table and what was decided for it (empty if nothing beyond the budget)."""
-    if method.name == "full":
+    if not method_class(method.name).compresses:
         return full, {}
     if not method.budgeted:
         return dataclasses.replace(full, method=method.name), {}
@@ -237,37 +234,12 @@ def _compress(
         why = "raw 64-bit ids" if feature.hashed else "not a user or item id table"
         table = dataclasses.replace(full, method=method.name, budget=budget, seed=seed)
         return table, {"method": method.name, "why": why}
-    table = dataclasses.replace(
-        full, method=spec.table_method, budget=budget, seed=seed, **spec.options
-    )
-    if spec.table_method == "collisionless":
-        capacity = max(1, table.budget_rows())
-        return dataclasses.replace(table, capacity=capacity), {"capacity": capacity}
-    if spec.table_method == "qr":
-        table = _fewest_partitions(table)
-        return table, {"partitions": table.num_partitions, "radices": plan_table(table).radices}
-    return table, {}
-
-
-def _fewest_partitions(table: TableConfig) -> TableConfig:
-    """The qr table with the fewest partitions whose cover of the ids fits the budget."""
-    most = MAX_QR_PARTITIONS
-    if table.combine == "concat":
-        most = min(most, table.dim // TBE_DIM_MULTIPLE)
-    error: BudgetError | None = None
-    for partitions in range(2, most + 1):
-        candidate = dataclasses.replace(table, num_partitions=partitions)
-        try:
-            plan_table(candidate)
-        except BudgetError as failure:
-            error = failure
-            continue
-        return candidate
-    raise InfeasibleCellError(
-        f"qr ({table.combine}) cannot give each of the {table.num_embeddings} ids of "
-        f"{table.name!r} a unique combination within budget {table.budget} with 2 to {most} "
-        f"partitions; with {most}: {error}"
-    )
+    options = method_class(spec.table_method)(**spec.options)
+    table = dataclasses.replace(full, method=options, budget=budget, seed=seed)
+    try:
+        return table.method.at_budget(table)
+    except BudgetError as error:
+        raise InfeasibleCellError(str(error)) from error
 
 
 def _check_rows(tables: list[TableConfig], budget: float) -> None:

@@ -6,6 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding_tables.config import TableConfig
+from embedding_tables.methods import QR, Unified
 
 
 def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
@@ -26,7 +27,7 @@ def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
     if method == "unified":
         chunks = {"f0": 3, "f2": 2}
         tables = [
-            TableConfig("u", 1000, 4, "unified", budget=40, feature_chunks=chunks, **common),
+            TableConfig("u", 1000, 4, Unified(feature_chunks=chunks), budget=40, **common),
             TableConfig("v", 100, 8, "unified", budget=16, seed=9, **common),
         ]
         return tables, {"f0": "u", "f1": "u", "f2": "u", "f3": "v"}
@@ -34,9 +35,9 @@ def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
         combine = method.removeprefix("qr_")
         wide = 12 if combine == "concat" else 4
         tables = [
-            TableConfig("t0", 200, 8, "qr", combine=combine, **common),
+            TableConfig("t0", 200, 8, QR(combine=combine), **common),
             TableConfig(
-                "t1", 300, wide, "qr", combine=combine, num_partitions=3, budget=0.2, **common
+                "t1", 300, wide, QR(combine=combine, num_partitions=3), budget=0.2, **common
             ),
         ]
         return tables, {"f0": "t0", "f1": "t1", "f2": "t0"}
@@ -44,9 +45,9 @@ def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
         tables = [
             TableConfig("full", 40, 4, "full", **common),
             TableConfig("hashed", 5000, 8, "hash", budget=32, **common),
-            TableConfig("group", 800, 4, "unified", budget=20, feature_chunks={"g0": 2}, **common),
-            TableConfig("qm", 150, 8, "qr", combine="mult", **common),
-            TableConfig("qa", 150, 4, "qr", combine="add", **common),
+            TableConfig("group", 800, 4, Unified(feature_chunks={"g0": 2}), budget=20, **common),
+            TableConfig("qm", 150, 8, QR(combine="mult"), **common),
+            TableConfig("qa", 150, 4, QR(combine="add"), **common),
         ]
         return tables, {
             "hashed": "hashed",
@@ -83,7 +84,7 @@ def random_kjt(
     for i, key in enumerate(keys):
         count = int(lengths[i].sum())
         config = next(t for t in tables if t.name == feature_to_table[key])
-        if any_int64 and config.method in ("hash", "unified"):
+        if any_int64 and config.method.name in ("hash", "unified"):
             ids = torch.randint(-(2**62), 2**62, (count,), generator=generator) * 2
         else:
             ids = torch.randint(0, config.num_embeddings, (count,), generator=generator)

@@ -41,7 +41,9 @@ from embedding_tables import (  # noqa: E402
     TableConfig,
 )
 from embedding_tables.hashing import bucket, bucket_int  # noqa: E402
+from embedding_tables.interfaces import TableGroupLookup
 from embedding_tables.kernels import ops, triton_kernels  # noqa: E402
+from embedding_tables.methods import QR, Full, GraphHash, Method
 from embedding_tables.planning import PhysicalTable  # noqa: E402
 from embedding_tables.reference import (  # noqa: E402
     reference_pooled,
@@ -59,6 +61,11 @@ HALF = {"rtol": 1e-2, "atol": 1e-3}
 
 def test_kernels_are_interpreted() -> None:
     assert isinstance(triton_kernels.fused_lookup_kernel, InterpretedFunction)
+
+
+def test_the_fused_group_is_a_table_group_lookup() -> None:
+    _, _, group, _ = build("hash")
+    assert isinstance(group, TableGroupLookup)
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -233,8 +240,8 @@ def check_fused_update(group, plans, feature_to_table, features, optimizer, sequ
         torch.testing.assert_close(group.weight(t).float(), new, **FP32)
         if optimizer.kind == "rowwise_adagrad":
             torch.testing.assert_close(group.momentum(t), momenta[table.name], **FP32)
-        assert set(group.take_touched(t).tolist()) == rows
-        assert group.take_touched(t).numel() == 0
+        assert set(group.take_touched_rows(t).tolist()) == rows
+        assert group.take_touched_rows(t).numel() == 0
 
 
 @pytest.mark.parametrize("method", ["hash", "qr_mult"])
@@ -327,9 +334,9 @@ def test_out_of_range_ids_raise_the_cpu_paths_error(method: str, bad: int) -> No
     assert torch.equal(group.flat_weights, before)
 
 
-@pytest.mark.parametrize("method", ["full", "qr"])
-def test_out_of_range_hash_option_hashes_into_range(method: str) -> None:
-    config = TableConfig("t", 10, 4, method, out_of_range="hash", seed=5)
+@pytest.mark.parametrize("method", [Full(out_of_range="hash"), QR(out_of_range="hash")])
+def test_out_of_range_hash_option_hashes_into_range(method: Method) -> None:
+    config = TableConfig("t", 10, 4, method, seed=5)
     specs, physical = layout_module.feature_specs([config], {"item": "t"})
     group = FusedTableGroup(physical, specs, None, "cpu")
     ids = torch.tensor([-7, 10, 2**62, 3])
@@ -453,7 +460,7 @@ def test_collection_out_of_range_ids_and_graphhash_rows(kernel_collections) -> N
         def transform_all(self, ids: torch.Tensor) -> torch.Tensor:
             return torch.stack([ids.remainder(5), 5 + ids.remainder(45)], dim=1)
 
-    config = TableConfig("g", 1000, 4, "graphhash", budget=0.05, graphhash_variant="double")
+    config = TableConfig("g", 1000, 4, GraphHash(graphhash_variant="double"), budget=0.05)
     tables, feature_to_table = [config, TableConfig("h", 100, 4, "hash")], {"a": "g", "b": "h"}
     mapping = CycleMapping()
     ec = EmbeddingCollection(tables, feature_to_table, None, mappings={"g": mapping})

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-import types
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from embedding_tables import (
     TableConfig,
 )
 from embedding_tables.hashing import bucket
+from embedding_tables.methods import QR, Full, GraphHash, Method, Unified, register
 from embedding_tables.reference import reference_pooled
 from tests.embedding_tables.helpers import method_case, random_kjt
 
@@ -53,9 +53,9 @@ def test_out_of_range_ids_name_feature_and_value(method: str, bad: int) -> None:
         ec.sequence(one_feature_kjt(torch.tensor([bad]), "item"))
 
 
-@pytest.mark.parametrize("method", ["full", "qr"])
-def test_out_of_range_hash_option_hashes_into_range(method: str) -> None:
-    config = TableConfig("t", 10, 4, method, out_of_range="hash", seed=5)
+@pytest.mark.parametrize("method", [Full(out_of_range="hash"), QR(out_of_range="hash")])
+def test_out_of_range_hash_option_hashes_into_range(method: Method) -> None:
+    config = TableConfig("t", 10, 4, method, seed=5)
     ec = EmbeddingCollection([config], {"item": "t"}, None)
     ids = torch.tensor([-7, 10, 2**62, 3])
     hashed = torch.where((ids >= 0) & (ids < 10), ids, bucket(ids, 5, 10))
@@ -95,8 +95,7 @@ def test_budget_too_small_fails_at_construction() -> None:
         ([TableConfig("t", 10, 4), TableConfig("t", 10, 4)], {"f": "t"}, "unique"),
         ([TableConfig("t", 10, 4), TableConfig("s", 10, 4)], {"f": "t"}, "'s' has no feature"),
         ([TableConfig("total", 10, 4)], {"f": "total"}, "may not be named"),
-        ([TableConfig("u", 10, 4, "unified", feature_chunks={"g": 2})], {"f": "u"}, "'g'"),
-        ([TableConfig("t", 10, 4, "hash", feature_chunks={"f": 2})], {"f": "t"}, "unified"),
+        ([TableConfig("u", 10, 4, Unified(feature_chunks={"g": 2}))], {"f": "u"}, "'g'"),
         ([TableConfig("t", 10, 6, "hash")], {"f": "t"}, "multiple of 4"),
     ],
 )
@@ -113,7 +112,7 @@ def test_memory_and_parameters_report_allocation() -> None:
         TableConfig("full", 1000, 8),
         TableConfig("hashed", 100_000, 16, "hash", budget=0.1),
         TableConfig("qr", 100_000, 16, "qr", budget=0.01, dtype="fp16"),
-        TableConfig("group", 50_000, 4, "unified", budget=500, feature_chunks={"a": 3}),
+        TableConfig("group", 50_000, 4, Unified(feature_chunks={"a": 3}), budget=500),
     ]
     ec = EmbeddingCollection(
         tables, {"full": "full", "hashed": "hashed", "qr": "qr", "a": "group", "b": "group"}
@@ -282,7 +281,7 @@ class FakeMapping:
 @pytest.mark.parametrize("variant", ["single", "double"])
 def test_graphhash_mapping_plugs_in_as_an_index_transform(variant: str) -> None:
     double = variant == "double"
-    config = TableConfig("g", 1000, 4, "graphhash", budget=0.05, graphhash_variant=variant)
+    config = TableConfig("g", 1000, 4, GraphHash(graphhash_variant=variant), budget=0.05)
     tables, feature_to_table = [config, TableConfig("h", 100, 4, "hash")], {"a": "g", "b": "h"}
     features = random_kjt(tables, feature_to_table)
     ec = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
@@ -300,12 +299,6 @@ def test_graphhash_mapping_plugs_in_as_an_index_transform(variant: str) -> None:
         tables, feature_to_table, ADAGRAD, mappings={"g": FakeMapping(20, double)}
     )
     assert sized.num_parameters()["g"] == 20 * 4
-
-
-def test_missing_plug_in_module_is_a_config_error(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "embedding_tables.collisionless", None)
-    with pytest.raises(ConfigError, match="collisionless.*not available"):
-        EmbeddingCollection([TableConfig("c", 100, 4, "collisionless")], {"f": "c"})
 
 
 class FakeCollisionless(torch.nn.Module):
@@ -347,11 +340,20 @@ class FakeCollisionless(torch.nn.Module):
         return self.weight.numel()
 
 
-def test_self_managed_tables_are_called_per_feature(monkeypatch) -> None:
-    fake = types.ModuleType("embedding_tables.collisionless")
-    fake.CollisionlessTable = FakeCollisionless
-    monkeypatch.setitem(sys.modules, "embedding_tables.collisionless", fake)
-    tables = [TableConfig("c", 20, 4, "collisionless"), TableConfig("h", 100, 8, "hash")]
+@register
+@dataclass(frozen=True)
+class FakeSelfManaged(Method):
+    """A self-managed method that lives only in this test."""
+
+    name = "test_fake_self_managed"
+    self_managed = True
+
+    def build_table(self, config: TableConfig, optimizer) -> torch.nn.Module:
+        return FakeCollisionless(config, optimizer)
+
+
+def test_self_managed_tables_are_called_per_feature() -> None:
+    tables = [TableConfig("c", 20, 4, FakeSelfManaged()), TableConfig("h", 100, 8, "hash")]
     feature_to_table = {"x": "c", "y": "h", "z": "c"}
     ec = EmbeddingCollection(tables, feature_to_table, ADAGRAD)
     assert ec.self_managed["c"].optimizer_config == ADAGRAD

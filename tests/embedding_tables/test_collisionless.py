@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from embedding_tables.collisionless import DEFAULT_ROW, CapacityError, CollisionlessTable
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError, ConfigError, IdError
+from embedding_tables.methods import Collisionless
 from embedding_tables.optimizer import SparseOptimizerConfig
 
 
@@ -26,12 +27,13 @@ class Clock:
 def make_table(
     clock: Clock | None = None, optimizer: SparseOptimizerConfig | None = None, **options: object
 ) -> CollisionlessTable:
+    common = {key: options.pop(key) for key in ("budget", "dtype", "pooling") if key in options}
     config = TableConfig(
         name="item_id",
         num_embeddings=options.pop("num_embeddings", 1000),
         dim=options.pop("dim", 4),
-        method="collisionless",
-        **options,
+        method=Collisionless(**options),
+        **common,
     )
     return CollisionlessTable(config, optimizer, clock=clock or Clock(), chunk_rows=4)
 

@@ -28,8 +28,9 @@ class Clock:
 
 
 def make_table(options: dict, clock: Clock) -> CollisionlessTable:
-    config = TableConfig(
-        name="user_id", num_embeddings=500, dim=8, method="collisionless", seed=7, **options
+    config = TableConfig.from_fields(
+        {"name": "user_id", "num_embeddings": 500, "dim": 8, "method": "collisionless", "seed": 7}
+        | options
     )
     optimizer = SparseOptimizerConfig(lr=0.05, initial_accumulator_value=0.01)
     return CollisionlessTable(config, optimizer, clock=clock, chunk_rows=16)

@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embedding_tables import EmbeddingCollection, SparseOptimizerConfig, TableConfig
 from embedding_tables.collisionless import DEFAULT_ROW
 from embedding_tables.graphhash import build_graphhash
+from embedding_tables.methods import Collisionless, GraphHash
 
 
 def test_train_checkpoint_and_serve_through_the_collection(
@@ -21,8 +22,8 @@ def test_train_checkpoint_and_serve_through_the_collection(
     items = (users * 7 + np.tile(np.arange(4), 50)) % 30
     mapping = build_graphhash(users, items, budget_rows=20, variant="double").user
     tables = [
-        TableConfig("user_id", 50, 8, "graphhash", budget=20, graphhash_variant="double"),
-        TableConfig("item_id", 100, 8, "collisionless", min_count=2, capacity=10),
+        TableConfig("user_id", 50, 8, GraphHash(graphhash_variant="double"), budget=20),
+        TableConfig("item_id", 100, 8, Collisionless(min_count=2, capacity=10)),
     ]
     features = {"user_id": "user_id", "item_id": "item_id"}
 

@@ -15,6 +15,7 @@ from embedding_tables.config import TableConfig
 from embedding_tables.cpu_kernels import KernelTransform, built_library, library
 from embedding_tables.errors import IdError
 from embedding_tables.hashing import bucket_keyed, seed_key
+from embedding_tables.methods import QR, Full, Unified
 from embedding_tables.transforms import BatchedTransform, transform_for
 from tests.embedding_tables.helpers import method_case, random_kjt, slots_of
 
@@ -49,7 +50,7 @@ def test_qr_digits_equal_torch_digits(
     ids: list[int], num_embeddings: int, partitions: int, seed: int
 ) -> None:
     config = TableConfig(
-        "q", num_embeddings, 4, "qr", num_partitions=partitions, out_of_range="hash", seed=seed
+        "q", num_embeddings, 4, QR(num_partitions=partitions, out_of_range="hash"), seed=seed
     )
     transform = transform_for(config, "f")
     rules = BatchedTransform([(transform, j) for j in range(len(transform.tables))]).rules
@@ -68,13 +69,11 @@ def test_qr_digits_equal_torch_digits(
 def test_batched_transform_kernel_rows_equal_torch_rows(counts: list[int], seed: int) -> None:
     transforms = [
         transform_for(TableConfig("h", 10**6, 4, "hash", budget=999, seed=2), "a"),
-        transform_for(TableConfig("f", 50, 4, "full", out_of_range="hash", seed=4), "b"),
-        transform_for(TableConfig("q", 1000, 4, "qr", num_partitions=3, out_of_range="hash"), "c"),
-        transform_for(
-            TableConfig("u", 10**5, 4, "unified", budget=77, feature_chunks={"d": 3}), "d"
-        ),
+        transform_for(TableConfig("f", 50, 4, Full(out_of_range="hash"), seed=4), "b"),
+        transform_for(TableConfig("q", 1000, 4, QR(num_partitions=3, out_of_range="hash")), "c"),
+        transform_for(TableConfig("u", 10**5, 4, Unified(feature_chunks={"d": 3}), budget=77), "d"),
         transform_for(TableConfig("h2", 10**6, 4, "hash", budget=2**40, seed=5), "e"),
-        transform_for(TableConfig("f2", 2**62, 4, "full", out_of_range="error"), "g"),
+        transform_for(TableConfig("f2", 2**62, 4, Full(out_of_range="error")), "g"),
     ]
     generator = torch.Generator().manual_seed(seed)
     ids = {}
@@ -133,7 +132,7 @@ def test_kernel_forward_wide_rows_and_wild_ids(dim: int, combine: str | None) ->
     if combine is None:
         tables = [TableConfig("t", 10**9, dim, "hash", budget=5000, seed=1)]
     else:
-        tables = [TableConfig("t", 10**9, dim, "qr", combine=combine, out_of_range="hash")]
+        tables = [TableConfig("t", 10**9, dim, QR(combine=combine, out_of_range="hash"))]
     ec = EmbeddingCollection(tables, {"f": "t"}, optimizer=None)
     with torch.no_grad():
         for table in ec.physical_tables():

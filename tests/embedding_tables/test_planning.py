@@ -10,7 +10,9 @@ import torch
 
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError, ConfigError
-from embedding_tables.planning import ELEMENT_BYTES, balanced_radices, plan_table
+from embedding_tables.methods import QR
+from embedding_tables.methods.qr import balanced_radices
+from embedding_tables.planning import ELEMENT_BYTES, plan_table
 from embedding_tables.transforms import transform_for
 
 
@@ -34,7 +36,10 @@ def allocated_bytes(config: TableConfig) -> int:
 def test_fractional_budget_bounds_allocated_bytes(
     method: str, options: dict, budget: float, dtype: str
 ) -> None:
-    config = TableConfig("t", 1_000_003, 32, method, budget=budget, dtype=dtype, **options)
+    config = TableConfig.from_fields(
+        {"name": "t", "num_embeddings": 1_000_003, "dim": 32, "method": method}
+        | {"budget": budget, "dtype": dtype, **options}
+    )
     full = config.num_embeddings * config.dim * ELEMENT_BYTES[dtype]
     assert 0 < allocated_bytes(config) <= budget * full
 
@@ -55,12 +60,12 @@ def test_physical_names() -> None:
         "item.r",
         "item.q",
     ]
-    names = [p.name for p in plan_table(TableConfig("x", 100, 8, "qr", num_partitions=3)).physical]
+    names = [p.name for p in plan_table(TableConfig("x", 100, 8, QR(num_partitions=3))).physical]
     assert names == ["x.p0", "x.p1", "x.p2"]
     assert [
         p.dim
         for p in plan_table(
-            TableConfig("x", 100, 16, "qr", combine="concat", num_partitions=3)
+            TableConfig("x", 100, 16, QR(combine="concat", num_partitions=3))
         ).physical
     ] == [8, 4, 4]
     with pytest.raises(ConfigError, match="may not contain"):
@@ -76,8 +81,8 @@ def smallest_budget_in(message: str) -> float:
     [
         TableConfig("t", 1000, 8, "hash", budget=0.0001),
         TableConfig("t", 1_000_000, 8, "qr", budget=0.0001),
-        TableConfig("t", 1_000_000, 8, "qr", budget=0.001, num_partitions=2),
-        TableConfig("t", 1_000_000, 16, "qr", budget=0.00005, combine="concat", num_partitions=3),
+        TableConfig("t", 1_000_000, 8, QR(num_partitions=2), budget=0.001),
+        TableConfig("t", 1_000_000, 16, QR(combine="concat", num_partitions=3), budget=0.00005),
         TableConfig("t", 1000, 8, "full", budget=0.5),
     ],
 )
@@ -97,7 +102,7 @@ def test_dim_must_suit_the_table_batched_kernels() -> None:
     with pytest.raises(ConfigError, match="multiple of 4"):
         plan_table(TableConfig("t", 100, 10, "hash"))
     with pytest.raises(ConfigError, match="needs dim >= 12"):
-        plan_table(TableConfig("t", 100, 8, "qr", combine="concat", num_partitions=3))
+        plan_table(TableConfig("t", 100, 8, QR(combine="concat", num_partitions=3)))
 
 
 @pytest.mark.parametrize("count, parts", [(1, 2), (7, 2), (100, 2), (1000, 3), (17, 4)])
@@ -125,7 +130,7 @@ def test_balanced_radices_cover(count: int, parts: int) -> None:
     ],
 )
 def test_qr_gives_every_id_a_unique_combination(n: int, partitions: int, budget) -> None:
-    config = TableConfig("t", n, 8, "qr", num_partitions=partitions, budget=budget)
+    config = TableConfig("t", n, 8, QR(num_partitions=partitions), budget=budget)
     plan = plan_table(config)
     rows = transform_for(config, "f", plan=plan)(torch.arange(n))
     assert len(rows) == partitions
@@ -137,6 +142,6 @@ def test_qr_gives_every_id_a_unique_combination(n: int, partitions: int, budget)
 
 def test_qr_uniqueness_exhaustive_small_sizes() -> None:
     for n, partitions in itertools.product(range(1, 60), (2, 3)):
-        config = TableConfig("t", n, 4, "qr", num_partitions=partitions)
+        config = TableConfig("t", n, 4, QR(num_partitions=partitions))
         rows = transform_for(config, "f")(torch.arange(n))
         assert torch.unique(torch.stack(rows, dim=1), dim=0).shape[0] == n

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from embedding_tables.collisionless import CollisionlessTable
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import ConfigError
+from embedding_tables.methods import Collisionless
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.sharded_collisionless import (
     OwnedCollisionlessTable,
@@ -34,10 +35,7 @@ CONFIG = TableConfig(
     name="item",
     num_embeddings=10**6,
     dim=8,
-    method="collisionless",
-    min_count=2,
-    capacity=400,
-    default_row="zeros",
+    method=Collisionless(min_count=2, capacity=400, default_row="zeros"),
     pooling="mean",
 )
 OPTIMIZER = SparseOptimizerConfig(lr=0.2)
@@ -98,7 +96,7 @@ def test_two_owners_follow_one_table_and_restore_onto_it(tmp_path: Path):
     two = launch(_train_owned, (3, str(tmp_path / "two")), world_size=2, timeout_s=60)
     assert all(rank["owners_ok"] for rank in two)
     assert two[0]["losses"] == pytest.approx(reference[:3], abs=1e-6)
-    assert 0 < two[0]["admitted"] <= CONFIG.capacity
+    assert 0 < two[0]["admitted"] <= CONFIG.method.capacity
 
     # The 2 owners' entries restored onto one process continue as if never split.
     resumed = CollisionlessTable(CONFIG, OPTIMIZER)
@@ -109,4 +107,6 @@ def test_two_owners_follow_one_table_and_restore_onto_it(tmp_path: Path):
 
 def test_count_min_sketch_admission_is_refused():
     with pytest.raises(ConfigError, match="count-min-sketch admission cannot be split"):
-        OwnedCollisionlessTable(dataclasses.replace(CONFIG, admission="cms"))
+        OwnedCollisionlessTable(
+            dataclasses.replace(CONFIG, method=dataclasses.replace(CONFIG.method, admission="cms"))
+        )

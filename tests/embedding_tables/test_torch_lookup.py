@@ -11,6 +11,7 @@ import torch
 from embedding_tables import EmbeddingCollection, SparseOptimizerConfig, TableConfig
 from embedding_tables.backend import LOOKUP_SWITCH
 from embedding_tables.graphhash import build_graphhash
+from embedding_tables.methods import GraphHash
 from embedding_tables.reference import (
     reference_pooled,
     reference_sequence,
@@ -33,9 +34,7 @@ def graphhash_case(pooling: str):
     items = (users * 7 + np.tile(np.arange(3), 60)) % 40
     mapping = build_graphhash(users, items, budget_rows=24, variant="double").user
     tables = [
-        TableConfig(
-            "g", 60, 8, "graphhash", budget=24, graphhash_variant="double", pooling=pooling
-        ),
+        TableConfig("g", 60, 8, GraphHash(graphhash_variant="double"), budget=24, pooling=pooling),
         TableConfig("h", 1000, 4, "hash", budget=50, pooling=pooling),
     ]
     return tables, {"a": "g", "b": "h", "c": "g"}, {"g": mapping}

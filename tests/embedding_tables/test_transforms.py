@@ -7,6 +7,7 @@ import torch
 
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import IdError
+from embedding_tables.methods import QR, Full, GraphHash, Unified
 from embedding_tables.transforms import BatchedTransform, transform_for
 from tests.embedding_tables.helpers import slots_of
 
@@ -21,16 +22,14 @@ class ModuloMapping:
 def test_batched_rows_equal_per_feature_rows() -> None:
     transforms = [
         transform_for(TableConfig("h", 10**6, 4, "hash", budget=999, seed=2), "a"),
-        transform_for(TableConfig("f", 50, 4, "full", out_of_range="hash", seed=4), "b"),
-        transform_for(TableConfig("q", 1000, 4, "qr", num_partitions=3, out_of_range="hash"), "c"),
+        transform_for(TableConfig("f", 50, 4, Full(out_of_range="hash"), seed=4), "b"),
+        transform_for(TableConfig("q", 1000, 4, QR(num_partitions=3, out_of_range="hash")), "c"),
+        transform_for(TableConfig("u", 10**5, 4, Unified(feature_chunks={"d": 3}), budget=77), "d"),
         transform_for(
-            TableConfig("u", 10**5, 4, "unified", budget=77, feature_chunks={"d": 3}), "d"
+            TableConfig("g", 100, 4, GraphHash(graphhash_variant="double")), "e", ModuloMapping()
         ),
         transform_for(
-            TableConfig("g", 100, 4, "graphhash", graphhash_variant="double"), "e", ModuloMapping()
-        ),
-        transform_for(
-            TableConfig("q2", 30, 8, "qr", combine="concat", out_of_range="hash", seed=9), "f"
+            TableConfig("q2", 30, 8, QR(combine="concat", out_of_range="hash"), seed=9), "f"
         ),
     ]
     generator = torch.Generator().manual_seed(0)

@@ -184,7 +184,7 @@ def test_budget_compresses_the_large_tables_and_keeps_small_ones_full():
     tables = cell_tables(MOVIELENS_1M, "hash", 0.1, 16, 1000)
     assert tables.compressed == ("user_id", "item_id", "zip_code")
     by_name = {t.name: t for t in tables.tables}
-    assert by_name["age"].method == "full" and by_name["genres"].method == "full"
+    assert by_name["age"].method.name == "full" and by_name["genres"].method.name == "full"
     assert tables.feature_to_table["hist_item_id"] == "item_id"
     compressed = sum(by_name[n].num_embeddings * 64 for n in tables.compressed)
     small = tables.full_bytes - compressed
@@ -207,15 +207,17 @@ def test_qr_takes_more_partitions_when_two_do_not_fit():
     tables = cell_tables(MOVIELENS_1M, "qr_add", 0.01, 16, 1000)
     by_name = {t.name: t for t in tables.tables}
     assert planned_bytes(tables) <= tables.full_bytes * 0.02
-    assert by_name["item_id"].combine == "add"
+    assert by_name["item_id"].method.combine == "add"
 
 
 def test_collisionless_capacity_is_the_budget_and_graph_methods_hash_other_tables():
     collisionless = cell_tables(MOVIELENS_1M, "collisionless", 0.1, 16, 1000)
     user = next(t for t in collisionless.tables if t.name == "user_id")
-    assert user.capacity == 604 and user.min_count == 1
+    assert user.method.capacity == 604 and user.method.min_count == 1
     graph = cell_tables(MOVIELENS_1M, "double_graphhash", 0.1, 16, 1000)
-    methods = {t.name: (t.method, t.graphhash_variant) for t in graph.tables}
+    methods = {
+        t.name: (t.method.name, getattr(t.method, "graphhash_variant", None)) for t in graph.tables
+    }
     assert methods["user_id"] == ("graphhash", "double") and methods["zip_code"][0] == "hash"
 
 
@@ -231,13 +233,13 @@ def test_raw_64_bit_ids_get_hash_tables_in_every_cell():
         id_columns={"user": "user_id", "item": "item_id"},
     )
     full = {t.name: t for t in cell_tables(raw_users, "full", 1.0, 16, 1000).tables}
-    assert (full["user_id"].method, full["user_id"].budget) == ("hash", None)
-    assert (full["device"].method, full["device"].budget) == ("hash", None)
-    assert full["item_id"].method == "full"
+    assert (full["user_id"].method.name, full["user_id"].budget) == ("hash", None)
+    assert (full["device"].method.name, full["device"].budget) == ("hash", None)
+    assert full["item_id"].method.name == "full"
     for method in ("qr_mult", "graphhash", "double_hash"):
         cell = cell_tables(raw_users, method, 0.1, 16, 1000)
         user = next(t for t in cell.tables if t.name == "user_id")
-        assert (user.method, user.budget) == ("hash", 0.1), method
+        assert (user.method.name, user.budget) == ("hash", 0.1), method
         assert cell.decisions["user_id"] == {"method": "hash", "why": "raw 64-bit ids"}
 
 

@@ -87,7 +87,10 @@ def test_train_summary_line(tiny, tmp_path, capsys):
     ("argv", "message"),
     [
         (["--model", "transformer"], "unknown model 'transformer'; accepted:"),
-        (["--method", "lsh"], "unknown table method 'lsh'; accepted: full, hash"),
+        (
+            ["--method", "lsh"],
+            "unknown table method 'lsh'; accepted: collisionless, full, graphhash",
+        ),
         (["--set", "features=[user_id, shoe_size]"], "unknown feature"),
         (["--model", "deepfm", "--set", "tables.overrides.item_id.dim=8"], "width equal"),
         (["--set", "train.epochs=many"], "train.epochs: expected an integer"),

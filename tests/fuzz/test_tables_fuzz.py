@@ -26,6 +26,7 @@ from embedding_tables import (
 )
 from embedding_tables.collisionless import DEFAULT_ROW
 from embedding_tables.graphhash import build_graphhash
+from embedding_tables.methods import QR, Collisionless, Full, Unified
 
 EXAMPLES = 40  # per method and test; 9 methods x 3 tests x 40 = 1,080 inputs
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -50,17 +51,17 @@ def _collection(method: str) -> EmbeddingCollection:
     if method == "full":
         tables = [TableConfig("t", BOUNDED, 4, "full", pooling="mean")]
     elif method == "full_hashed":
-        tables = [TableConfig("t", BOUNDED, 4, "full", out_of_range="hash", seed=3)]
+        tables = [TableConfig("t", BOUNDED, 4, Full(out_of_range="hash"), seed=3)]
     elif method == "hash":
         tables = [TableConfig("t", 10**9, 4, "hash", budget=64, seed=1)]
     elif method == "unified":
-        tables = [TableConfig("t", 10**6, 4, "unified", budget=40, feature_chunks={"a": 3})]
+        tables = [TableConfig("t", 10**6, 4, Unified(feature_chunks={"a": 3}), budget=40)]
     elif method.startswith("qr_"):
         combine = method.removeprefix("qr_")
         dim = 12 if combine == "concat" else 4  # concat splits dim over the 3 partitions
-        tables = [TableConfig("t", BOUNDED, dim, "qr", combine=combine, num_partitions=3)]
+        tables = [TableConfig("t", BOUNDED, dim, QR(combine=combine, num_partitions=3))]
     elif method == "collisionless":
-        tables = [TableConfig("t", 10**6, 4, "collisionless", capacity=64, min_count=2)]
+        tables = [TableConfig("t", 10**6, 4, Collisionless(capacity=64, min_count=2))]
     elif method == "graphhash":
         tables = [TableConfig("t", BOUNDED, 4, "graphhash", budget=0.4)]
         mappings = {"t": _graphhash_mapping(20)}
@@ -193,7 +194,7 @@ def test_the_same_id_gets_the_same_row_and_rows_exist(method: str, kjt) -> None:
             assert (same == same[0]).all(), f"id {int(unique)} got different rows"
         if method == "collisionless":
             mapped = ec.self_managed["t"].map_ids(ids)
-            capacity = ec.configs["t"].capacity
+            capacity = ec.configs["t"].method.capacity
             assert (((mapped >= 0) & (mapped < capacity)) | (mapped == DEFAULT_ROW)).all()
             continue
         transform = ec.index_transform(name)

@@ -78,7 +78,10 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     ("raw", "message"),
     [
         ({"model": {"name": "gpt"}}, "unknown model 'gpt'; accepted: dcn, deepfm, din"),
-        ({"tables": {"method": "pq"}}, "unknown table method 'pq'; accepted: full, hash"),
+        (
+            {"tables": {"method": "pq"}},
+            "unknown table method 'pq'; accepted: collisionless, full, graphhash",
+        ),
         ({"features": ["user_id", "mood"]}, r"unknown feature\(s\) \['mood'\].*accepted: user_id"),
         (
             {"model": {"name": "dlrm"}, "tables": {"overrides": {"user_id": {"dim": 8}}}},

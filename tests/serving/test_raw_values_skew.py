@@ -184,7 +184,7 @@ def test_raw_rows_score_the_same_in_process_and_served(
     path = tmp_path / "model.safetensors"
     train(run, dataset, path, progress=False)
     checkpoint = load_checkpoint(path)
-    methods = {table.name: table.method for table in checkpoint.model.spec.tables}
+    methods = {table.name: table.method.name for table in checkpoint.model.spec.tables}
     assert methods == {
         "user": "collisionless",
         "item": "full",
