@@ -25,6 +25,7 @@
 #define PREFETCH 32 /* how many ids ahead a row is prefetched */
 #define PREFETCH_LOCALITY 1 /* into L2: prefetching into L1 (3) measured slower, not faster */
 #define SPAN (BLOCK + PREFETCH) /* rows computed per block: its own and those it prefetches */
+#define SMALL ((int64_t)1 << 52) /* below it, integers are exact doubles */
 #define MAX_LANES 8 /* dims up to 128, in multiples of 16 */
 
 enum { KIND_HASH = 0, KIND_ARITH = 1 };
@@ -98,6 +99,9 @@ typedef struct {
     FastDiv limit_div;
     FastDiv divisors[MAX_PARTS];
     FastDiv moduli[MAX_PARTS];
+    int small; /* ids, divisors and moduli below SMALL: the digits in doubles (div_small) */
+    double inverse_divisors[MAX_PARTS];
+    double inverse_moduli[MAX_PARTS];
 } Prepared;
 
 static Prepared prepare(const Transform *t) {
@@ -109,40 +113,26 @@ static Prepared prepare(const Transform *t) {
     p.range_key = t->range_key;
     p.parts = t->parts;
     p.limit_div = fastdiv_make((uint64_t)(t->limit > 0 ? t->limit : 1));
+    p.small = t->limit <= SMALL;
     for (int64_t j = 0; j < t->parts; j++) {
         p.divisors[j] = fastdiv_make((uint64_t)t->divisors[j]);
         p.moduli[j] = fastdiv_make((uint64_t)t->moduli[j]);
+        p.inverse_divisors[j] = 1.0 / (double)t->divisors[j];
+        p.inverse_moduli[j] = 1.0 / (double)t->moduli[j];
+        p.small = p.small && t->divisors[j] <= SMALL && t->moduli[j] <= SMALL;
     }
     return p;
 }
 
-/* Every partition's row of one id; 0, or 1 when the id is out of range and that is an error. */
-static inline int rows_of(const Prepared *p, int64_t id, int64_t *rows) {
-    if (p->kind == KIND_HASH) {
-        rows[0] = bucket_row(id, p->key, &p->moduli[0]);
-        return 0;
-    }
-    if (id < 0 || id >= p->limit) {
-        if (p->out_of_range == OUT_OF_RANGE_ERROR) return 1;
-        id = bucket_row(id, p->range_key, &p->limit_div);
-    }
-    for (int64_t j = 0; j < p->parts; j++) {
-        const uint64_t rest = fastdiv_quotient((uint64_t)id, &p->divisors[j]);
-        rows[j] = (int64_t)fastdiv_remainder(rest, &p->moduli[j]);
-    }
-    return 0;
-}
-
-/* rows[j * n + i] = partition j's row of ids[i]. Returns -1, or the position of the first id
- * out of range when that is an error (rows are then partly written). */
-int64_t embtab_transform(const Transform *t, const int64_t *ids, int64_t n, int64_t *rows) {
-    Prepared p = prepare(t);
-    int64_t local[MAX_PARTS];
-    for (int64_t i = 0; i < n; i++) {
-        if (rows_of(&p, ids[i], local)) return i;
-        for (int64_t j = 0; j < p.parts; j++) rows[j * n + i] = local[j];
-    }
-    return -1;
+/* floor(x / d) for 0 <= x, d <= SMALL = 2**52, inverse = 1 / d rounded: x and d are exact
+ * doubles, x * inverse is within (x / d) * 2**-52 (1 + 2**-52) < 1 of x / d for d >= 2 (and
+ * exact for d = 1), so its truncation is floor(x / d) or one off, which the remainder's sign
+ * and size correct. Plain integer and double arithmetic: the compiler vectorises it. */
+static inline int64_t div_small(int64_t x, int64_t d, double inverse) {
+    int64_t q = (int64_t)((double)x * inverse);
+    const int64_t r = x - q * d;
+    q += (r >= d) - (r < 0);
+    return q;
 }
 
 /* One pooled term of a plan: bags of ids through a transform, each id's partition rows
@@ -199,26 +189,55 @@ static int64_t block_rows(const Prepared *p, const int64_t *ids, int64_t start, 
      * then partition by partition the digits, each a loop of its own with one divisor */
     const int64_t count = end - start;
     int64_t *in_range = rows + (p->parts - 1) * SPAN;
+    const uint64_t limit = (uint64_t)p->limit; /* negative ids are >= it as unsigned */
+    uint64_t outside = 0;
     for (int64_t i = 0; i < count; i++) {
-        int64_t id = ids[start + i];
-        if (id < 0 || id >= p->limit) {
-            if (p->out_of_range == OUT_OF_RANGE_ERROR) return start + i;
-            id = bucket_row(id, p->range_key, &p->limit_div);
-        }
-        in_range[i] = id;
+        const uint64_t id = (uint64_t)ids[start + i];
+        outside |= id >= limit;
+        in_range[i] = (int64_t)id;
     }
+    if (outside)
+        for (int64_t i = 0; i < count; i++) {
+            if ((uint64_t)in_range[i] < limit) continue;
+            if (p->out_of_range == OUT_OF_RANGE_ERROR) return start + i;
+            in_range[i] = bucket_row(in_range[i], p->range_key, &p->limit_div);
+        }
     for (int64_t j = 0; j < p->parts; j++) {
-        const FastDiv divisor = p->divisors[j], modulus = p->moduli[j];
         int64_t *digits = rows + j * SPAN;
-        if (divisor.divisor == 1)
-            for (int64_t i = 0; i < count; i++)
-                digits[i] = (int64_t)fastdiv_remainder((uint64_t)in_range[i], &modulus);
-        else
-            for (int64_t i = 0; i < count; i++)
-                digits[i] = (int64_t)fastdiv_remainder(
-                    fastdiv_quotient((uint64_t)in_range[i], &divisor), &modulus);
+        if (p->small) {
+            const int64_t d = (int64_t)p->divisors[j].divisor, m = (int64_t)p->moduli[j].divisor;
+            const double inverse_d = p->inverse_divisors[j], inverse_m = p->inverse_moduli[j];
+            for (int64_t i = 0; i < count; i++) {
+                const int64_t rest = div_small(in_range[i], d, inverse_d);
+                digits[i] = rest - div_small(rest, m, inverse_m) * m;
+            }
+            continue;
+        }
+        const FastDiv divisor = p->divisors[j], modulus = p->moduli[j];
+        for (int64_t i = 0; i < count; i++)
+            digits[i] = (int64_t)fastdiv_remainder(
+                fastdiv_quotient((uint64_t)in_range[i], &divisor), &modulus);
     }
     return -1;
+}
+
+/* rows[j * n + i] = partition j's row of ids[i], block by block. Returns -1; the position of
+ * the first id out of range when that is an error (rows are then partly written); or
+ * NO_MEMORY. */
+int64_t embtab_transform(const Transform *t, const int64_t *ids, int64_t n, int64_t *rows) {
+    Prepared p = prepare(t);
+    int64_t *block = malloc(sizeof(int64_t) * SPAN * (size_t)p.parts);
+    if (block == NULL) return NO_MEMORY;
+    int64_t result = -1;
+    for (int64_t start = 0; start < n && result < 0; start += SPAN) {
+        const int64_t end = n - start < SPAN ? n : start + SPAN;
+        result = block_rows(&p, ids, start, end, block);
+        if (result < 0)
+            for (int64_t j = 0; j < p.parts; j++)
+                memcpy(rows + j * n + start, block + j * SPAN, sizeof(int64_t) * (end - start));
+    }
+    free(block);
+    return result;
 }
 
 /* 16 floats: the accumulators of a row kept in registers (GCC's vector extension). */

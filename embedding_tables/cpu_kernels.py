@@ -32,7 +32,7 @@ MAX_PARTS = 8  # MAX_PARTS in cpu_kernels.c
 KIND_HASH, KIND_ARITH = 0, 1
 OUT_OF_RANGE_CODES = {"error": 0, "hash": 1}
 SWITCH = "EMBTAB_CPU_KERNELS"
-_NO_MEMORY = -2  # what embtab_pooled returns when malloc fails
+_NO_MEMORY = -2  # what embtab_pooled and embtab_transform return when malloc fails
 
 
 class _Transform(ctypes.Structure):
@@ -153,7 +153,9 @@ class CpuKernels:
         bad = self._lib.embtab_transform(
             ctypes.byref(transform._struct()), ids.data_ptr(), ids.numel(), rows.data_ptr()
         )
-        return rows if bad < 0 else int(bad)
+        if bad == _NO_MEMORY:
+            raise MemoryError("embtab_transform could not allocate its scratch rows")
+        return rows if bad == -1 else int(bad)
 
     def pooled(
         self,

@@ -60,6 +60,31 @@ def test_qr_digits_equal_torch_digits(
 
 
 @needs_kernels
+@pytest.mark.parametrize(
+    "divisor", [2, 3, 49, 107, 99_991, 28_872_680, 2**51 + 3, 2**52 - 1, 2**52]
+)
+@pytest.mark.parametrize("limit", [2**52, 2**52 + 1])
+def test_digits_at_the_edges_of_exact_doubles(divisor: int, limit: int) -> None:
+    """The digits below 2**52 (in doubles) and above (the multiply-high path) at multiples of
+    the divisor (where 1 / d rounded makes the truncated quotient one short for 49, 107 and
+    28872680), one off them and at the top of the range, as torch's integer division."""
+    modulus = max(2, min(divisor - 1, 2**40))
+    transform = KernelTransform(
+        "arith", (divisor, modulus), divisors=(1, divisor), limit=limit, out_of_range="hash"
+    )
+    generator = torch.Generator().manual_seed(divisor)
+    top = (limit - 1) // divisor
+    k = torch.cat(
+        [torch.tensor([0, 1, 2, top]), torch.randint(0, top + 1, (3000,), generator=generator)]
+    )
+    ids = torch.cat([k * divisor - 1, k * divisor, k * divisor + 1, torch.tensor([limit - 1])])
+    ids = ids[(ids >= 0) & (ids < limit)]
+    rows = KERNELS.transform(transform, ids)
+    assert torch.equal(rows[0], ids % divisor)
+    assert torch.equal(rows[1], (ids // divisor) % modulus)
+
+
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 40), min_size=6, max_size=6),
