@@ -832,7 +832,7 @@ class EmbeddingCollection(nn.Module):
         failure = kernels.pooled(
             plan.terms,
             batch.values,
-            bag_offsets(batch.lengths),
+            batch.lengths,
             self._kernel_weights(batch),
             outputs,
         )

@@ -20,6 +20,7 @@
 #define LOW63 0x7FFFFFFFFFFFFFFFULL
 #define MAX_PARTS 8
 #define NO_MEMORY (-2)
+#define BAD_LENGTHS (-3)
 #define BLOCK 2048 /* ids whose rows are computed before their rows are read */
 
 #define PREFETCH 32 /* how many ids ahead a row is prefetched */
@@ -151,8 +152,10 @@ typedef struct {
 /* What changes from call to call: the KJT's ids, bags and weights, and the outputs. */
 typedef struct {
     const int64_t *ids;
-    const int64_t *offsets; /* features * batch + 1 positions in ids where the bags start */
-    const float *weights;   /* per id, or NULL */
+    int64_t id_count;
+    const int64_t *lengths; /* features * batch bag lengths, feature by feature */
+    int64_t features;
+    const float *weights; /* per id, or NULL */
     int64_t batch;
     float *const *outputs;
     const int64_t *output_strides;
@@ -393,14 +396,26 @@ static int64_t pooled_term(const TermRun *t, const Transform *transform) {
 }
 
 /* Every term in order over one call's batch. Returns -1; or, stopping there, the position of
- * the first id out of range where that is an error (its term in *failed), or NO_MEMORY. */
+ * the first id out of range where that is an error (its term in *failed); NO_MEMORY; or
+ * BAD_LENGTHS where a length is negative or they add up to more than the ids. */
 int64_t embtab_pooled(const PooledTerm *terms, int64_t count, const PooledBatch *batch,
                       int64_t *failed) {
-    for (int64_t k = 0; k < count; k++) {
+    const int64_t bags = batch->features * batch->batch;
+    int64_t *offsets = malloc(sizeof(int64_t) * (size_t)(bags + 1));
+    if (offsets == NULL) return NO_MEMORY;
+    int64_t total = 0, negative = 0;
+    offsets[0] = 0;
+    for (int64_t b = 0; b < bags; b++) {
+        negative |= batch->lengths[b] < 0;
+        total += batch->lengths[b];
+        offsets[b + 1] = total;
+    }
+    int64_t result = negative || total > batch->id_count ? BAD_LENGTHS : -1;
+    for (int64_t k = 0; k < count && result == -1; k++) {
         const PooledTerm *term = &terms[k];
         TermRun run = {
             .ids = batch->ids,
-            .offsets = batch->offsets + term->feature * batch->batch,
+            .offsets = offsets + term->feature * batch->batch,
             .weights = batch->weights,
             .batch = batch->batch,
             .dim = term->dim,
@@ -411,11 +426,9 @@ int64_t embtab_pooled(const PooledTerm *terms, int64_t count, const PooledBatch 
             run.tables[j] = term->tables[j];
             run.table_strides[j] = term->table_strides[j];
         }
-        const int64_t result = pooled_term(&run, &term->transform);
-        if (result != -1) {
-            *failed = k;
-            return result;
-        }
+        result = pooled_term(&run, &term->transform);
+        if (result != -1) *failed = k;
     }
-    return -1;
+    free(offsets);
+    return result;
 }

@@ -33,6 +33,7 @@ KIND_HASH, KIND_ARITH = 0, 1
 OUT_OF_RANGE_CODES = {"error": 0, "hash": 1}
 SWITCH = "EMBTAB_CPU_KERNELS"
 _NO_MEMORY = -2  # what embtab_pooled and embtab_transform return when malloc fails
+_BAD_LENGTHS = -3  # what embtab_pooled returns for negative lengths or more than the ids
 
 
 class _Transform(ctypes.Structure):
@@ -63,7 +64,9 @@ class _PooledTerm(ctypes.Structure):
 class _PooledBatch(ctypes.Structure):
     _fields_ = [
         ("ids", ctypes.c_void_p),
-        ("offsets", ctypes.c_void_p),
+        ("id_count", ctypes.c_int64),
+        ("lengths", ctypes.c_void_p),
+        ("features", ctypes.c_int64),
         ("weights", ctypes.c_void_p),
         ("batch", ctypes.c_int64),
         ("outputs", ctypes.POINTER(ctypes.c_void_p)),
@@ -161,17 +164,17 @@ class CpuKernels:
         self,
         terms: PooledTerms,
         ids: torch.Tensor,
-        offsets: torch.Tensor,
+        lengths: torch.Tensor,
         weights: torch.Tensor | None,
         outputs: Sequence[torch.Tensor],
     ) -> tuple[int, int] | None:
-        """Run every term of `terms` over one batch in one call: bag b of feature f is
-        ids[offsets[f * B + b]:offsets[f * B + b + 1]] (weights indexed alike; None for weight
-        1), term k writes its columns of outputs[terms' output k] ([B, columns] fp32, strided
-        rows, contiguous columns). None, or (term, position of the first id out of range) where
-        its transform treats that as an error."""
+        """Run every term of `terms` over one batch in one call: `lengths` are the KJT's bag
+        lengths, feature by feature (B each), and its bags run through `ids` in that order
+        (weights indexed alike; None for weight 1); term k writes its columns of outputs[terms'
+        output k] ([B, columns] fp32, strided rows, contiguous columns). None, or (term,
+        position of the first id out of range) where its transform treats that as an error."""
         _check_ids(ids)
-        _check_ids(offsets)
+        _check_ids(lengths)
         if len(outputs) != len(terms.widths):
             raise ValueError(f"the terms write {len(terms.widths)} outputs, got {len(outputs)}")
         batch = outputs[0].shape[0] if outputs else 0
@@ -189,10 +192,11 @@ class CpuKernels:
                     f"least the terms' {terms.widths} columns; got {output.dtype} "
                     f"{tuple(output.shape)} (strides {output.stride()})"
                 )
-        if offsets.numel() < terms.features * batch + 1:
+        features = lengths.numel() // batch if batch else terms.features
+        if features < terms.features or features * batch != lengths.numel():
             raise ValueError(
-                f"the terms read {terms.features} features of {batch} bags: at least "
-                f"{terms.features * batch + 1} offsets are needed, got {offsets.numel()}"
+                f"the terms read {terms.features} features of {batch} bags: B lengths per "
+                f"feature are needed, got {lengths.numel()}"
             )
         if not (weights is None or _is_fp32_vector(weights) and weights.numel() == ids.numel()):
             raise ValueError("pooling weights are one contiguous fp32 CPU value per id, or None")
@@ -200,7 +204,9 @@ class CpuKernels:
         strides = (ctypes.c_int64 * len(outputs))(*(o.stride(0) for o in outputs))
         call = _PooledBatch(
             ids.data_ptr(),
-            offsets.data_ptr(),
+            ids.numel(),
+            lengths.data_ptr(),
+            features,
             None if weights is None else weights.data_ptr(),
             batch,
             pointers,
@@ -212,7 +218,11 @@ class CpuKernels:
         )
         if bad == _NO_MEMORY:
             raise MemoryError("embtab_pooled could not allocate its scratch rows")
-        return None if bad < 0 else (failed.value, int(bad))
+        if bad == _BAD_LENGTHS:
+            raise ValueError(
+                f"bag lengths must be >= 0 and add up to at most the {ids.numel()} ids"
+            )
+        return None if bad == -1 else (failed.value, int(bad))
 
 
 class PooledTerms:

@@ -234,15 +234,19 @@ def test_pooled_refuses_outputs_and_offsets_that_do_not_fit() -> None:
     table = torch.rand(10, 16)
     terms.set_term(0, 1, [table], 0, 16)
     ids = torch.arange(6)
-    offsets = torch.tensor([0, 1, 3, 3, 6])
+    lengths = torch.tensor([1, 2, 0, 3])
     with pytest.raises(ValueError, match="at least the terms' \\[32\\] columns"):
-        KERNELS.pooled(terms, ids, offsets, None, [torch.empty(2, 16)])
-    with pytest.raises(ValueError, match="at least 5 offsets"):
-        KERNELS.pooled(terms, ids, offsets[:4], None, [torch.empty(2, 32)])
+        KERNELS.pooled(terms, ids, lengths, None, [torch.empty(2, 16)])
+    with pytest.raises(ValueError, match="B lengths per feature"):
+        KERNELS.pooled(terms, ids, lengths[:3], None, [torch.empty(2, 32)])
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        KERNELS.pooled(terms, ids, torch.tensor([1, 2, 0, 4]), None, [torch.empty(2, 32)])
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        KERNELS.pooled(terms, ids, torch.tensor([1, 2, -1, 4]), None, [torch.empty(2, 32)])
     with pytest.raises(ValueError, match="fp32 CPU"):
         terms.set_term(0, 0, [table.double()], 0, 0)
     out = torch.full((2, 32), 7.0)
-    assert KERNELS.pooled(terms, ids, offsets, None, [out]) is None
+    assert KERNELS.pooled(terms, ids, lengths, None, [out]) is None
     rows = bucket_keyed(ids, 3, 10)
     expected = torch.stack([table[rows[3:3]].sum(0), table[rows[3:6]].sum(0)])
     torch.testing.assert_close(out[:, 16:], expected, atol=1e-6, rtol=1e-6)
