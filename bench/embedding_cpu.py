@@ -3,8 +3,9 @@
 26 tables with the Criteo Kaggle cardinalities (up to ~1e7 logical ids), B=4096, bag sizes 1 and
 20, dims 16 and 64. For each compressed method (hash, unified, qr mult) the same run times:
 
-- embtab: EmbeddingCollection fed the raw logical ids, with its CPU kernels
-  (embedding_tables.cpu_kernels): forward (no grad) is one fused transform-gather-combine-pool
+- embtab: EmbeddingCollection fed the raw logical ids as a CheckedKJT (checked once where the
+  batch is built, as models.batches does), with its CPU kernels (embedding_tables.cpu_kernels):
+  forward (no grad) is one kernel call for all tables, one fused transform-gather-combine-pool
   pass per lookup; train is the kernels' index transform + fbgemm TBE with fused row-wise
   Adagrad;
 - embtab_torch_transforms: the same collection with the kernels off (EMBTAB_CPU_KERNELS=0):
@@ -47,7 +48,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from embedding_tables import EmbeddingCollection, SparseOptimizerConfig, TableConfig  # noqa: E402
+from embedding_tables import (  # noqa: E402
+    EmbeddingCollection,
+    SparseOptimizerConfig,
+    TableConfig,
+    check_kjt,
+)
 from embedding_tables.cpu_kernels import SWITCH, library  # noqa: E402
 from embtab.machine import machine_info, write_results  # noqa: E402
 
@@ -149,7 +155,7 @@ def candidates(method: str, dim: int, bag_size: int, max_rows: int) -> tuple[dic
     )
     rows = baseline_rows(ec)
     ids = logical_ids(bag_size, seed=dim * 100 + bag_size)
-    kjt = kjt_of(ids, bag_size)
+    kjt = check_kjt(kjt_of(ids, bag_size))
     in_range = [i % rows[feature_to_table[f]] for i, f in zip(ids, feature_to_table, strict=True)]
     baseline_kjt = kjt_of(in_range, bag_size)
 
@@ -341,9 +347,12 @@ def main() -> None:
         "Baselines train with sparse gradients and torch.optim.Adagrad (elementwise); embtab "
         "with fbgemm's fused row-wise Adagrad. Most of embtab's train advantage is that fused "
         "update against torch's sparse-gradient coalescing, not the lookup itself.",
-        "embtab forward (no grad) runs embedding_tables.cpu_kernels: per lookup one pass that "
-        "computes each id's rows (splitmix64 + a multiply-based modulo, or qr's digits), "
-        "gathers them with prefetching, multiplies qr partitions and pools, on one thread. "
+        "embtab forward (no grad) runs embedding_tables.cpu_kernels: one call for all tables "
+        "(terms set once per key order), per lookup one pass that computes each id's rows "
+        "(splitmix64 + a multiply-based modulo, or qr's digits in doubles below 2**52), gathers "
+        "them with prefetching into L2, multiplies qr partitions and pools into the output "
+        "columns, on one thread. embtab is fed a CheckedKJT (checked once where the batch is "
+        "built, as models.batches does; EBC validates nothing). "
         "*_torch_transforms keys: the same collection with the kernels off, in the same run "
         "(the figures before the kernels).",
         f"torch threads = {args.threads}: the machine's cores are shared with other jobs, and "

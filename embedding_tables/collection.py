@@ -126,6 +126,21 @@ class _KernelTerm:
     columns: tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class _KernelPlan:
+    """The CPU kernels' terms for some groups and a KJT's key order, reused from batch to
+    batch: the outputs are `groups`' (in order), then, if any, one for the qr mult features,
+    which hold `mult_columns` (feature, start, end) of it; `tables` says where each term's
+    tables come from (to notice a table that moved)."""
+
+    key: tuple[tuple[int, ...], tuple[str, ...]]
+    entries: list[tuple[int, _KernelTerm]]
+    terms: PooledTerms
+    groups: tuple[int, ...]
+    mult_columns: list[tuple[str, int, int]]
+    tables: list[tuple[object, tuple[int, ...]]]
+
+
 @dataclass
 class _GroupLayout:
     """A lookup group being laid out: its tables in order of first use and its slots as
@@ -295,9 +310,7 @@ class EmbeddingCollection(nn.Module):
         self._slot_columns: list[list[int]] = []
         self._batched_transforms: dict[int, BatchedTransform] = {}
         self._kernel_terms: dict[int, list[_KernelTerm] | None] = {}
-        self._kernel_plans: dict[
-            tuple[int, ...], tuple[list[tuple[int, _KernelTerm]], PooledTerms]
-        ] = {}
+        self._kernel_plans: dict[tuple[tuple[int, ...], tuple[str, ...]], _KernelPlan] = {}
         self.backend = lookup_backend(self.device.type)
         self._fused = self.backend == "triton"
         self.tables = PhysicalTables(self._build_lookups())
@@ -809,37 +822,67 @@ class EmbeddingCollection(nn.Module):
         self, kernels: CpuKernels, batch: _Batch, groups: tuple[int, ...]
     ) -> dict[int | str, torch.Tensor]:
         """Steps 1 to 3 of `groups` in one call of the CPU kernels, one pass per term over its
-        ids: each pooled group's [B, slot columns], each qr mult feature's [B, dim]."""
-        if groups not in self._kernel_plans:
-            entries = [(g, term) for g in groups for term in self._group_kernel_terms(g) or ()]
-            terms = PooledTerms([term.transform for _, term in entries])
-            self._kernel_plans[groups] = (entries, terms)
-        entries, terms = self._kernel_plans[groups]
+        ids: each pooled group's [B, slot columns], each qr mult feature's [B, dim] (columns of
+        one output shared by the mult features in feature order, so that a collection of
+        only those returns it without a copy)."""
+        plan = self._kernel_plan(groups, tuple(batch.keys))
+        tables = [[lookup.weight(t) for t in refs] for lookup, refs in plan.tables]
+        if plan.terms.tables_moved(tables):
+            plan = self._kernel_plans[plan.key] = self._new_kernel_plan(*plan.key)
         batch_size = batch.batch_size
-        offsets = bag_offsets(batch.lengths)
-        weights = self._kernel_weights(batch)
-        position = {key: i for i, key in enumerate(batch.keys)}
-        outputs: dict[int | str, torch.Tensor] = {
-            g: torch.empty(batch_size, self._slot_columns[g][-1])
-            for g in groups
-            if self._group_kinds[g] == "pooled"
-        }
+        outputs = [torch.empty(batch_size, width) for width in plan.terms.widths]
+        failure = kernels.pooled(
+            plan.terms,
+            batch.values,
+            batch.lengths,
+            self._kernel_weights(batch),
+            outputs,
+        )
+        if failure is not None:
+            term = plan.entries[failure[0]][1]
+            value = int(batch.values[failure[1]])
+            raise out_of_range_error(term.feature, value, term.transform.limit)
+        results: dict[int | str, torch.Tensor] = dict(zip(plan.groups, outputs, strict=False))
+        for feature, start, end in plan.mult_columns:
+            results[feature] = outputs[-1][:, start:end]
+        return results
+
+    def _kernel_plan(self, groups: tuple[int, ...], keys: tuple[str, ...]) -> _KernelPlan:
+        key = (groups, keys)
+        if key not in self._kernel_plans:
+            self._kernel_plans[key] = self._new_kernel_plan(groups, keys)
+        return self._kernel_plans[key]
+
+    def _new_kernel_plan(self, groups: tuple[int, ...], keys: tuple[str, ...]) -> _KernelPlan:
+        """The kernel terms of `groups` for a KJT with `keys`: output k < len(pooled groups) is
+        pooled group k's, the last (if any term is a qr mult feature) the mult features'."""
+        entries = [(g, term) for g in groups for term in self._group_kernel_terms(g) or ()]
+        terms = PooledTerms([term.transform for _, term in entries])
+        pooled_groups = tuple(g for g in groups if self._group_kinds[g] == "pooled")
+        mult = sorted(
+            (term.feature for _, term in entries if term.columns is None),
+            key=self.feature_names.index,
+        )
+        mult_start = {}
+        width = 0
+        for feature in mult:
+            mult_start[feature] = width
+            width += self._lookups[feature].output_dim
+        position = {name: i for i, name in enumerate(keys)}
+        refs = []
         for k, (group, term) in enumerate(entries):
             lookup = self.tables.lookups[group]
             tables = [lookup.weight(t) for t in term.tables]
             if term.columns is None:
-                target = outputs[term.feature] = torch.empty(batch_size, tables[0].shape[1])
+                output, column = len(pooled_groups), mult_start[term.feature]
             else:
-                target = outputs[group][:, term.columns[0] : term.columns[1]]
-            start = position[term.feature] * batch_size
-            bags = offsets[start : start + batch_size + 1]
-            terms.set_term(k, batch.values, bags, weights, tables, target)
-        failure = kernels.pooled(terms)
-        if failure is not None:
-            term = entries[failure[0]][1]
-            value = int(batch.values[failure[1]])
-            raise out_of_range_error(term.feature, value, term.transform.limit)
-        return outputs
+                output, column = pooled_groups.index(group), term.columns[0]
+            terms.set_term(k, position[term.feature], tables, output, column)
+            refs.append((lookup, term.tables))
+        mult_columns = [
+            (f, mult_start[f], mult_start[f] + self._lookups[f].output_dim) for f in mult
+        ]
+        return _KernelPlan((groups, keys), entries, terms, pooled_groups, mult_columns, refs)
 
     def _kernel_weights(self, batch: _Batch) -> torch.Tensor | None:
         """Per-id pooling weights of the whole KJT, as `_pooling_weights` gives them feature by
@@ -942,7 +985,8 @@ class EmbeddingCollection(nn.Module):
         tensors = [
             group_outputs[p[0]][:, p[1] : p[2]] if isinstance(p, tuple) else p for p in pieces
         ]
-        return torch.cat(tensors, dim=1)
+        whole = _side_by_side(tensors)
+        return torch.cat(tensors, dim=1) if whole is None else whole
 
     def _static_weight(self, physical_table: str) -> torch.Tensor:
         if physical_table not in self.tables.locations:
@@ -951,6 +995,28 @@ class EmbeddingCollection(nn.Module):
                 f"unknown physical table {physical_table!r}; physical tables: {', '.join(names)}"
             )
         return self.tables.weight(physical_table)
+
+
+def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [B, all columns] tensor that `tensors` are the columns of, in order, when they are
+    exactly that (views side by side in one buffer, none needing a gradient); else None."""
+    first = tensors[0]
+    rows, total = first.shape[0], sum(t.shape[1] for t in tensors)
+    at = first.data_ptr()
+    storage = first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (
+            t.requires_grad
+            or t.dim() != 2
+            or t.dtype != first.dtype
+            or t.shape[0] != rows
+            or t.stride() != (total, 1)
+            or t.data_ptr() != at
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+        at += t.shape[1] * t.element_size()
+    return first.as_strided((rows, total), (total, 1))
 
 
 def _check_tables(

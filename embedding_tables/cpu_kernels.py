@@ -32,7 +32,8 @@ MAX_PARTS = 8  # MAX_PARTS in cpu_kernels.c
 KIND_HASH, KIND_ARITH = 0, 1
 OUT_OF_RANGE_CODES = {"error": 0, "hash": 1}
 SWITCH = "EMBTAB_CPU_KERNELS"
-_NO_MEMORY = -2  # what embtab_pooled returns when malloc fails
+_NO_MEMORY = -2  # what embtab_pooled and embtab_transform return when malloc fails
+_BAD_LENGTHS = -3  # what embtab_pooled returns for negative lengths or more than the ids
 
 
 class _Transform(ctypes.Structure):
@@ -51,15 +52,25 @@ class _Transform(ctypes.Structure):
 class _PooledTerm(ctypes.Structure):
     _fields_ = [
         ("transform", _Transform),
-        ("ids", ctypes.c_void_p),
-        ("offsets", ctypes.c_void_p),
-        ("weights", ctypes.c_void_p),
-        ("batch", ctypes.c_int64),
+        ("feature", ctypes.c_int64),
         ("dim", ctypes.c_int64),
         ("tables", ctypes.c_void_p * MAX_PARTS),
         ("table_strides", ctypes.c_int64 * MAX_PARTS),
-        ("out", ctypes.c_void_p),
-        ("out_stride", ctypes.c_int64),
+        ("output", ctypes.c_int64),
+        ("column", ctypes.c_int64),
+    ]
+
+
+class _PooledBatch(ctypes.Structure):
+    _fields_ = [
+        ("ids", ctypes.c_void_p),
+        ("id_count", ctypes.c_int64),
+        ("lengths", ctypes.c_void_p),
+        ("features", ctypes.c_int64),
+        ("weights", ctypes.c_void_p),
+        ("batch", ctypes.c_int64),
+        ("outputs", ctypes.POINTER(ctypes.c_void_p)),
+        ("output_strides", ctypes.POINTER(ctypes.c_int64)),
     ]
 
 
@@ -123,6 +134,7 @@ class CpuKernels:
         self._lib.embtab_pooled.argtypes = [
             ctypes.POINTER(_PooledTerm),
             ctypes.c_int64,
+            ctypes.POINTER(_PooledBatch),
             ctypes.POINTER(ctypes.c_int64),
         ]
         self._lib.embtab_pooled.restype = ctypes.c_int64
@@ -144,72 +156,138 @@ class CpuKernels:
         bad = self._lib.embtab_transform(
             ctypes.byref(transform._struct()), ids.data_ptr(), ids.numel(), rows.data_ptr()
         )
-        return rows if bad < 0 else int(bad)
+        if bad == _NO_MEMORY:
+            raise MemoryError("embtab_transform could not allocate its scratch rows")
+        return rows if bad == -1 else int(bad)
 
-    def pooled(self, terms: PooledTerms) -> tuple[int, int] | None:
-        """Run every term of `terms` in one call; None, or (term, position of the first id out
-        of range) where its transform treats that as an error."""
+    def pooled(
+        self,
+        terms: PooledTerms,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: torch.Tensor | None,
+        outputs: Sequence[torch.Tensor],
+    ) -> tuple[int, int] | None:
+        """Run every term of `terms` over one batch in one call: `lengths` are the KJT's bag
+        lengths, feature by feature (B each), and its bags run through `ids` in that order
+        (weights indexed alike; None for weight 1); term k writes its columns of outputs[terms'
+        output k] ([B, columns] fp32, strided rows, contiguous columns). None, or (term,
+        position of the first id out of range) where its transform treats that as an error."""
+        _check_ids(ids)
+        _check_ids(lengths)
+        if len(outputs) != len(terms.widths):
+            raise ValueError(f"the terms write {len(terms.widths)} outputs, got {len(outputs)}")
+        batch = outputs[0].shape[0] if outputs else 0
+        for output, width in zip(outputs, terms.widths, strict=True):
+            if (
+                output.dtype != torch.float32
+                or output.device.type != "cpu"
+                or output.dim() != 2
+                or output.shape[0] != batch
+                or output.shape[1] < width
+                or output.stride(1) != 1
+            ):
+                raise ValueError(
+                    f"pooled outputs are fp32 CPU [B, columns] with contiguous columns and at "
+                    f"least the terms' {terms.widths} columns; got {output.dtype} "
+                    f"{tuple(output.shape)} (strides {output.stride()})"
+                )
+        features = lengths.numel() // batch if batch else terms.features
+        if features < terms.features or features * batch != lengths.numel():
+            raise ValueError(
+                f"the terms read {terms.features} features of {batch} bags: B lengths per "
+                f"feature are needed, got {lengths.numel()}"
+            )
+        if not (weights is None or _is_fp32_vector(weights) and weights.numel() == ids.numel()):
+            raise ValueError("pooling weights are one contiguous fp32 CPU value per id, or None")
+        pointers = (ctypes.c_void_p * len(outputs))(*(o.data_ptr() for o in outputs))
+        strides = (ctypes.c_int64 * len(outputs))(*(o.stride(0) for o in outputs))
+        call = _PooledBatch(
+            ids.data_ptr(),
+            ids.numel(),
+            lengths.data_ptr(),
+            features,
+            None if weights is None else weights.data_ptr(),
+            batch,
+            pointers,
+            strides,
+        )
         failed = ctypes.c_int64(-1)
-        bad = self._lib.embtab_pooled(terms.array, len(terms.array), ctypes.byref(failed))
+        bad = self._lib.embtab_pooled(
+            terms.array, len(terms.array), ctypes.byref(call), ctypes.byref(failed)
+        )
         if bad == _NO_MEMORY:
             raise MemoryError("embtab_pooled could not allocate its scratch rows")
-        return None if bad < 0 else (failed.value, int(bad))
+        if bad == _BAD_LENGTHS:
+            raise ValueError(
+                f"bag lengths must be >= 0 and add up to at most the {ids.numel()} ids"
+            )
+        return None if bad == -1 else (failed.value, int(bad))
 
 
 class PooledTerms:
-    """Pooled terms for one kernel call, reused from batch to batch: term k pools bags of ids
-    through `transforms[k]`, each id's partition rows multiplied (one partition: the row),
-    times its weight, into a [B, dim] output."""
+    """The pooled terms of one kernel call, set once and run on batch after batch: term k pools
+    bags of one feature through `transforms[k]`, each id's partition rows multiplied (one
+    partition: the row), times its weight, into `dim` columns of one of the call's outputs.
+    The caller checks `tables_moved` before each run (a table's storage may be replaced)."""
 
     def __init__(self, transforms: Sequence[KernelTransform]) -> None:
         self.transforms = tuple(transforms)
         self.array = (_PooledTerm * len(self.transforms))()
         for term, transform in zip(self.array, self.transforms, strict=True):
             term.transform = transform._struct()
+        self.table_pointers: list[tuple[int, ...]] = [()] * len(self.transforms)
+        self.widths: list[int] = []  # the columns each output needs
+        self.features = 0  # how many features' bags the terms read
 
     def set_term(
-        self,
-        k: int,
-        ids: torch.Tensor,
-        offsets: torch.Tensor,
-        weights: torch.Tensor | None,
-        tables: Sequence[torch.Tensor],
-        out: torch.Tensor,
+        self, k: int, feature: int, tables: Sequence[torch.Tensor], output: int, column: int
     ) -> None:
-        """Term k's inputs: bag b is ids[offsets[b]:offsets[b + 1]] (weights indexed alike;
-        None for weight 1), partition j's rows are in tables[j] ([rows, dim] fp32), the result
-        goes to `out` ([B, dim] fp32; both may have strided rows, not columns). The tensors
-        must live until `CpuKernels.pooled` has run."""
-        _check_ids(ids)
-        _check_ids(offsets)
-        batch, dim = out.shape
+        """Term k reads the bags of the call's feature `feature`, the rows of tables[j] for
+        partition j ([rows, dim] fp32 CPU, strided rows, contiguous columns), and writes columns
+        [column, column + dim) of output `output`."""
+        dim = tables[0].shape[1] if tables else 0
         if (
             len(tables) != self.transforms[k].parts
-            or offsets.numel() != batch + 1
-            or out.dtype != torch.float32
-            or out.stride(1) != 1
-            or not (weights is None or _is_fp32_vector(weights))
+            or feature < 0
+            or output < 0
+            or column < 0
             or any(
-                t.dtype != torch.float32 or t.stride(1) != 1 or t.shape[1] != dim for t in tables
+                t.dtype != torch.float32
+                or t.device.type != "cpu"
+                or t.dim() != 2
+                or t.stride(1) != 1
+                or t.shape[1] != dim
+                for t in tables
             )
         ):
             raise ValueError(
-                "a pooled term takes one fp32 [rows, dim] table per partition (contiguous "
-                "columns), B + 1 offsets, fp32 weights or None and an fp32 [B, dim] output "
-                f"(contiguous columns); got {len(tables)} tables for "
-                f"{self.transforms[k].parts} partitions, {offsets.numel()} offsets for B={batch}"
+                "a pooled term takes one fp32 CPU [rows, dim] table per partition (contiguous "
+                f"columns, one dim) and a feature, output and column >= 0; got {len(tables)} "
+                f"tables for {self.transforms[k].parts} partitions, feature {feature}, output "
+                f"{output}, column {column}"
             )
         term = self.array[k]
-        term.ids = ids.data_ptr()
-        term.offsets = offsets.data_ptr()
-        term.weights = None if weights is None else weights.data_ptr()
-        term.batch = batch
+        term.feature = feature
         term.dim = dim
         for j, table in enumerate(tables):
             term.tables[j] = table.data_ptr()
             term.table_strides[j] = table.stride(0)
-        term.out = out.data_ptr()
-        term.out_stride = out.stride(0)
+        term.output = output
+        term.column = column
+        self.table_pointers[k] = tuple(table.data_ptr() for table in tables)
+        while len(self.widths) <= output:
+            self.widths.append(0)
+        self.widths[output] = max(self.widths[output], column + dim)
+        self.features = max(self.features, feature + 1)
+
+    def tables_moved(self, tables: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Whether any term's tables (tables[k], as `set_term` took them) now live elsewhere
+        than where the terms point: then the terms must be set again before they run."""
+        return any(
+            tuple(table.data_ptr() for table in now) != then
+            for now, then in zip(tables, self.table_pointers, strict=True)
+        )
 
 
 def _is_fp32_vector(weights: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ import embedding_tables.collection as collection_module
 import embedding_tables.transforms as transforms_module
 from embedding_tables import EmbeddingCollection, SparseOptimizerConfig
 from embedding_tables.config import TableConfig
-from embedding_tables.cpu_kernels import KernelTransform, built_library, library
+from embedding_tables.cpu_kernels import KernelTransform, PooledTerms, built_library, library
 from embedding_tables.errors import IdError
 from embedding_tables.hashing import bucket_keyed, seed_key
 from embedding_tables.methods import QR, Full, Unified
@@ -58,6 +58,31 @@ def test_qr_digits_equal_torch_digits(
     tensor = torch.tensor(ids, dtype=torch.int64)
     rows = KERNELS.transform(kernel, tensor)
     assert torch.equal(rows, torch.stack(transform(tensor)).reshape(len(rules), len(ids)))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "divisor", [2, 3, 49, 107, 99_991, 28_872_680, 2**51 + 3, 2**52 - 1, 2**52]
+)
+@pytest.mark.parametrize("limit", [2**52, 2**52 + 1])
+def test_digits_at_the_edges_of_exact_doubles(divisor: int, limit: int) -> None:
+    """The digits below 2**52 (in doubles) and above (the multiply-high path) at multiples of
+    the divisor (where 1 / d rounded makes the truncated quotient one short for 49, 107 and
+    28872680), one off them and at the top of the range, as torch's integer division."""
+    modulus = max(2, min(divisor - 1, 2**40))
+    transform = KernelTransform(
+        "arith", (divisor, modulus), divisors=(1, divisor), limit=limit, out_of_range="hash"
+    )
+    generator = torch.Generator().manual_seed(divisor)
+    top = (limit - 1) // divisor
+    k = torch.cat(
+        [torch.tensor([0, 1, 2, top]), torch.randint(0, top + 1, (3000,), generator=generator)]
+    )
+    ids = torch.cat([k * divisor - 1, k * divisor, k * divisor + 1, torch.tensor([limit - 1])])
+    ids = ids[(ids >= 0) & (ids < limit)]
+    rows = KERNELS.transform(transform, ids)
+    assert torch.equal(rows[0], ids % divisor)
+    assert torch.equal(rows[1], (ids // divisor) % modulus)
 
 
 @needs_kernels
@@ -144,6 +169,87 @@ def test_kernel_forward_wide_rows_and_wild_ids(dim: int, combine: str | None) ->
     fast, reference = _forward_pair(ec, kjt)
     torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
     assert fast[0].abs().sum() == 0 and fast[3].abs().sum() == 0
+
+
+def _mixed_collection() -> tuple[EmbeddingCollection, list[TableConfig], dict[str, str]]:
+    """qr mult features around a hashed and a unified table: two pooled outputs and the mult
+    features' one, in one kernel call."""
+    tables = [
+        TableConfig("q1", 900, 16, QR(combine="mult", out_of_range="hash")),
+        TableConfig("h", 10**6, 8, "hash", budget=300, seed=7),
+        TableConfig("q2", 5000, 16, QR(combine="mult", num_partitions=3)),
+        TableConfig("u", 2000, 4, Unified(feature_chunks={"e": 2}), budget=50),
+    ]
+    feature_to_table = {"a": "q1", "b": "h", "c": "q2", "d": "u", "e": "u", "g": "q1"}
+    ec = EmbeddingCollection(tables, feature_to_table, optimizer=None)
+    with torch.no_grad():
+        for table in ec.physical_tables():
+            ec.tables.weight(table.name).uniform_(-1, 1)
+    return ec, tables, feature_to_table
+
+
+def _permuted(kjt: KeyedJaggedTensor, order: list[str]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_jt_dict({key: kjt[key] for key in order})
+
+
+@needs_kernels
+def test_kernel_forward_any_key_order_and_mixed_outputs() -> None:
+    """One plan per KJT key order; pooled groups and the mult features' shared output come
+    out in the collection's feature order, as the reference gives them."""
+    ec, tables, feature_to_table = _mixed_collection()
+    kjt = random_kjt(tables, feature_to_table, batch=7, max_len=6, seed=11)
+    for order in (list(feature_to_table), ["e", "g", "b", "a", "d", "c"]):
+        fast, reference = _forward_pair(ec, _permuted(kjt, order))
+        torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+    assert len(ec._kernel_plans) == 2
+
+
+@needs_kernels
+def test_kernel_forward_of_only_mult_features_is_the_kernel_output() -> None:
+    """A collection of qr mult features only returns the kernels' shared output, no copy."""
+    tables = [TableConfig(name, n, 16, QR(combine="mult")) for name, n in (("x", 700), ("y", 90))]
+    ec = EmbeddingCollection(tables, {"x": "x", "y": "y", "z": "x"}, optimizer=None)
+    kjt = random_kjt(tables, {"x": "x", "y": "y", "z": "x"}, batch=6, max_len=4, seed=2)
+    fast, reference = _forward_pair(ec, kjt)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+    assert fast.is_contiguous() and fast.untyped_storage().nbytes() == fast.numel() * 4
+
+
+@needs_kernels
+def test_kernel_forward_follows_a_table_that_moved() -> None:
+    """A table whose storage is replaced (param.data = ...) is read where it now is."""
+    ec, tables, feature_to_table = _mixed_collection()
+    kjt = random_kjt(tables, feature_to_table, batch=5, max_len=4, seed=4)
+    _forward_pair(ec, kjt)
+    for parameter in ec.parameters():
+        parameter.data = torch.rand_like(parameter) + 1.0
+    fast, reference = _forward_pair(ec, kjt)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
+def test_pooled_refuses_outputs_and_offsets_that_do_not_fit() -> None:
+    terms = PooledTerms([KernelTransform("hash", (10,), key=3)])
+    table = torch.rand(10, 16)
+    terms.set_term(0, 1, [table], 0, 16)
+    ids = torch.arange(6)
+    lengths = torch.tensor([1, 2, 0, 3])
+    with pytest.raises(ValueError, match="at least the terms' \\[32\\] columns"):
+        KERNELS.pooled(terms, ids, lengths, None, [torch.empty(2, 16)])
+    with pytest.raises(ValueError, match="B lengths per feature"):
+        KERNELS.pooled(terms, ids, lengths[:3], None, [torch.empty(2, 32)])
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        KERNELS.pooled(terms, ids, torch.tensor([1, 2, 0, 4]), None, [torch.empty(2, 32)])
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        KERNELS.pooled(terms, ids, torch.tensor([1, 2, -1, 4]), None, [torch.empty(2, 32)])
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        terms.set_term(0, 0, [table.double()], 0, 0)
+    out = torch.full((2, 32), 7.0)
+    assert KERNELS.pooled(terms, ids, lengths, None, [out]) is None
+    rows = bucket_keyed(ids, 3, 10)
+    expected = torch.stack([table[rows[3:3]].sum(0), table[rows[3:6]].sum(0)])
+    torch.testing.assert_close(out[:, 16:], expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[:, :16], torch.full((2, 16), 7.0))
 
 
 @needs_kernels
