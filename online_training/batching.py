@@ -87,6 +87,11 @@ class Sender:
         while self._pending and self._pending[0].is_done:
             self._check(self._pending.popleft())
 
+    def send_events(self, topic: str, keys: list[bytes], values: list[bytes]) -> None:
+        """One message per value, with its key, placed by the producer's default partitioner."""
+        for key, value in zip(keys, values, strict=True):
+            self.send_raw(topic, value, key=key)
+
     def flush(self, timeout_s: float) -> None:
         """Wait until Kafka has every message sent so far (kafka's KafkaTimeoutError if not in
         time); a DeliveryError if it refused one."""

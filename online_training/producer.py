@@ -12,7 +12,10 @@ each partition ends the stream, so a joiner knows when a window can no longer re
 With `format="json"` it sends what a third-party producer sends instead: one JSON object per
 event, the raw values as the source files hold them (the artifact's `decode` of the prepared
 copy), keyed by request id and placed by Kafka's default partitioner, with no watermarks and no
-end markers (the joiner derives watermarks; docs/streaming.md has the contract).
+end markers (the joiner derives watermarks; docs/streaming.md has the contract). The events are
+encoded column-wise (`JsonEvents`), as a high-volume producer would, and go out through
+kafka-python, or through any `JsonSink` given to `run` (bench/streaming.py gives librdkafka's,
+a stand-in for a Java or Go ad server's client).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from kafka import KafkaProducer
 
 from feature_store.offline import Dataset
@@ -48,6 +53,20 @@ PRODUCER_FORMATS = ("arrow", "json")
 
 class ReplayError(ValueError):
     """A data set or replay setting the producer cannot replay; the message says why."""
+
+
+class JsonSink(Protocol):
+    """Where a JSON replay's messages go (`batching.Sender` over kafka-python by default): each
+    value to `topic` with its key, placed by the client's default partitioner; `flush` waits
+    until the broker has every one (an error if it refused one). It counts what it sent."""
+
+    messages: int
+    heartbeats: int
+    bytes: int
+
+    def send_events(self, topic: str, keys: list[bytes], values: list[bytes]) -> None: ...
+
+    def flush(self, timeout_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -222,7 +241,7 @@ class ReplayProducer:
         self.user_column = schema.id_columns["user"]
         self.item_column = schema.id_columns["item"]
         self.features = [spec.name for spec in schema.features]
-        self.events: _JsonEvents | None = None
+        self.events: JsonEvents | None = None
         if config.format == "json":
             preprocessor = dataset.preprocessor()
             if preprocessor is None:
@@ -230,25 +249,42 @@ class ReplayProducer:
                     f"data set {dataset.name!r} was prepared without a preprocessing artifact, "
                     "so its raw values are unknown; prepare it again, or replay --format arrow"
                 )
-            self.events = _JsonEvents(preprocessor, self.features)
+            self.events = JsonEvents(preprocessor, self.features)
         run_id = config.run_id if config.run_id is not None else random.randrange(1, 2**31)
         self.report = ProducerReport(dataset=dataset.name, split=config.split, run_id=run_id)
 
-    def run(self) -> ProducerReport:
+    def run(self, sink: JsonSink | None = None) -> ProducerReport:
+        """Replay the split; a JSON replay goes to `sink` when one is given (the caller's
+        client, which owns its partitioning), else to a kafka-python producer."""
+        if sink is not None and self.events is None:
+            raise ReplayError("a sink takes per-event JSON only; replay with format='json'")
         started = self.clock()
-        limits = message_limits(self.kafka, [self.topics.feature_log, self.topics.actions])
-        producer = make_producer(self.kafka, min(limits.values()))
-        try:
-            self._replay(producer, limits)
-        finally:
-            producer.close(timeout=self.config.flush_timeout_s)
-        self.report.seconds = self.clock() - started
-        return self.report
+        if sink is not None:
+            self._replay(sink, 0)
+            sink.flush(self.config.flush_timeout_s)
+        else:
+            limits = message_limits(self.kafka, [self.topics.feature_log, self.topics.actions])
+            producer = make_producer(self.kafka, min(limits.values()))
+            try:
+                sender = Sender(producer, self.config.compression, limits)
+                self._replay(sender, self._partition_count(producer))
+                sender.flush(self.config.flush_timeout_s)
+            finally:
+                producer.close(timeout=self.config.flush_timeout_s)
+            sink = sender
+        report = self.report
+        report.messages, report.heartbeats, report.bytes = (
+            sink.messages,
+            sink.heartbeats,
+            sink.bytes,
+        )
+        report.seconds = self.clock() - started
+        return report
 
-    def _replay(self, producer: KafkaProducer, limits: dict[str, int]) -> None:
+    def _replay(self, sender: Sender | JsonSink, partitions: int) -> None:
+        """Send every row up to the event-time clock, then the clicks due; `partitions` places
+        Arrow batches (JSON is placed by its sink's client)."""
         config, schema = self.config, self.dataset.schema
-        partitions = self._partition_count(producer)
-        sender = Sender(producer, config.compression, limits)
         feature_log, actions = (
             PartitionBatcher(
                 topic,
@@ -259,6 +295,8 @@ class ReplayProducer:
                 linger_s=config.linger_s,
                 dataset=self.dataset.name,
             )
+            if self.events is None
+            else _JsonWriter(topic, sender)
             for topic, kind in (
                 (self.topics.feature_log, messages.FEATURE_LOG),
                 (self.topics.actions, messages.ACTIONS),
@@ -300,13 +338,6 @@ class ReplayProducer:
         for partition in range(partitions if self.events is None else 0):
             feature_log.end(partition, self.clock())
             actions.end(partition, self.clock())
-        sender.flush(config.flush_timeout_s)
-        report = self.report
-        report.messages, report.heartbeats, report.bytes = (
-            sender.messages,
-            sender.heartbeats,
-            sender.bytes,
-        )
 
     def _partition_count(self, producer: KafkaProducer) -> int:
         counts = {
@@ -325,7 +356,7 @@ class ReplayProducer:
         times: np.ndarray,
         first_index: int,
         partitions: int,
-        writer: PartitionBatcher,
+        writer: PartitionBatcher | _JsonWriter,
         queue: _ActionQueue,
         now: float,
     ) -> None:
@@ -343,9 +374,7 @@ class ReplayProducer:
         if self.events is None:
             writer.add(pa.RecordBatch.from_pydict(served), user_partitions(users, partitions), now)
         else:
-            self.events.impressions(
-                writer.sender, self.topics.feature_log, request_ids, rows, times
-            )
+            writer.send(*self.events.impressions(request_ids, rows, times))
         clicked = rows.column(self.dataset.schema.label).to_numpy() == 1
         queue.push(
             {
@@ -367,14 +396,16 @@ class ReplayProducer:
         report.last_event_time = float(times[-1])
 
     def _actions(
-        self, due: dict[str, np.ndarray], partitions: int, writer: PartitionBatcher, now: float
+        self,
+        due: dict[str, np.ndarray],
+        partitions: int,
+        writer: PartitionBatcher | _JsonWriter,
+        now: float,
     ) -> None:
         count = len(due["request_id"])
         self.report.actions += count
         if self.events is not None:
-            self.events.clicks(
-                writer.sender, self.topics.actions, due["request_id"], due["event_time"]
-            )
+            writer.send(*self.events.clicks(due["request_id"], due["event_time"]))
             return
         rows = pa.RecordBatch.from_pydict(
             {
@@ -390,8 +421,26 @@ class ReplayProducer:
         writer.add(rows, user_partitions(due["user_id"], partitions), now)
 
 
-class _JsonEvents:
-    """Impressions and clicks as per-event JSON with raw values, keyed by request id."""
+@dataclass(frozen=True)
+class _JsonWriter:
+    """One topic of a JSON replay: its messages go to the sink as they are encoded."""
+
+    topic: str
+    sink: Sender | JsonSink
+
+    def send(self, keys: list[bytes], values: list[bytes]) -> None:
+        self.sink.send_events(self.topic, keys, values)
+
+
+class JsonEvents:
+    """Impressions and clicks as per-event JSON with raw values, keyed by request id.
+
+    Encoded column-wise, as a high-volume producer serializes: each column's values become JSON
+    text at once (a distinct string or id once per run, numbers by Arrow's shortest round-trip
+    formatting), and the objects are joined from them row by row in Arrow, so no Python object
+    is built per event. A null, or a number that is not finite, is sent as `null` (a missing
+    value); the objects parse to what `json.dumps` of the same values gives.
+    """
 
     def __init__(self, preprocessor, features: list[str]) -> None:
         spec = preprocessor.spec
@@ -403,32 +452,66 @@ class _JsonEvents:
         self.unit = spec.time.unit
 
     def impressions(
-        self,
-        sender: Sender,
-        topic: str,
-        request_ids: np.ndarray,
-        rows: pa.RecordBatch,
-        times: np.ndarray,
-    ) -> None:
-        raw = [
-            self.preprocessor.decode(name, rows.column(name)).to_pylist() for name in self.features
-        ]
-        fields = [self.request_field, self.time_field, *self.fields]
-        ids = request_ids.tolist()
-        for values in zip(ids, events.raw_times(times, self.unit), *raw, strict=True):
-            sender.send_raw(
-                topic,
-                json.dumps(dict(zip(fields, values, strict=True))).encode(),
-                key=_key(values[0]),
-            )
+        self, request_ids: np.ndarray, rows: pa.RecordBatch, times: np.ndarray
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The keys and values of one impression message per row."""
+        columns = {
+            self.request_field: pa.array(request_ids),
+            self.time_field: pa.array(events.raw_times(times, self.unit)),
+        }
+        for name, field_name in zip(self.features, self.fields, strict=True):
+            columns[field_name] = self.preprocessor.decode(name, rows.column(name))
+        return _keys(request_ids), _objects(columns)
 
-    def clicks(self, sender: Sender, topic: str, request_ids: np.ndarray, times: np.ndarray):
-        for request_id, at in zip(
-            request_ids.tolist(), events.raw_times(times, self.unit), strict=True
-        ):
-            event = {self.request_field: request_id, self.time_field: at}
-            sender.send_raw(topic, json.dumps(event).encode(), key=_key(request_id))
+    def clicks(self, request_ids: np.ndarray, times: np.ndarray) -> tuple[list[bytes], list[bytes]]:
+        """The keys and values of one click message per request."""
+        columns = {
+            self.request_field: pa.array(request_ids),
+            self.time_field: pa.array(events.raw_times(times, self.unit)),
+        }
+        return _keys(request_ids), _objects(columns)
 
 
-def _key(request_id: int) -> bytes:
-    return str(request_id).encode()
+def _keys(request_ids: np.ndarray) -> list[bytes]:
+    return pc.cast(pc.cast(pa.array(request_ids), pa.string()), pa.binary()).to_pylist()
+
+
+def _objects(columns: dict[str, pa.Array]) -> list[bytes]:
+    """One compact JSON object per row of the columns, fields in the columns' order."""
+    parts: list[str | pa.Array] = []
+    for name, column in columns.items():
+        parts += [("," if parts else "{") + json.dumps(name) + ":", _json_text(column)]
+    joined = pc.binary_join_element_wise(*parts, "}", "")
+    return pc.cast(joined, pa.binary()).to_pylist()
+
+
+def _json_text(column: pa.Array) -> pa.Array:
+    """Each value of a column as JSON text (`null` for a null or a number not finite)."""
+    kind = column.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        # Offsets from 0 over the slice's own items: from_arrays takes no nulls with a slice.
+        offsets = column.offsets.to_numpy()
+        items = _json_text(column.values.slice(offsets[0], offsets[-1] - offsets[0]))
+        lists = type(column).from_arrays(
+            pa.array(offsets - offsets[0], column.offsets.type), items, mask=column.is_null()
+        )
+        text = pc.binary_join_element_wise("[", pc.binary_join(lists, ","), "]", "")
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        distinct = column.dictionary_encode()
+        quoted = pa.array(
+            [json.dumps(value) for value in distinct.dictionary.to_pylist()], pa.string()
+        )
+        text = quoted.take(distinct.indices)
+    elif pa.types.is_floating(kind):
+        finite = pc.is_finite(column)
+        text = pc.if_else(finite, pc.cast(column, pa.string()), pa.scalar(None, pa.string()))
+    elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        text = pc.cast(column, pa.string())
+    elif pa.types.is_null(kind):
+        text = pa.nulls(len(column), pa.string())
+    else:
+        raise ReplayError(
+            f"a raw column of type {kind} has no JSON form here; accepted: "
+            "strings, numbers, booleans and lists of them"
+        )
+    return text.fill_null("null")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer, TopicPartition
 
+from bench.streaming import LibrdkafkaSink
 from online_training.events import request_keys
 from online_training.joiner import Joiner, JoinerConfig, JoinError, _read_to_end
 from online_training.kafka import Topics, make_consumer
@@ -136,12 +137,15 @@ def _wait(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_json_replay_joins_to_the_prepared_rows(kafka, topics, movielens, slice_labels):
-    """`--format json` replays raw values (the artifact's decode); the joiner encodes them back
-    to exactly the prepared rows, with the data set's labels."""
+@pytest.mark.parametrize("client", ["kafka-python", "librdkafka"])
+def test_a_json_replay_joins_to_the_prepared_rows(kafka, topics, movielens, slice_labels, client):
+    """`--format json` replays raw values (the artifact's decode), encoded column-wise; the
+    joiner encodes them back to exactly the prepared rows, with the data set's labels, whether
+    kafka-python sends them or librdkafka (the bench's sink) does."""
+    sink = LibrdkafkaSink(kafka.bootstrap_servers) if client == "librdkafka" else None
     produced = ReplayProducer(
         movielens, kafka, topics, ProducerConfig(limit=SLICE, label_delay_s=1, format="json")
-    ).run()
+    ).run(sink)
     assert produced.messages == SLICE + int(slice_labels.sum())
     report = Joiner(
         kafka,
