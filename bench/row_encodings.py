@@ -32,8 +32,9 @@ from models.batches import BatchLoader
 from models.checkpoint import manifest_of
 from models.config import run_config_from_dict
 from models.train import EVAL_BATCH_SIZE, evaluate, train
-from serving.param_store import ParamPublisher, ParamReader
 from serving.published_model import publish_model, servable_model
+from serving.publisher import ParamPublisher
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.row_encoding import ENCODINGS, row_bytes
 

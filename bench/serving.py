@@ -71,8 +71,8 @@ from models.batches import batch_from_columns
 from models.checkpoint import load_checkpoint
 from models.config import run_config_from_dict
 from models.train import train
-from serving.param_store import ParamPublisher
 from serving.published_model import dense_state, publish_checkpoint, servable_model
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 DATASET = "movielens-1m"

@@ -49,8 +49,8 @@ from embtab.machine import machine_info
 from embtab.services import start_redis
 from models.checkpoint import load_checkpoint
 from serving import scorer as scorer_module
-from serving.param_store import ParamPublisher
 from serving.published_model import publish_checkpoint
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.request import parse_request
 from serving.service import ScoringService, ServeConfig, serving_redis

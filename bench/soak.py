@@ -64,8 +64,8 @@ from embtab.machine import machine_info, write_results
 from embtab.services import embedded_services
 from feature_store.offline import open_prepared
 from models.checkpoint import load_checkpoint
-from serving.param_store import ParamPublisher
 from serving.published_model import publish_checkpoint
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"

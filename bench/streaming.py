@@ -98,7 +98,8 @@ from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
 from serving.keys import ModelKeys
-from serving.param_store import ParamPublisher, ParamReader
+from serving.publisher import ParamPublisher
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 RESULTS = Path(__file__).parent / "results" / "streaming.json"

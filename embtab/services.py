@@ -20,6 +20,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The one free-port probe, shared with the gloo ranks (models sits below embtab).
+from models.rank_launch import free_port
+
 # Consumer settings live with the other Kafka client settings (online_training sits below
 # embtab and may not import it); re-exported here for the launchers' users.
 from online_training.kafka import KAFKA_CONSUMER_DEFAULTS as KAFKA_CONSUMER_DEFAULTS
@@ -32,12 +35,6 @@ READY_TIMEOUT_S = 15.0
 
 class ServiceError(RuntimeError):
     """An embedded service that could not be found, started or reached."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def redis_server_binary() -> Path:

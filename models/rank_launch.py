@@ -34,7 +34,9 @@ class RankFailedError(DistributedError):
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
+    """A TCP port on loopback that was free a moment ago (the caller binds it, and retries if
+    another process took it in between)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 

@@ -42,8 +42,9 @@ from models.sharded_checkpoint import (
 from models.sharding_plan import table_key
 from online_training.sync import ParamSync, SyncConfig, SyncError
 from serving.errors import VersionNotFoundError
-from serving.param_store import ParamPublisher, PublishResult, TableLayout
+from serving.manifest import TableLayout
 from serving.published_model import publish_checkpoint
+from serving.publisher import ParamPublisher, PublishResult
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from online_training.trainer import (
     _Message,
     state_entry,
 )
-from serving.param_store import ParamPublisher
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 NO_ROWS = pa.RecordBatch.from_pydict({})

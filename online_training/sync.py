@@ -3,7 +3,7 @@
 A delta holds the rows touched since the last sync (static tables keyed by physical row,
 collisionless tables by raw id) and the ids that collisionless tables expired or evicted,
 which are deleted from Redis; every `dense_every`-th delta (and any the caller asks for) also
-carries the dense parameters and default rows. `serving.param_store` makes a delta one step
+carries the dense parameters and default rows. `serving.publisher` makes a delta one step
 for readers: its changed ids are logged and its rows written, and only then does the version's
 head move to it (with its dense revision, if any) at once.
 
@@ -32,8 +32,10 @@ from embedding_tables.idmap import EMPTY
 from models.base import Model
 from models.checkpoint import manifest_of
 from serving.errors import RedisUnavailableError, VersionNotFoundError
-from serving.param_store import ParamPublisher, ParamReader, PublishResult, TableLayout
+from serving.manifest import TableLayout
 from serving.published_model import default_rows, dense_state, publish_model, table_layouts
+from serving.publisher import ParamPublisher, PublishResult
+from serving.reader import ParamReader
 from serving.row_encoding import ENCODINGS
 
 log = logging.getLogger(__name__)

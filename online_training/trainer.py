@@ -59,7 +59,7 @@ from online_training.kafka import (
 )
 from online_training.learner import AppliedBatch, OnlineLearner
 from online_training.sync import ParamSync, SyncConfig, SyncError, SyncPoint, SyncRecord
-from serving.param_store import ParamPublisher
+from serving.publisher import ParamPublisher
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,15 @@ is down or refuses the credentials is not: it is a failure of the service, not o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import redis
+from redis.exceptions import NoPermissionError
+
+# What a Redis client raises when the server cannot be reached or does not answer in time.
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
 
 class ServingError(Exception):
     """Base class for every error raised by serving."""
@@ -73,3 +82,19 @@ class RedisAuthError(StoreError):
 
 class RedisUnavailableError(StoreError):
     """Redis did not answer in time; the caller degrades (cache and default rows)."""
+
+
+@contextlib.contextmanager
+def redis_call(what: str) -> Iterator[None]:
+    """Turn Redis connection failures into RedisUnavailableError naming what was being done."""
+    try:
+        yield
+    except redis.AuthenticationError as error:
+        raise RedisAuthError(f"{what}: Redis refused the credentials ({error})") from error
+    except NoPermissionError as error:  # the ACL user may not run this command or use this key
+        raise RedisAuthError(
+            f"{what}: the Redis ACL user lacks a permission ({error}); it needs every non-admin "
+            "command on the keys embtab:*"
+        ) from error
+    except REDIS_ERRORS as error:
+        raise RedisUnavailableError(f"{what}: Redis did not answer ({error})") from error

@@ -26,7 +26,8 @@ from models.base import Model
 from models.build import build_model
 from models.checkpoint import GRAPHHASH_PREFIX, load_checkpoint, spec_from_manifest
 from serving.errors import PublishError, StoreError
-from serving.param_store import DeltaResult, ParamPublisher, PublishResult, TableLayout
+from serving.manifest import TableLayout
+from serving.publisher import DeltaResult, ParamPublisher, PublishResult
 
 EMBEDDINGS_PREFIX = "embeddings."
 TABLE_STATE_PREFIXES = (f"{EMBEDDINGS_PREFIX}tables.", f"{EMBEDDINGS_PREFIX}self_managed.")

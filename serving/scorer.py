@@ -43,6 +43,7 @@ from feature_store.wheels import DataError
 from models.base import Model
 from models.batches import batch_from_columns
 from serving.cache import RowCache
+from serving.dense_blob import DenseState
 from serving.errors import (
     RedisUnavailableError,
     ServingError,
@@ -52,10 +53,11 @@ from serving.errors import (
 from serving.health import RedisHealth
 from serving.item_features import ItemFeatureCache, model_column
 from serving.jagged import Jagged
-from serving.param_store import DenseState, ParamReader, VersionHead, VersionManifest
+from serving.manifest import VersionHead, VersionManifest
 from serving.parsing import Preparation, check_model, prepare_columns
 from serving.published_model import servable_model
 from serving.raw_values import RawValueEncoder
+from serving.reader import ParamReader
 from serving.request import (
     FeatureRule,
     RequestColumns,

@@ -20,8 +20,8 @@ from feature_store.schema import Schema
 from serving.batcher import MicroBatcher
 from serving.errors import ServingError
 from serving.metrics import ServiceMetrics
-from serving.param_store import ParamReader
 from serving.parsing import BodyParser, NoVersionError
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.request import RequestColumns, parse_request
 from serving.scorer import NotReadyError, RequestScores, Scorer, ScorerConfig

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from embtab.output import emit
-from serving.param_store import ParamPublisher, StoreOptions
+from serving.publisher import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.row_encoding import ENCODINGS
 

@@ -52,7 +52,7 @@ from online_training.sharded_trainer import ShardedStreamJob, train_stream_distr
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig
 from serving.keys import check_name
-from serving.param_store import ParamPublisher
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes, redact_url
 from serving.row_encoding import ENCODINGS
 

@@ -45,8 +45,8 @@ from online_training.pipeline import PipelineConfig, StreamPipeline
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig, SyncRecord
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
-from serving.param_store import ParamPublisher
 from serving.published_model import publish_checkpoint
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 MODEL_NAME = "demo-dcn"

@@ -17,7 +17,7 @@ import numpy as np
 
 from bench.serving import Service, load
 from feature_store.offline import Dataset
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from serving.request import ScoreRequest
 from serving.service import ScoringService, ServeConfig, serving_redis
 

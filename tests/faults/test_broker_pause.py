@@ -21,8 +21,8 @@ from online_training.joiner import Joiner, JoinerConfig
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
-from serving.param_store import ParamReader
 from serving.published_model import publish_checkpoint
+from serving.reader import ParamReader
 from tests.faults.stack import Load, assert_serves_what_redis_holds, score_bodies, served, wait_for
 from tests.online_training.conftest import event_index
 from tests.online_training.example_stream import publisher_for, small_model, unique_model_name

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from models.checkpoint import save_checkpoint
-from serving.param_store import ParamReader
 from serving.published_model import publish_checkpoint
+from serving.reader import ParamReader
 from tests.faults.stack import Load, assert_serves_what_redis_holds, score_bodies, served, wait_for
 from tests.online_training.example_stream import publisher_for, small_model, unique_model_name
 from tests.serving.test_param_store import KILLED_PUBLISHER

@@ -20,8 +20,8 @@ from embtab.services import start_redis
 from models.checkpoint import manifest_of
 from online_training.learner import OnlineLearner
 from online_training.sync import ParamSync, SyncConfig
-from serving.param_store import ParamReader
 from serving.published_model import publish_model
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisNodes
 from serving.request import ScoreRequest
 from serving.scorer import Scorer, ScorerConfig

@@ -17,8 +17,8 @@ from embtab.services import start_redis
 from models.checkpoint import save_checkpoint
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
-from serving.param_store import ParamReader
 from serving.published_model import publish_checkpoint
+from serving.reader import ParamReader
 from tests.faults.stack import (
     SLICE_S,
     Load,

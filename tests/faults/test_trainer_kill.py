@@ -23,8 +23,8 @@ import numpy as np
 
 from models.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from serving.keys import ModelKeys
-from serving.param_store import ParamReader
 from serving.published_model import publish_checkpoint
+from serving.reader import ParamReader
 from tests.faults.stack import Load, assert_serves_what_redis_holds, score_bodies, served
 from tests.online_training.conftest import PARTITIONS
 from tests.online_training.example_stream import (
@@ -49,7 +49,7 @@ from online_training.kafka import KafkaSettings, Topics
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
 from redis.connection import AbstractConnection
-from serving.param_store import ParamPublisher, StoreOptions
+from serving.publisher import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes
 kafka, prefix, group, redis_url, name, checkpoint, state, applied_path = sys.argv[1:9]
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)

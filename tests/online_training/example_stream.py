@@ -19,7 +19,7 @@ from models.build import build_model, plan_model
 from models.config import DCNConfig, RunConfig, TablesConfig, TrainConfig
 from online_training import messages
 from online_training.kafka import KafkaSettings, user_partitions
-from serving.param_store import ParamPublisher, StoreOptions
+from serving.publisher import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 

@@ -31,7 +31,7 @@ from online_training.sharded_trainer import (
 )
 from online_training.sync import SyncConfig
 from online_training.trainer import TrainerConfig, TrainerConfigError
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from tests.online_training.conftest import PARTITIONS
 from tests.online_training.example_stream import (

@@ -7,7 +7,7 @@ import uuid
 
 from embtab.cli import main
 from models.checkpoint import read_manifest, save_checkpoint
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from tests.online_training.conftest import PARTITIONS
 from tests.online_training.example_stream import (
     example_rows,

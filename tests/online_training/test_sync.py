@@ -13,8 +13,8 @@ from online_training import messages
 from online_training.learner import OnlineLearner
 from online_training.sync import ParamSync, SyncConfig, SyncError, SyncPoint
 from serving.errors import RedisUnavailableError
-from serving.param_store import ParamReader
 from serving.published_model import dense_state, publish_checkpoint, table_layouts
+from serving.reader import ParamReader
 from tests.online_training.example_stream import (
     example_rows,
     publisher_for,

@@ -26,7 +26,7 @@ from models.config import run_config_from_dict
 from online_training.joiner import Joiner, JoinerConfig
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from tests.online_training.example_stream import publisher_for, unique_model_name
 from tests.online_training.raw_events import click, encoded, impression
 

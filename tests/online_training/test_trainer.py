@@ -18,7 +18,7 @@ from online_training import messages
 from online_training.kafka import KafkaSettings, Topics, make_consumer
 from online_training.sync import SyncConfig
 from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from tests.online_training.conftest import PARTITIONS, read_topic
 from tests.online_training.example_stream import (
     example_rows,

@@ -27,7 +27,7 @@ from models.checkpoint import save_checkpoint
 from online_training.learner import OnlineLearner
 from online_training.sync import ParamSync, SyncConfig
 from serving.errors import RedisAuthError
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from tests.online_training.conftest import PARTITIONS
 from tests.online_training.example_stream import (

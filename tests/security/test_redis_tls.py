@@ -27,7 +27,7 @@ from redis.connection import SSLConnection
 from embtab.services import free_port, redis_server_binary, start_redis
 from feature_store.online import OnlineFeatureStore, redis_client
 from serving.errors import RedisUnavailableError
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.service import ScoringService, ServeConfig, serving_redis
 from tests.serving.serving_helpers import SCHEMA, publish, request_body, tiny_model, unique_name

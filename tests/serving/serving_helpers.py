@@ -14,8 +14,8 @@ from models.batches import batch_from_columns
 from models.build import build_model, plan_model
 from models.checkpoint import manifest_of
 from models.config import run_config_from_dict
-from serving.param_store import ParamPublisher, PublishResult
 from serving.published_model import publish_model
+from serving.publisher import ParamPublisher, PublishResult
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 USERS, ITEMS = 60, 400

@@ -20,8 +20,9 @@ from feature_store.spec import parse_spec
 from models.build import build_model, plan_model
 from models.checkpoint import manifest_of
 from models.config import run_config_from_dict
-from serving.param_store import ParamPublisher, ParamReader
 from serving.published_model import publish_model
+from serving.publisher import ParamPublisher
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.request import ScoreRequest
 from serving.scorer import Scorer, ScorerConfig

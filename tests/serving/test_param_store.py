@@ -25,7 +25,9 @@ from serving.errors import (
     VersionNotFoundError,
 )
 from serving.keys import ModelKeys
-from serving.param_store import ParamPublisher, ParamReader, StoreOptions, TableLayout
+from serving.manifest import TableLayout
+from serving.publisher import ParamPublisher, StoreOptions
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes, redact_url
 from serving.row_encoding import ENCODINGS, QUANTISED_LEVELS, quantised_error_bound
 from tests.serving.serving_helpers import METHODS, publish, tiny_model, unique_name
@@ -205,7 +207,8 @@ KILLED_PUBLISHER = textwrap.dedent(
     """
     import sys, time
     import numpy as np, torch
-    from serving.param_store import ParamPublisher, StoreOptions, TableLayout
+    from serving.manifest import TableLayout
+    from serving.publisher import ParamPublisher, StoreOptions
     from serving.redis_nodes import RedisConfig, RedisNodes
 
     url, name = sys.argv[1], sys.argv[2]

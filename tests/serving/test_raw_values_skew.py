@@ -27,8 +27,8 @@ from models.batches import batch_from_columns
 from models.checkpoint import load_checkpoint
 from models.config import run_config_from_dict
 from models.train import train
-from serving.param_store import ParamPublisher
 from serving.published_model import publish_checkpoint
+from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 from tests.serving.serving_helpers import unique_name
 

@@ -13,8 +13,9 @@ import torch
 
 from embtab.services import start_redis
 from feature_store.online import OnlineFeatureStore
-from serving.param_store import ParamPublisher, ParamReader
 from serving.published_model import dense_state, model_delta, publish_model_delta
+from serving.publisher import ParamPublisher
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from serving.request import ScoreRequest
 from serving.scorer import Scorer, ScorerConfig

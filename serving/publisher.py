@@ -1,4 +1,5 @@
-"""Publish a model's embedding rows and dense parameters to Redis shards, and read them back.
+"""Publish a model's embedding rows and dense parameters to Redis shards (`serving.reader`
+reads them back).
 
 What is published is each table's *physical* rows (a qr table's small tables, a hash table's
 hashed rows, a unified group's shared table), keyed by row id; a collisionless table is keyed by
@@ -29,44 +30,25 @@ under its own key, so a reader never mixes two dense revisions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import redis
 import safetensors.numpy
-import safetensors.torch
 import torch
-from redis.exceptions import NoPermissionError
 
-from serving.errors import (
-    PublishError,
-    RedisAuthError,
-    RedisUnavailableError,
-    StoreError,
-    VersionNotFoundError,
-)
-from serving.keys import ModelKeys, check_name, shard_of
+from serving.dense_blob import DenseState, dense_blob, float_rows, parse_dense_blob
+from serving.errors import PublishError, VersionNotFoundError, redis_call
+from serving.keys import ModelKeys
+from serving.manifest import TableLayout, VersionManifest
 from serving.redis_nodes import RedisNodes
-from serving.row_encoding import (
-    check_encoding,
-    decode_ids,
-    decode_values,
-    encode_ids,
-    encode_rows,
-    row_bytes,
-)
+from serving.row_encoding import check_encoding, encode_rows
+from serving.sharded_writer import ShardedWriter
 
-KEYED_BY = ("row", "id")
-MANIFEST_FORMAT = "embtab.serving.manifest"
-MANIFEST_VERSION = 1
-DEFAULT_ROW_PREFIX = "embtab.default_row."
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Both delta scripts first check that the head still belongs to the publish the delta extends
 # (ARGV[1]: its publish id), and return GONE when it does not (lost, or re-created by another
 # publish under the same number).
@@ -92,110 +74,6 @@ end
 return -2
 """
 )
-
-
-@dataclass(frozen=True)
-class TableLayout:
-    """One physical table as published: `rows` is its row count (its capacity, or 0 if unbounded,
-    for an id-keyed table); `keyed_by` is `row` (row ids in [0, rows)) or `id` (raw int64 ids)."""
-
-    name: str
-    rows: int
-    dim: int
-    keyed_by: str = "row"
-
-    def __post_init__(self) -> None:
-        check_name("table", self.name)
-        if self.keyed_by not in KEYED_BY:
-            raise PublishError(
-                f"table {self.name!r}: keyed_by {self.keyed_by!r}; accepted: {', '.join(KEYED_BY)}"
-            )
-        if self.dim < 1 or self.rows < 0 or (self.keyed_by == "row" and self.rows < 1):
-            raise PublishError(
-                f"table {self.name!r}: needs dim >= 1 and, keyed by row, rows >= 1; got "
-                f"rows={self.rows} dim={self.dim}"
-            )
-
-
-@dataclass(frozen=True)
-class VersionManifest:
-    """What a version holds: its tables, how rows are encoded and sharded, the model's manifest."""
-
-    model: str
-    version: int
-    encoding: str
-    num_shards: int
-    tables: tuple[TableLayout, ...]
-    model_manifest: dict = field(default_factory=dict)
-    created_at: float = 0.0
-    rows_written: dict[str, int] = field(default_factory=dict)
-    num_nodes: int = 1  # Redis URLs the shards were spread over; 0 for a Redis Cluster
-    publish_id: str = ""  # see serving.keys: "" for versions published before ids existed
-
-    def table(self, name: str) -> TableLayout:
-        for layout in self.tables:
-            if layout.name == name:
-                return layout
-        raise StoreError(
-            f"model {self.model!r} version {self.version} has no table {name!r}; tables: "
-            f"{', '.join(t.name for t in self.tables)}"
-        )
-
-    def to_json(self) -> str:
-        payload = asdict(self)
-        payload["format"] = MANIFEST_FORMAT
-        payload["format_version"] = MANIFEST_VERSION
-        return json.dumps(payload, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: bytes | str) -> VersionManifest:
-        try:
-            raw = json.loads(text)
-            if (
-                raw.get("format") != MANIFEST_FORMAT
-                or raw.get("format_version") != MANIFEST_VERSION
-            ):
-                raise StoreError(
-                    f"manifest format {raw.get('format')!r} v{raw.get('format_version')}; this "
-                    f"build reads {MANIFEST_FORMAT!r} v{MANIFEST_VERSION}"
-                )
-            return cls(
-                model=raw["model"],
-                version=int(raw["version"]),
-                encoding=raw["encoding"],
-                num_shards=int(raw["num_shards"]),
-                tables=tuple(TableLayout(**table) for table in raw["tables"]),
-                model_manifest=raw.get("model_manifest", {}),
-                created_at=float(raw.get("created_at", 0.0)),
-                rows_written={k: int(v) for k, v in raw.get("rows_written", {}).items()},
-                num_nodes=int(raw.get("num_nodes", 1)),
-                publish_id=str(raw.get("publish_id", "")),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            if isinstance(error, StoreError):
-                raise
-            raise StoreError(f"not a valid serving manifest: {error}") from error
-
-
-@dataclass(frozen=True)
-class VersionHead:
-    """Where a version stands: its current dense revision and last committed delta, and which
-    publish it is (see serving.keys)."""
-
-    version: int
-    dense_revision: int
-    delta: int
-    publish_id: str = ""
-
-
-@dataclass(frozen=True)
-class DenseState:
-    """One dense revision: the model's dense tensors and each table's default row."""
-
-    version: int
-    revision: int
-    tensors: dict[str, torch.Tensor]
-    default_rows: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -253,124 +131,6 @@ def _as_ids(ids: Any) -> np.ndarray:
     return ids.astype(np.int64, copy=False).reshape(-1)
 
 
-def _as_rows(rows: Any) -> np.ndarray:
-    if isinstance(rows, torch.Tensor):
-        rows = rows.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(rows, dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _redis_call(what: str) -> Iterator[None]:
-    """Turn Redis connection failures into RedisUnavailableError naming what was being done."""
-    try:
-        yield
-    except redis.AuthenticationError as error:
-        raise RedisAuthError(f"{what}: Redis refused the credentials ({error})") from error
-    except NoPermissionError as error:  # the ACL user may not run this command or use this key
-        raise RedisAuthError(
-            f"{what}: the Redis ACL user lacks a permission ({error}); it needs every non-admin "
-            "command on the keys embtab:*"
-        ) from error
-    except REDIS_ERRORS as error:
-        raise RedisUnavailableError(f"{what}: Redis did not answer ({error})") from error
-
-
-class _ShardedWriter:
-    """Groups rows by shard and node and writes them as pipelined HSET/HDEL chunks."""
-
-    def __init__(self, nodes: RedisNodes, keys: ModelKeys, options: StoreOptions) -> None:
-        self.nodes = nodes
-        self.keys = keys
-        self.options = options
-
-    def _by_shard(self, ids: np.ndarray, num_shards: int) -> Iterator[tuple[int, np.ndarray]]:
-        shards = shard_of(ids, num_shards)
-        order = np.argsort(shards, kind="stable")
-        sorted_shards = shards[order]
-        starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends, strict=True):
-            yield int(sorted_shards[start]), order[start:end]
-
-    def write(
-        self, manifest: VersionManifest, table: str, ids: np.ndarray, encoded: np.ndarray
-    ) -> None:
-        """Write rows in pipelined batches of `batch_rows` (each batch as it is sent)."""
-        for begin in range(0, len(ids), self.options.batch_rows):
-            pipes: dict[int, Any] = {}
-            end = begin + self.options.batch_rows
-            self.queue_write(pipes, manifest, table, ids[begin:end], encoded[begin:end])
-            self.nodes.execute(pipes)
-
-    def queue_write(
-        self,
-        pipes: dict[int, Any],
-        manifest: VersionManifest,
-        table: str,
-        ids: np.ndarray,
-        encoded: np.ndarray,
-        transaction: bool = False,
-    ) -> None:
-        """Add HSETs of rows to the per-node pipelines in `pipes` (made as needed)."""
-        chunk = self.options.chunk_fields
-        for shard, positions in self._by_shard(ids, manifest.num_shards):
-            pipe = self._pipe(pipes, self.nodes.node_of_shard(shard), transaction)
-            key = self.keys.rows(manifest.version, table, shard)
-            fields = encode_ids(ids[positions])
-            values = encoded[positions]
-            for start in range(0, len(fields), chunk):
-                arguments: list[bytes] = []
-                for field_bytes, value in zip(
-                    fields[start : start + chunk], values[start : start + chunk], strict=True
-                ):
-                    arguments += (field_bytes, value.tobytes())
-                pipe.execute_command("HSET", key, *arguments)
-
-    def queue_delete(
-        self,
-        pipes: dict[int, Any],
-        manifest: VersionManifest,
-        table: str,
-        ids: np.ndarray,
-        transaction: bool = False,
-    ) -> None:
-        """Add HDELs of ids to the per-node pipelines in `pipes` (made as needed)."""
-        chunk = self.options.chunk_fields
-        for shard, positions in self._by_shard(ids, manifest.num_shards):
-            pipe = self._pipe(pipes, self.nodes.node_of_shard(shard), transaction)
-            key = self.keys.rows(manifest.version, table, shard)
-            fields = encode_ids(ids[positions])
-            for start in range(0, len(fields), chunk):
-                pipe.execute_command("HDEL", key, *fields[start : start + chunk])
-
-    def _pipe(self, pipes: dict[int, Any], node: int, transaction: bool) -> Any:
-        if node not in pipes:
-            pipes[node] = self.nodes.pipeline(node, transaction=transaction)
-        return pipes[node]
-
-
-def dense_blob(tensors: Mapping[str, torch.Tensor], default_rows: Mapping[str, Any]) -> bytes:
-    """The safetensors bytes of one dense revision (default rows under DEFAULT_ROW_PREFIX)."""
-    payload = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    for table, row in default_rows.items():
-        payload[DEFAULT_ROW_PREFIX + table] = torch.as_tensor(_as_rows(row)).reshape(-1)
-    clash = [name for name in tensors if name.startswith(DEFAULT_ROW_PREFIX)]
-    if clash:
-        raise PublishError(f"dense tensor names may not start with {DEFAULT_ROW_PREFIX!r}: {clash}")
-    return safetensors.torch.save(payload)
-
-
-def parse_dense_blob(version: int, revision: int, blob: bytes) -> DenseState:
-    """A dense blob's tensors, with the default rows taken out into their own dict."""
-    tensors = safetensors.torch.load(blob)
-    defaults = {
-        name[len(DEFAULT_ROW_PREFIX) :]: tensors.pop(name).numpy().astype(np.float32)
-        for name in list(tensors)
-        if name.startswith(DEFAULT_ROW_PREFIX)
-    }
-    return DenseState(version, revision, tensors, defaults)
-
-
 def _check_rows(layout: TableLayout, ids: np.ndarray, rows: np.ndarray) -> None:
     if rows.ndim != 2 or rows.shape != (len(ids), layout.dim):
         raise PublishError(
@@ -404,10 +164,10 @@ class FullPublish:
         if self._done:
             raise PublishError(f"version {self.version} is already committed")
         layout = self.manifest.table(table)
-        ids, rows = _as_ids(ids), _as_rows(rows)
+        ids, rows = _as_ids(ids), float_rows(rows)
         _check_rows(layout, ids, rows)
         encoded = encode_rows(rows, self.manifest.encoding)
-        with _redis_call(f"publish {self.manifest.model!r} v{self.version}"):
+        with redis_call(f"publish {self.manifest.model!r} v{self.version}"):
             self._publisher._writer.write(self.manifest, table, ids, encoded)
             self.rows_written[table] += len(ids)
             if time.time() - self._last_heartbeat >= self._publisher.options.heartbeat_s:
@@ -425,7 +185,7 @@ class FullPublish:
         defaults = dict(default_rows or {})
         for table, row in defaults.items():
             layout = self.manifest.table(table)
-            if _as_rows(row).size != layout.dim:
+            if float_rows(row).size != layout.dim:
                 raise PublishError(
                     f"table {table!r}: its default row must have {layout.dim} values"
                 )
@@ -434,7 +194,7 @@ class FullPublish:
         keys = publisher.keys
         final = VersionManifest(**{**asdict(self.manifest), "rows_written": self.rows_written})
         final = VersionManifest.from_json(final.to_json())
-        with _redis_call(f"commit {self.manifest.model!r} v{self.version}"):
+        with redis_call(f"commit {self.manifest.model!r} v{self.version}"):
             meta = publisher.nodes.meta
             meta.set(keys.dense(self.version, 0), blob)
             meta.hset(keys.head(self.version), "dense", 0)
@@ -470,13 +230,15 @@ class ParamPublisher:
         self.keys = ModelKeys(model)
         self.model = model
         self.options = options or StoreOptions()
-        self._writer = _ShardedWriter(nodes, self.keys, self.options)
+        self._writer = ShardedWriter(
+            nodes, self.keys, self.options.chunk_fields, self.options.batch_rows
+        )
         self._reserve_delta = nodes.meta.register_script(_RESERVE_DELTA)
         self._commit_delta = nodes.meta.register_script(_COMMIT_DELTA)
         self._manifests: dict[int, VersionManifest] = {}
 
     def live_version(self) -> int | None:
-        with _redis_call(f"read the live version of {self.model!r}"):
+        with redis_call(f"read the live version of {self.model!r}"):
             raw = self.nodes.meta.get(self.keys.version)
         return None if raw is None else int(raw)
 
@@ -498,7 +260,7 @@ class ParamPublisher:
         shards = num_shards or max(1, self.nodes.num_nodes)
         if shards < 1:
             raise PublishError(f"num_shards must be >= 1, got {shards}")
-        with _redis_call(f"begin a publish of {self.model!r}"):
+        with redis_call(f"begin a publish of {self.model!r}"):
             meta = self.nodes.meta
             version = int(meta.incr(self.keys.next_version))
             publish_id = uuid.uuid4().hex
@@ -551,7 +313,7 @@ class ParamPublisher:
 
     def manifest(self, version: int) -> VersionManifest:
         if version not in self._manifests:
-            with _redis_call(f"read the manifest of {self.model!r} v{version}"):
+            with redis_call(f"read the manifest of {self.model!r} v{version}"):
                 raw = self.nodes.meta.get(self.keys.manifest(version))
             if raw is None:
                 raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
@@ -592,14 +354,14 @@ class ParamPublisher:
         prepared = {}
         for table, (ids, values) in rows.items():
             layout = manifest.table(table)
-            ids, values = _as_ids(ids), _as_rows(values)
+            ids, values = _as_ids(ids), float_rows(values)
             _check_rows(layout, ids, values)
             prepared[table] = (ids, encode_rows(values, manifest.encoding))
         removed = {table: _as_ids(ids) for table, ids in deleted.items()}
         for table in removed:
             manifest.table(table)
         for table, row in (default_rows or {}).items():
-            if _as_rows(row).size != manifest.table(table).dim:
+            if float_rows(row).size != manifest.table(table).dim:
                 raise PublishError(
                     f"table {table!r}: its default row must have {manifest.table(table).dim} values"
                 )
@@ -612,7 +374,7 @@ class ParamPublisher:
         meta = self.nodes.meta
         # Shards of a Redis Cluster are in different slots: no transaction can span them.
         atomic = not self.nodes.config.cluster
-        with _redis_call(f"apply a delta to {self.model!r} v{target}"):
+        with redis_call(f"apply a delta to {self.model!r} v{target}"):
             delta = int(self._reserve_delta(keys=[self.keys.head(target)], args=[expected]))
             if delta == GONE:
                 self._manifests.pop(target, None)
@@ -687,7 +449,7 @@ class ParamPublisher:
         """Delete namespaces that are abandoned (`writing` with a stale heartbeat) or retired for
         longer than the grace period; never the live one. Returns the versions deleted."""
         now = time.time() if now is None else now
-        with _redis_call(f"collect old namespaces of {self.model!r}"):
+        with redis_call(f"collect old namespaces of {self.model!r}"):
             live = self.live_version()
             entries = self.nodes.meta.hgetall(self.keys.namespaces)
             deleted = []
@@ -766,149 +528,3 @@ class ParamPublisher:
 
     def _announce(self, message: Mapping[str, Any]) -> None:
         self.nodes.meta.publish(self.keys.events, json.dumps({"model": self.model, **message}))
-
-
-@dataclass(frozen=True)
-class FetchedRows:
-    """Rows of one table as read: values [n, dim] float32 (zeros where absent), found [n]."""
-
-    values: np.ndarray
-    found: np.ndarray
-
-
-class ParamReader:
-    """The reading side: versions, manifests, dense revisions, rows by id, delta logs."""
-
-    def __init__(self, nodes: RedisNodes, model: str, chunk_fields: int = 1000) -> None:
-        self.nodes = nodes
-        self.keys = ModelKeys(model)
-        self.model = model
-        self.chunk_fields = chunk_fields
-
-    def live_version(self) -> int | None:
-        with _redis_call(f"read the live version of {self.model!r}"):
-            raw = self.nodes.meta.get(self.keys.version)
-        return None if raw is None else int(raw)
-
-    def manifest(self, version: int) -> VersionManifest:
-        with _redis_call(f"read the manifest of {self.model!r} v{version}"):
-            raw = self.nodes.meta.get(self.keys.manifest(version))
-        if raw is None:
-            raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
-        manifest = VersionManifest.from_json(raw)
-        here = 0 if self.nodes.config.cluster else self.nodes.num_nodes
-        if manifest.num_nodes != here:
-            published = (
-                "a Redis Cluster" if manifest.num_nodes == 0 else f"{manifest.num_nodes} URL(s)"
-            )
-            reading = "a Redis Cluster" if here == 0 else f"{here} URL(s)"
-            raise StoreError(
-                f"model {self.model!r} v{version} was published over {published}; this reader "
-                f"has {reading}: give it the publisher's Redis URLs, in the same order"
-            )
-        return manifest
-
-    def head(self, version: int) -> VersionHead:
-        with _redis_call(f"read the head of {self.model!r} v{version}"):
-            raw = self.nodes.meta.hgetall(self.keys.head(version))
-        if b"dense" not in raw:  # gone, or a head a lost delta re-created
-            raise VersionNotFoundError(f"model {self.model!r} has no version {version}")
-        return VersionHead(
-            version, int(raw[b"dense"]), int(raw[b"delta"]), raw.get(b"id", b"").decode()
-        )
-
-    def dense(self, version: int, revision: int) -> DenseState:
-        with _redis_call(f"read dense revision {revision} of {self.model!r} v{version}"):
-            blob = self.nodes.meta.get(self.keys.dense(version, revision))
-        if blob is None:
-            raise VersionNotFoundError(
-                f"model {self.model!r} v{version} has no dense revision {revision} (not "
-                "committed yet, or expired after its grace period)"
-            )
-        return parse_dense_blob(version, revision, blob)
-
-    def preprocessing(self, version: int) -> dict[str, bytes]:
-        """The files of the version's preprocessing artifact ({} for a model without one)."""
-        with _redis_call(f"read the preprocessing artifact of {self.model!r} v{version}"):
-            raw = self.nodes.meta.hgetall(self.keys.preprocessing(version))
-        return {name.decode(): blob for name, blob in raw.items()}
-
-    def delta_log(self, version: int, delta: int) -> dict[str, np.ndarray] | None:
-        """Row ids delta `delta` changed, by table; None if the log is gone (expired)."""
-        with _redis_call(f"read delta {delta} of {self.model!r} v{version}"):
-            blob = self.nodes.meta.get(self.keys.delta_log(version, delta))
-        if blob is None:
-            return None
-        return dict(safetensors.numpy.load(blob)) if blob else {}
-
-    def fetch_rows(
-        self, manifest: VersionManifest, wanted: Mapping[str, np.ndarray]
-    ) -> dict[str, FetchedRows]:
-        """Rows of `wanted[table]` ids: one pipeline per node (HMGET chunks), one round trip."""
-        pipes: dict[int, Any] = {}
-        plan: list[tuple[str, np.ndarray, int, int]] = []  # table, positions, node, commands
-        for table, ids in wanted.items():
-            if not len(ids):
-                continue
-            ids = np.asarray(ids, dtype=np.int64)
-            shards = shard_of(ids, manifest.num_shards)
-            for shard in np.unique(shards):
-                positions = np.flatnonzero(shards == shard)
-                node = self.nodes.node_of_shard(int(shard))
-                pipe = pipes.get(node) or pipes.setdefault(node, self.nodes.pipeline(node))
-                key = self.keys.rows(manifest.version, table, int(shard))
-                fields = encode_ids(ids[positions])
-                commands = 0
-                for start in range(0, len(fields), self.chunk_fields):
-                    pipe.execute_command("HMGET", key, *fields[start : start + self.chunk_fields])
-                    commands += 1
-                plan.append((table, positions, node, commands))
-        with _redis_call(f"fetch rows of {self.model!r} v{manifest.version}"):
-            answers = self.nodes.execute(pipes)
-        cursors = dict.fromkeys(answers, 0)
-        gathered: dict[str, list[tuple[np.ndarray, list]]] = {}
-        for table, positions, node, commands in plan:
-            start = cursors[node]
-            values = [value for reply in answers[node][start : start + commands] for value in reply]
-            cursors[node] = start + commands
-            gathered.setdefault(table, []).append((positions, values))
-        fetched = {}
-        for table, ids in wanted.items():
-            layout = manifest.table(table)
-            values = np.zeros((len(ids), layout.dim), dtype=np.float32)
-            found = np.zeros(len(ids), dtype=bool)
-            for positions, raw in gathered.get(table, []):
-                rows, present = decode_values(raw, manifest.encoding, layout.dim)
-                values[positions] = rows
-                found[positions] = present
-            fetched[table] = FetchedRows(values, found)
-        return fetched
-
-    def scan_table(
-        self, manifest: VersionManifest, table: str, count: int = 1000
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, row) of a table, sorted by id (HSCAN over its shards): for checks and
-        warm starts, not for the serving path."""
-        layout = manifest.table(table)
-        all_ids, all_rows = [], []
-        with _redis_call(f"scan {table!r} of {self.model!r} v{manifest.version}"):
-            for shard in range(manifest.num_shards):
-                client = self.nodes.clients[self.nodes.node_of_shard(shard)]
-                key = self.keys.rows(manifest.version, table, shard)
-                fields, values = [], []
-                for field_bytes, value in client.hscan_iter(key, count=count):
-                    fields.append(field_bytes)
-                    values.append(value)
-                if fields:
-                    all_ids.append(decode_ids(fields))
-                    all_rows.append(decode_values(values, manifest.encoding, layout.dim)[0])
-        if not all_ids:
-            return np.zeros(0, np.int64), np.zeros((0, layout.dim), np.float32)
-        ids, rows = np.concatenate(all_ids), np.concatenate(all_rows)
-        order = np.argsort(ids)
-        return ids[order], rows[order]
-
-
-def bytes_per_row(manifest: VersionManifest, table: str) -> int:
-    """Encoded bytes of one row of `table` in this version."""
-    return row_bytes(manifest.encoding, manifest.table(table).dim)
