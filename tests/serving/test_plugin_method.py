@@ -19,7 +19,7 @@ from embedding_tables.transforms import GraphHashMappingLike, SlotRule, check_id
 from models.batches import batch_from_columns
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.train import train_step
-from serving.param_store import ParamReader
+from serving.reader import ParamReader
 from serving.redis_nodes import RedisNodes
 from serving.request import ScoreRequest
 from serving.scorer import Scorer, ScorerConfig
