@@ -103,6 +103,11 @@ def check_tbe_dim(config: TableConfig) -> None:
         )
 
 
+def one_table_plan(config: TableConfig, rows: int, combine: str) -> TablePlan:
+    """The plan of a method that keeps one physical table, named like the logical one."""
+    return TablePlan(config, (physical_table(config, config.name, rows, config.dim),), combine)
+
+
 def physical_table(config: TableConfig, name: str, rows: int, dim: int) -> PhysicalTable:
     """One physical table of `config`'s logical table."""
     return PhysicalTable(

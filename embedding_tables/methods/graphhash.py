@@ -16,7 +16,7 @@ import torch
 from embedding_tables.errors import BudgetError, ConfigError
 from embedding_tables.methods.base import Method, check_choice
 from embedding_tables.methods.registry import register
-from embedding_tables.planning import TablePlan, check_tbe_dim, physical_table, smallest_budget
+from embedding_tables.planning import TablePlan, check_tbe_dim, one_table_plan, smallest_budget
 from embedding_tables.transforms import GraphHashMappingLike, SlotRule, check_id_dtype
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class GraphHash(Method):
                 f"budget is {smallest_budget(max(rows, 1), config.num_embeddings)}"
             )
         combine = "add" if self.lookups == 2 else "single"
-        return TablePlan(config, (physical_table(config, config.name, rows, config.dim),), combine)
+        return one_table_plan(config, rows, combine)
 
     def lookup_tables(self, config: TableConfig, plan: TablePlan, feature: str) -> tuple[str, ...]:
         return (plan.physical[0].name,) * self.lookups

@@ -10,7 +10,7 @@ import torch
 from embedding_tables.hashing import bucket, bucket_int, seed_key
 from embedding_tables.methods.base import Method
 from embedding_tables.methods.registry import register
-from embedding_tables.planning import TablePlan, check_tbe_dim, physical_table, rows_within_budget
+from embedding_tables.planning import TablePlan, check_tbe_dim, one_table_plan, rows_within_budget
 from embedding_tables.transforms import GraphHashMappingLike, SlotRule, check_id_dtype
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Hash(Method):
     def plan(self, config: TableConfig, mapping_rows: int | None) -> TablePlan:
         check_tbe_dim(config)
         rows = rows_within_budget(config, self.name)
-        return TablePlan(config, (physical_table(config, config.name, rows, config.dim),), "single")
+        return one_table_plan(config, rows, "single")
 
     def transform(
         self,

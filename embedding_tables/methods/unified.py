@@ -17,7 +17,7 @@ from embedding_tables.errors import ConfigError
 from embedding_tables.hashing import bucket, bucket_int, feature_seed, seed_key
 from embedding_tables.methods.base import Method
 from embedding_tables.methods.registry import register
-from embedding_tables.planning import TablePlan, check_tbe_dim, physical_table, rows_within_budget
+from embedding_tables.planning import TablePlan, check_tbe_dim, one_table_plan, rows_within_budget
 from embedding_tables.transforms import GraphHashMappingLike, SlotRule, check_id_dtype
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class Unified(Method):
     def plan(self, config: TableConfig, mapping_rows: int | None) -> TablePlan:
         check_tbe_dim(config)
         rows = rows_within_budget(config, self.name)
-        return TablePlan(config, (physical_table(config, config.name, rows, config.dim),), "concat")
+        return one_table_plan(config, rows, "concat")
 
     def lookup_tables(self, config: TableConfig, plan: TablePlan, feature: str) -> tuple[str, ...]:
         return (plan.physical[0].name,) * self.feature_chunks.get(feature, 1)
