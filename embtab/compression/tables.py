@@ -36,7 +36,7 @@ from typing import Any
 
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import BudgetError
-from embedding_tables.methods import method_class
+from embedding_tables.methods import Method, method_class
 from embtab.compression.errors import InfeasibleCellError, StudyConfigError
 from feature_store.schema import FeatureSpec, Schema
 from models.tables import UNIFIED_TABLE, FeatureMethod, feature_method, feature_routes
@@ -54,6 +54,10 @@ class MethodSpec:
     table_method: str
     options: Mapping[str, Any] = field(default_factory=dict)
     mappings: str | None = None
+
+    def method(self) -> Method:
+        """The TableConfig method of the compressed tables, with this cell's options."""
+        return method_class(self.table_method)(**self.options)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -204,7 +208,7 @@ def _shared(
         name=UNIFIED_TABLE,
         num_embeddings=sum(full_tables[name].num_embeddings for name in compressed),
         dim=first.dim,
-        method=method_class(spec.table_method)(**spec.options),
+        method=spec.method(),
         budget=budget,
         pooling=first.pooling,
         seed=seed,
@@ -234,8 +238,7 @@ def _compress(
         why = "raw 64-bit ids" if feature.hashed else "not a user or item id table"
         table = dataclasses.replace(full, method=method.name, budget=budget, seed=seed)
         return table, {"method": method.name, "why": why}
-    options = method_class(spec.table_method)(**spec.options)
-    table = dataclasses.replace(full, method=options, budget=budget, seed=seed)
+    table = dataclasses.replace(full, method=spec.method(), budget=budget, seed=seed)
     try:
         return table.method.at_budget(table)
     except BudgetError as error:
