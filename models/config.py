@@ -190,10 +190,12 @@ class TablesConfig:
 
     One table per categorical feature (a sequence feature reads the table of the feature whose ids
     it shares); `method` unified puts every feature in one shared table. Tables with fewer than
-    `compress_min_rows` ids stay `full` (compressing them saves nothing). `options` are
-    TableConfig fields for every compressed table (combine, seed, min_count, ...); `overrides`
-    are TableConfig fields per table name. An explicit `tables` list (with `feature_to_table`)
-    replaces the derived tables altogether. `dim` None takes the model's width (16; lr uses 1).
+    `compress_min_rows` ids stay `full` (compressing them saves nothing). `options` are options
+    of `method` (combine, min_count, ...; or seed, dtype, pooling) for every compressed table,
+    each table taking those of its own method (a fallback hash table takes seed but not
+    graphhash_variant); `overrides` are TableConfig fields per table name, in the flat form. An
+    explicit `tables` list (with `feature_to_table`) replaces the derived tables altogether.
+    `dim` None takes the model's width (16; lr uses 1).
     """
 
     method: str = "full"

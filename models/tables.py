@@ -111,10 +111,10 @@ def feature_method(
         method = UNCOMPRESSED_METHOD
     elif method_class(method).needs_interaction_graph and spec.name not in graph_features:
         method = GRAPH_FALLBACK
-    budgeted = method_class(method).compresses
-    if spec.hashed and method_class(method).indexes_by_id:
-        return FeatureMethod(RAW_ID_METHOD, budgeted)
-    return FeatureMethod(method, budgeted)
+    chosen = method_class(method)
+    if spec.hashed and chosen.indexes_by_id:
+        return FeatureMethod(RAW_ID_METHOD, chosen.compresses)
+    return FeatureMethod(method, chosen.compresses)
 
 
 def _check_options(config: TablesConfig) -> None:
@@ -130,7 +130,8 @@ def _check_options(config: TablesConfig) -> None:
 
 def _accepted_options(method: str) -> tuple[str, ...]:
     """The option names a table of `method` takes beside its name, sizes and budget."""
-    return (*(field.name for field in dataclasses.fields(method_class(method))), "seed", "dtype")
+    own = (field.name for field in dataclasses.fields(method_class(method)))
+    return (*own, "seed", "dtype", "pooling")
 
 
 def _options_of(method: str, options: dict[str, Any]) -> dict[str, Any]:
