@@ -306,6 +306,15 @@ def run_config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     return dataclasses.replace(config, model=model)
 
 
+def train_config_of_run(raw: Mapping[str, Any]) -> TrainConfig:
+    """The training options of a run recorded in a checkpoint manifest, read alone: a
+    continuation needs only those, and the run's tables may hold options of an older format
+    (checkpoint loading reads those leniently)."""
+    if not isinstance(raw, Mapping):
+        raise ModelConfigError(f"manifest.run: expected a mapping, got {type(raw).__name__}")
+    return from_dict(TrainConfig, raw.get("train", {}) or {}, "manifest.run.train")
+
+
 def to_dict(config: Any) -> Any:
     """A config as plain JSON-able values (tuples become lists; a TableConfig its flat form)."""
     if isinstance(config, TableConfig):

@@ -33,7 +33,7 @@ from feature_store.online import (
     OnlineFeatureStore,
 )
 from models.build import build_model, graphhash_mappings, plan_model
-from models.config import MODEL_CONFIGS, TrainConfig, run_config_from_dict
+from models.config import MODEL_CONFIGS, TrainConfig, train_config_of_run
 from models.distributed import DistributedConfig
 from models.sharded_checkpoint import ShardedCheckpoint
 from models.train import seed_everything
@@ -504,7 +504,7 @@ def _build_trainer(
     if start is None and arguments.checkpoint is not None:
         start = StartingPoint.from_checkpoint(arguments.checkpoint)
         if "run" in start.origin_manifest:
-            train = run_config_from_dict(start.origin_manifest["run"]).train
+            train = train_config_of_run(start.origin_manifest["run"])
     elif start is None:
         dataset = dataset or load_with_progress(fresh.dataset, show_progress=not arguments.json)
         spec = plan_model(fresh, dataset.schema, dataset.preprocessor())
@@ -552,7 +552,7 @@ def run_sharded_train(arguments: argparse.Namespace) -> int:
     if arguments.checkpoint is not None:
         manifest = ShardedCheckpoint(arguments.checkpoint).manifest
         if "run" in manifest:
-            train = run_config_from_dict(manifest["run"]).train
+            train = train_config_of_run(manifest["run"])
     with contextlib.ExitStack() as stack:
         staging = (
             arguments.state.with_name(arguments.state.name + ".staging")
