@@ -103,21 +103,24 @@ def test_blocks_run_batched_as_hash_slots_with_other_tables() -> None:
     assert torch.equal(rows, torch.cat([t(ids[t.feature])[j] for t, j in slots]))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 @pytest.mark.parametrize("sequence", [False, True], ids=["pooled", "sequence"])
-def test_collection_matches_the_reference(pooling: str, sequence: bool) -> None:
+def test_collection_matches_the_reference(pooling: str, sequence: bool, grad: bool) -> None:
+    """With autograd on, the TBE path; without, the CPU kernels' gather, concat and pool."""
     torch.manual_seed(4)
     tables, feature_to_table = method_case("robe", pooling)
     ec = EmbeddingCollection(tables, feature_to_table, optimizer=None)
     features = random_kjt(tables, feature_to_table, batch=7, weighted=not sequence, any_int64=True)
     assert int(features.lengths()[0]) == 0  # an empty bag
     weights = {t.name: ec.tables.weight(t.name).detach().clone() for t in ec.physical_tables()}
-    if sequence:
-        outputs = {k: v.values() for k, v in ec.sequence(features).items()}
-        expected = reference_sequence(ec.plans, ec.feature_to_table, weights, features)
-    else:
-        outputs = ec(features).to_dict()
-        expected = reference_pooled(ec.plans, ec.feature_to_table, weights, features)
+    with torch.set_grad_enabled(grad):
+        if sequence:
+            outputs = {k: v.values() for k, v in ec.sequence(features).items()}
+        else:
+            outputs = ec(features).to_dict()
+    reference = reference_sequence if sequence else reference_pooled
+    expected = reference(ec.plans, ec.feature_to_table, weights, features)
     for feature, rows in expected.items():
         assert outputs[feature].shape == rows.shape
         assert rows.shape[1] == ec.output_dim(feature) == ec.configs[feature_to_table[feature]].dim
