@@ -57,7 +57,8 @@ class ROBE(Method):
                 f"(the row widths the table-batched kernels take), got {self.block_size!r}"
             )
 
-    def plan(self, config: TableConfig, mapping_rows: int | None) -> TablePlan:
+    def check_table(self, config: TableConfig) -> None:
+        """block_size must divide dim and fit in the shared array the budget buys."""
         check_tbe_dim(config)
         accepted = accepted_block_sizes(config.dim)
         if config.dim % self.block_size:
@@ -76,7 +77,9 @@ class ROBE(Method):
                 f"dividing dim {config.dim}, at most the array's size); a budget of "
                 f"{smallest_budget(1, config.num_embeddings)} or more holds any of them"
             )
-        rows = elements // self.block_size
+
+    def plan(self, config: TableConfig, mapping_rows: int | None) -> TablePlan:
+        rows = array_elements(config) // self.block_size
         physical = physical_table(config, config.name, rows, self.block_size)
         return TablePlan(config, (physical,), "concat")
 
@@ -114,7 +117,8 @@ class ROBE(Method):
         ]
 
     def at_budget(self, config: TableConfig) -> tuple[TableConfig, dict[str, Any]]:
-        """Nothing to choose; records the array's rows of block_size parameters."""
+        """Nothing to choose (the config refused a budget too small for one block); records
+        the array's rows of block_size parameters."""
         plan = self.plan(config, None)
         return config, {"array_rows": plan.physical[0].num_rows, "blocks": self.blocks(config)}
 

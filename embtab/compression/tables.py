@@ -241,8 +241,8 @@ def _compress(
         why = "raw 64-bit ids" if feature.hashed else "not a user or item id table"
         table = dataclasses.replace(full, method=method.name, budget=budget, seed=seed)
         return table, {"method": method.name, "why": why}
-    table = dataclasses.replace(full, method=spec.method(), budget=budget, seed=seed)
     try:
+        table = dataclasses.replace(full, method=spec.method(), budget=budget, seed=seed)
         return table.method.at_budget(table)
     except BudgetError as error:
         raise InfeasibleCellError(str(error)) from error

@@ -15,9 +15,21 @@ from embedding_tables.methods import ROBE
 from embedding_tables.planning import plan_table
 from embedding_tables.reference import reference_pooled, reference_rows_of_id, reference_sequence
 from embedding_tables.transforms import BatchedTransform, transform_for
+from embtab.compression.errors import InfeasibleCellError
+from embtab.compression.tables import cell_tables
+from feature_store.schema import FeatureSpec, Schema
+from models.build import plan_model
+from models.config import run_config_from_dict
+from models.errors import ModelConfigError
 from tests.embedding_tables.helpers import method_case, random_kjt, slots_of
 
 INT64_EDGES = [0, 1, -1, 2**63 - 1, -(2**63), 10**12, -(10**12)]
+# A two-table model: user and item ids of 60 and 400, compressed from 50 ids.
+SCHEMA = Schema(
+    "robe-test",
+    (FeatureSpec("user_id", "categorical", 60), FeatureSpec("item_id", "categorical", 400)),
+    id_columns={"user": "user_id", "item": "item_id"},
+)
 
 
 @pytest.mark.parametrize(
@@ -133,33 +145,50 @@ def test_block_size_must_be_a_multiple_of_four() -> None:
             ROBE(block_size=bad)
 
 
-def test_block_size_must_divide_dim() -> None:
-    config = TableConfig("t", 100, 24, ROBE(block_size=16), budget=0.5)
+def test_block_size_must_divide_dim_when_the_config_is_built() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"block_size 16 does not divide dim 24; accepted block sizes: 4, 8, 12, 24",
+        match=r"table 't': robe block_size 16 does not divide dim 24; accepted block sizes: "
+        r"4, 8, 12, 24$",
     ):
-        plan_table(config)
+        TableConfig("t", 100, 24, ROBE(block_size=16), budget=0.5)
+    with pytest.raises(ConfigError, match=r"dim 6 is not a multiple of 4"):
+        TableConfig("t", 100, 6, "robe")
 
 
-def test_a_block_larger_than_the_array_is_refused() -> None:
+def test_a_block_larger_than_the_array_is_refused_when_the_config_is_built() -> None:
     # 100 ids x 16 x 0.005 = 8 parameters: a block of 8 fits, one of 16 does not.
-    assert (
-        plan_table(TableConfig("t", 100, 16, ROBE(block_size=8), budget=0.005)).physical[0].num_rows
-        == 1
-    )
-    config = TableConfig("t", 100, 16, ROBE(block_size=16), budget=0.005)
+    fits = TableConfig("t", 100, 16, ROBE(block_size=8), budget=0.005)
+    assert plan_table(fits).physical[0].num_rows == 1
     with pytest.raises(
         BudgetError,
-        match=r"block_size 16 is larger than the shared array of 8 parameters that budget 0.005 "
-        r"buys; accepted block sizes at this budget: 4, 8 .* a budget of 0.01 \(or budget=2 rows\)",
+        match=r"table 't': robe block_size 16 is larger than the shared array of 8 parameters "
+        r"that budget 0.005 buys; accepted block sizes at this budget: 4, 8 .* a budget of 0.01 "
+        r"\(or budget=2 rows\)",
     ):
-        plan_table(config)
-    tiny = TableConfig("t", 100, 16, "robe", budget=0.001)
+        TableConfig("t", 100, 16, ROBE(block_size=16), budget=0.005)
     with pytest.raises(BudgetError, match=r"accepted block sizes at this budget: none"):
-        plan_table(tiny)
-    with pytest.raises(BudgetError, match="larger than the shared array"):
-        tiny.method.at_budget(tiny)
+        TableConfig("t", 100, 16, "robe", budget=0.001)
+
+
+def test_a_model_config_and_a_study_cell_refuse_a_bad_block() -> None:
+    run = run_config_from_dict(
+        {
+            "dataset": SCHEMA.dataset,
+            "model": {"name": "dcn"},
+            "tables": {
+                "method": "robe",
+                "budget": 0.25,
+                "compress_min_rows": 50,
+                "dim": 8,
+                "options": {"block_size": 16},
+            },
+        }
+    )
+    with pytest.raises(ModelConfigError, match=r"'user_id'.*block_size 16 does not divide dim 8"):
+        plan_model(run, SCHEMA)
+    with pytest.raises(InfeasibleCellError, match=r"larger than the shared array"):
+        cell_tables(SCHEMA, "robe", 0.0001, 16, compress_min_rows=50)
 
 
 def test_the_flat_form_round_trips_and_refuses_other_options() -> None:
@@ -171,6 +200,8 @@ def test_the_flat_form_round_trips_and_refuses_other_options() -> None:
         TableConfig.from_fields({**fields, "combine": "add"})
     with pytest.raises(ConfigError, match=r"table 't': method 'robe': block_size must be"):
         TableConfig.from_fields({**fields, "block_size": 6})
+    with pytest.raises(ConfigError, match=r"table 't': robe block_size 32 does not divide"):
+        TableConfig.from_fields({**fields, "block_size": 32})
 
 
 def test_at_budget_records_the_array() -> None:
