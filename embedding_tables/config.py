@@ -61,6 +61,7 @@ class TableConfig:
         _check_choice(self.name, "pooling", self.pooling, POOLINGS)
         _check_choice(self.name, "dtype", self.dtype, DTYPES)
         _check_budget(self.name, self.budget)
+        self.method.check_table(self)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any], *, strict: bool = True) -> TableConfig:

@@ -9,10 +9,12 @@ from embedding_tables.methods.graphhash import GraphHash
 from embedding_tables.methods.hash import Hash
 from embedding_tables.methods.qr import QR
 from embedding_tables.methods.registry import method_class, method_names, register
+from embedding_tables.methods.robe import ROBE
 from embedding_tables.methods.unified import Unified
 
 __all__ = [
     "QR",
+    "ROBE",
     "Collisionless",
     "Full",
     "GraphHash",

@@ -56,6 +56,10 @@ class Method:
             values[field.name] = dict(value) if isinstance(value, Mapping) else value
         return values
 
+    def check_table(self, config: TableConfig) -> None:
+        """Refuse options that do not fit the table's dim or budget; TableConfig calls it when
+        it is built, so a bad config file is refused before anything is planned."""
+
     def check(self, config: TableConfig, features: Sequence[str]) -> None:
         """Refuse a table whose options do not fit the features mapped to it."""
 

@@ -22,6 +22,8 @@ How each method spends the budget on one compressed table of n ids (rows are `di
   tables (MovieLens `zip_code`) fall back to `hash` at the same budget.
 - `double_hash`: two hash functions into one table of int(n x budget) rows, the two rows
   summed (the hashing baseline of the GraphHash paper); a GraphHash table with no clusters.
+- `robe`: ROBE-Z, one shared array of n x dim x budget parameters cut into rows of
+  `block_size` (4); an id reads dim / 4 blocks at hashed rows, concatenated.
 
 Which method a table gets (full when small, the graph fallback, a hash table for raw 64-bit
 ids) is decided by `models.tables.feature_method`, the rule `embtab train` follows too.
@@ -73,6 +75,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("graphhash", "graphhash", {"graphhash_variant": "single"}, "graph"),
         MethodSpec("double_graphhash", "graphhash", {"graphhash_variant": "double"}, "graph"),
         MethodSpec("double_hash", "graphhash", {"graphhash_variant": "double"}, "hashed"),
+        MethodSpec("robe", "robe", {"block_size": 4}),
     )
 }
 # The study's baseline: every table full; every budget is a fraction of its memory.
@@ -238,8 +241,8 @@ def _compress(
         why = "raw 64-bit ids" if feature.hashed else "not a user or item id table"
         table = dataclasses.replace(full, method=method.name, budget=budget, seed=seed)
         return table, {"method": method.name, "why": why}
-    table = dataclasses.replace(full, method=spec.method(), budget=budget, seed=seed)
     try:
+        table = dataclasses.replace(full, method=spec.method(), budget=budget, seed=seed)
         return table.method.at_budget(table)
     except BudgetError as error:
         raise InfeasibleCellError(str(error)) from error

@@ -6,7 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding_tables.config import TableConfig
-from embedding_tables.methods import QR, Unified
+from embedding_tables.methods import QR, ROBE, Unified
 
 
 def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
@@ -39,6 +39,12 @@ def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
             TableConfig(
                 "t1", 300, wide, QR(combine=combine, num_partitions=3), budget=0.2, **common
             ),
+        ]
+        return tables, {"f0": "t0", "f1": "t1", "f2": "t0"}
+    if method == "robe":
+        tables = [
+            TableConfig("t0", 10_000, 16, ROBE(block_size=4), budget=0.01, seed=3, **common),
+            TableConfig("t1", 500, 8, ROBE(block_size=8), budget=0.1, **common),
         ]
         return tables, {"f0": "t0", "f1": "t1", "f2": "t0"}
     if method == "mixed":
@@ -84,7 +90,7 @@ def random_kjt(
     for i, key in enumerate(keys):
         count = int(lengths[i].sum())
         config = next(t for t in tables if t.name == feature_to_table[key])
-        if any_int64 and config.method.name in ("hash", "unified"):
+        if any_int64 and config.method.name in ("hash", "unified", "robe"):
             ids = torch.randint(-(2**62), 2**62, (count,), generator=generator) * 2
         else:
             ids = torch.randint(0, config.num_embeddings, (count,), generator=generator)

@@ -54,7 +54,7 @@ from embedding_tables.reference import (  # noqa: E402
 from tests.embedding_tables.helpers import method_case, random_kjt  # noqa: E402
 
 FusedTableGroup = group_module.FusedTableGroup
-METHODS = ["full", "hash", "unified", "qr_mult", "qr_add", "qr_concat", "mixed"]
+METHODS = ["full", "hash", "unified", "qr_mult", "qr_add", "qr_concat", "robe", "mixed"]
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 HALF = {"rtol": 1e-2, "atol": 1e-3}
 

@@ -14,6 +14,7 @@ from embedding_tables.config import TableConfig
 from embedding_tables.errors import ConfigError
 from embedding_tables.methods import (
     QR,
+    ROBE,
     Collisionless,
     Full,
     GraphHash,
@@ -28,7 +29,7 @@ from embedding_tables.planning import plan_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("embedding_tables", "models", "serving", "online_training", "feature_store", "embtab")
-BUILT_IN = ("full", "hash", "unified", "qr", "collisionless", "graphhash")
+BUILT_IN = ("full", "hash", "unified", "qr", "collisionless", "graphhash", "robe")
 NAME = "|".join(BUILT_IN)
 # A comparison of a table's method (or its name) with a method's name, or a membership test of
 # it in a literal tuple of names: what each method's module answers instead.
@@ -67,7 +68,7 @@ def test_the_name_branch_check_sees_the_branches_it_forbids() -> None:
 
 def test_every_built_in_method_is_registered_under_its_name() -> None:
     for name, method in zip(
-        BUILT_IN, (Full, Hash, Unified, QR, Collisionless, GraphHash), strict=True
+        BUILT_IN, (Full, Hash, Unified, QR, Collisionless, GraphHash, ROBE), strict=True
     ):
         assert method_class(name) is method and name in method_names()
         assert TableConfig("t", 100, 8, name).method == method()
@@ -97,6 +98,7 @@ def test_an_option_cannot_be_given_to_a_method_it_does_not_belong_to() -> None:
         QR(combine="concat", num_partitions=3),
         Collisionless(min_count=2, admission="cms", ttl_seconds=60.0, capacity=50),
         GraphHash(graphhash_variant="double"),
+        ROBE(block_size=8),
     ],
 )
 def test_the_flat_form_round_trips(method: Method) -> None:

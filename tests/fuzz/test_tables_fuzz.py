@@ -26,9 +26,9 @@ from embedding_tables import (
 )
 from embedding_tables.collisionless import DEFAULT_ROW
 from embedding_tables.graphhash import build_graphhash
-from embedding_tables.methods import QR, Collisionless, Full, Unified
+from embedding_tables.methods import QR, ROBE, Collisionless, Full, Unified
 
-EXAMPLES = 40  # per method and test; 9 methods x 3 tests x 40 = 1,080 inputs
+EXAMPLES = 40  # per method and test; 10 methods x 3 tests x 40 = 1,200 inputs
 INT64 = st.integers(-(2**63), 2**63 - 1)
 FEATURES = ("a", "b")
 BOUNDED = 50  # cardinality of the tables that take ids in range only
@@ -60,6 +60,8 @@ def _collection(method: str) -> EmbeddingCollection:
         combine = method.removeprefix("qr_")
         dim = 12 if combine == "concat" else 4  # concat splits dim over the 3 partitions
         tables = [TableConfig("t", BOUNDED, dim, QR(combine=combine, num_partitions=3))]
+    elif method == "robe":
+        tables = [TableConfig("t", 10**9, 8, ROBE(block_size=4), budget=64, seed=2)]
     elif method == "collisionless":
         tables = [TableConfig("t", 10**6, 4, Collisionless(capacity=64, min_count=2))]
     elif method == "graphhash":
@@ -78,6 +80,7 @@ METHODS = (
     "qr_mult",
     "qr_add",
     "qr_concat",
+    "robe",
     "collisionless",
     "graphhash",
 )

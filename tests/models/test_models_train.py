@@ -19,6 +19,7 @@ METHODS = {
     "qr": TablesConfig(method="qr", budget=0.5, compress_min_rows=20),
     "collisionless": TablesConfig(method="collisionless", compress_min_rows=20),
     "graphhash": TablesConfig(method="graphhash", budget=0.5, compress_min_rows=20),
+    "robe": TablesConfig(method="robe", budget=0.5, compress_min_rows=20),
 }
 # Small dense bodies keep the 45 cases fast; the defaults are for MovieLens-1M.
 SMALL = {
