@@ -124,7 +124,8 @@ def train_offline(run: DemoRun, dataset: Dataset, scratch: Path, progress: bool)
         "epochs": config.epochs,
         "train_rows": config.train_rows,
         "eval_rows": config.eval_rows,
-        "batch_size": config.batch_size,
+        "batch_size": config.offline_batch_size,
+        "sparse_lr": config.sparse_lr,
         "threads": 1,
     }
     paths = {}

@@ -213,9 +213,9 @@ def write_report(run: DemoRun, directory: Path, seconds: float) -> Path:
         )
         lines += [
             "",
-            "Memory is what each table holds (`memory_bytes()`): for the collisionless user "
-            "table that includes its id map, admission sketch and row-wise optimizer state; "
-            "static tables count their weights only.",
+            "Memory is what each table holds (`memory_bytes()`): a collisionless table counts "
+            "its id map, admission sketch and row-wise optimizer state; static tables count "
+            "their weights only.",
         ]
     if run.stream:
         lines += ["", "## Stream", ""] + _table(run.stream)
