@@ -155,8 +155,11 @@ def create_app(service: ScoringService) -> FastAPI:
 
     async def score(request: Request, model: str | None) -> Response:
         started = time.perf_counter()
-        service.batcher.arrived()
-        submitted = False
+        # A body over the offload size (or of a size not declared: chunked) takes longer to come
+        # in and be parsed in the worker than the batcher waits: it is not awaited at all.
+        declared = request.headers.get("content-length", "")
+        awaited = declared.isdigit() and int(declared) <= config.offload_body_bytes
+        arrival = service.batcher.arrived() if awaited else None
         status = 200
         try:
             if model is not None and model != config.model:
@@ -166,8 +169,7 @@ def create_app(service: ScoringService) -> FastAPI:
             async with asyncio.timeout(config.request_timeout_s):
                 body = await _read_body(request, config.max_body_bytes)
                 columns = await service.prepare(body)
-                submitted = True
-                result = await service.batcher.submit(columns)
+                result = await service.batcher.submit(columns, arrival)
             payload = {
                 "model": config.model,
                 "version": result.version,
@@ -196,8 +198,8 @@ def create_app(service: ScoringService) -> FastAPI:
             status = 500
             raise
         finally:
-            if not submitted:
-                service.batcher.abandoned()
+            if arrival is not None:
+                arrival.done()
             metrics.latency.observe(time.perf_counter() - started)
             metrics.requests.labels(str(status)).inc()
 

@@ -2,10 +2,13 @@
 
 Requests are queued as they arrive; one worker thread scores a batch at a time. While it scores,
 new requests queue up, and the next batch takes all of them (up to `max_rows` candidates). A
-batch waits for more only when more requests have arrived (`arrived`) than it holds, i.e. some
-are still being parsed, and never longer than `max_wait_s` after its first request: a lone
-request (concurrency 1) is scored at once, on the event loop's own thread, and a burst is scored
-together on the scoring thread.
+batch waits for more only while a request that arrived (`arrived`) within the last `max_wait_s`
+is not yet submitted, i.e. is still being read or parsed, and never longer than `max_wait_s`
+after its first request: a lone request (concurrency 1) is scored at once, on the event loop's
+own thread, and a burst is scored together on the scoring thread. A request not submitted
+`max_wait_s` after it arrived (a body that trickles in, or a large one parsed in the worker
+process) is not waited for: counted until it is submitted, it would hold every other request for
+`max_wait_s` (and a hand-off to the scoring thread) all that time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,21 @@ from typing import Any, Generic, TypeVar
 from serving.errors import ServingError
 
 Job = TypeVar("Job")
+
+
+class Arrival:
+    """A request that arrived and is awaited, until it is submitted, abandoned or too late."""
+
+    def __init__(self, batcher: MicroBatcher, loop: asyncio.AbstractEventLoop) -> None:
+        self._batcher = batcher
+        self._timer: asyncio.TimerHandle | None = loop.call_later(batcher.max_wait_s, self.done)
+
+    def done(self) -> None:
+        """No longer awaited (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._batcher._awaited -= 1
 
 
 class MicroBatcher(Generic[Job]):
@@ -43,7 +61,7 @@ class MicroBatcher(Generic[Job]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embtab-scorer")
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._expected = 0
+        self._awaited = 0  # arrivals not yet submitted, abandoned or late
         self.batches = 0
 
     def start(self) -> None:
@@ -58,17 +76,18 @@ class MicroBatcher(Generic[Job]):
                 await self._task
         self._executor.shutdown(wait=True)
 
-    def arrived(self) -> None:
-        """A request came in and will be submitted (or `abandoned`) soon."""
-        self._expected += 1
+    def arrived(self) -> Arrival:
+        """A request came in and will be submitted (or abandoned: `Arrival.done`) soon; it is
+        awaited for at most `max_wait_s`."""
+        self._awaited += 1
+        return Arrival(self, asyncio.get_running_loop())
 
-    def abandoned(self) -> None:
-        """A request that `arrived` will not be submitted (it was rejected)."""
-        self._expected -= 1
-
-    async def submit(self, job: Job) -> Any:
+    async def submit(self, job: Job, arrival: Arrival | None) -> Any:
+        """Score `job`; `arrival` is its `arrived` (None for a request that was not awaited)."""
         if self._queue is None:
             raise ServingError("the batcher is not started")
+        if arrival is not None:
+            arrival.done()
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((job, future))
         return await future
@@ -83,7 +102,7 @@ class MicroBatcher(Generic[Job]):
             while rows < self.max_rows:
                 if not queue.empty():
                     item = queue.get_nowait()
-                elif self._expected > len(batch) and loop.time() < deadline:
+                elif self._awaited > 0 and loop.time() < deadline:
                     try:
                         item = await asyncio.wait_for(queue.get(), deadline - loop.time())
                     except TimeoutError:
@@ -94,7 +113,7 @@ class MicroBatcher(Generic[Job]):
                 rows += self.rows_of(item[0])
             jobs = [job for job, _ in batch]
             try:
-                if len(batch) == 1 and self._expected <= 1:
+                if len(batch) == 1 and self._awaited == 0 and queue.empty():
                     # A lone request: scoring it right here saves two thread hand-offs, and
                     # there is nobody whose parsing it could hold up.
                     results = self.score(jobs)
@@ -109,5 +128,4 @@ class MicroBatcher(Generic[Job]):
                     if not future.done():
                         future.set_result(result)
             finally:
-                self._expected -= len(batch)
                 self.batches += 1

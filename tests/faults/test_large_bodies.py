@@ -1,20 +1,20 @@
-"""A client that sends large valid bodies must not hold up the others while they are parsed.
+"""Clients that send large valid bodies, or trickle theirs in, must not hold up the others.
 
-Issue 23 asks for at most 2x the light client's p99; on this 2-core machine the light client's
-p99 measured 1.6x-2.2x with the heavy client (14 runs of this and earlier shapes of the test),
-against 18x before large bodies were parsed in a worker process. What still costs is not
-measured; probably the event loop receiving each 4 MB body and piping it to the worker. This
-test holds what is reached (at most 3x, with room for the machine's noise) so that it cannot
-regress; the 2x target is open.
-
-`embtab serve` runs in its own process. A heavy client (a process of its own) posts 4 MB bodies
-back to back while a light client scores 10 candidates at a time. A heavy body is 100
-candidates, an ordinary request's worth of scoring, each with an 8,000-id history the model
-cuts to its last 5: its cost is in the parsing, which is what must not hold the others up (a
-request with many more candidates also costs its scoring, which the one scoring thread does in
-turn with everyone else's). Windows with and without the heavy client alternate, so that the
-machine's other load falls on both alike. Parsed on the event loop, each heavy body stalled
-every other request for its whole parse (hundreds of ms).
+Issue 23 asks for at most 2x a light client's p99. `embtab serve` runs in its own process. A
+heavy load, a process of its own as another program would be, runs two clients: a huge one
+posting 4 MB bodies back to back (100 candidates, an ordinary request's worth of scoring, each
+with an 8,000-id history the model cuts to its last 5: its cost is in the parsing), and a slow
+one sending an ordinary body a few bytes at a time, back to back. Meanwhile a light client
+scores 10 candidates at a time. Windows with and without the heavy load alternate, and each
+round's p99 with the load is compared with its p99 without, so that the machine's other load
+(2 cores shared with other jobs) falls on both alike; the median over the rounds must be within
+2x. Parsed on the event loop, each huge body stalled every other request for its whole parse
+(hundreds of ms, 18x); parsed in a worker process but awaited by the batcher from its headers
+on, every light request waited out `max_wait_ms` while a huge or slow body was coming in (2.1x,
+the p50 from 3.2 to 5.4 ms, at a load average of 2-3). With the machine loaded past 5 by other
+jobs, that code measured 1.6x-1.8x here: their scheduling delays enter both p99s and bring the
+ratio toward 1, so this test catches the regression only on a quieter machine;
+`bench/serving_large_bodies.py --before` compares the two codes in one run.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import numpy as np
 from bench.serving import Service
 from tests.serving.serving_helpers import ITEMS, publish, request_body, tiny_model, unique_name
 
-WINDOW_S = 3.0
-ROUNDS = 4
+WINDOW_S = 2.0
+ROUNDS = 6
+LIMIT = 2.0
 CANDIDATES = 100
 HISTORY = 8000
 
@@ -44,19 +45,49 @@ def heavy_body() -> bytes:
     return json.dumps(body).encode()
 
 
-LIMIT = 3.0  # see the module docstring: the issue's 2x is not reached yet
-# The heavy client is a process of its own, as another program would be: in this process its
-# sends and answers would take the interpreter lock from the light client being measured.
-HEAVY_CLIENT = """
-import sys, time, urllib.request
-url, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-body = open(path, "rb").read()
+# The heavy load: its own process, since in this one its sends and answers would take the
+# interpreter lock from the light client being measured. It prints each answer's status, "huge"
+# or "slow" first.
+HEAVY_LOAD = """
+import socket, sys, threading, time, urllib.request
+port, huge_path, slow_path, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
 deadline = time.monotonic() + seconds
-while time.monotonic() < deadline:
-    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        response.read()
-        print(response.status, flush=True)
+url = f"http://127.0.0.1:{port}/score"
+headers = {"content-type": "application/json"}
+
+def huge():
+    body = open(huge_path, "rb").read()
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+            print("huge", response.status, flush=True)
+
+def slow():  # 50 bytes every 20 ms
+    body = open(slow_path, "rb").read()
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        reader = connection.makefile("rb")
+        while time.monotonic() < deadline:
+            connection.sendall(
+                b"POST /score HTTP/1.1\\r\\nhost: x\\r\\ncontent-type: application/json\\r\\n"
+                + f"content-length: {len(body)}\\r\\n\\r\\n".encode()
+            )
+            for start in range(0, len(body), 50):
+                time.sleep(0.02)
+                connection.sendall(body[start : start + 50])
+            status = int(reader.readline().split()[1])
+            length = 0
+            while (line := reader.readline()) != b"\\r\\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            print("slow", status, flush=True)
+
+threads = [threading.Thread(target=huge), threading.Thread(target=slow)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
 """
 
 
@@ -71,15 +102,15 @@ def light_latencies(client: httpx.Client, body: bytes, seconds: float) -> list[f
     return latencies
 
 
-def test_large_bodies_do_not_raise_a_light_clients_p99_past_2x(redis_service, tmp_path):
+def test_huge_and_slow_bodies_do_not_raise_a_light_clients_p99_past_2x(redis_service, tmp_path):
     name = unique_name("large-bodies")
     publish(tiny_model("hash"), name, redis_service.redis_url)
     service = Service(redis_service.redis_url, 16, name)
     heavy = heavy_body()
     assert 3 * 2**20 < len(heavy) < 8 * 2**20  # within --max-body-mb's default of 8
-    heavy_path = tmp_path / "heavy.json"
-    heavy_path.write_bytes(heavy)
     light = json.dumps(request_body(2, np.arange(10))).encode()
+    (tmp_path / "huge.json").write_bytes(heavy)
+    (tmp_path / "slow.json").write_bytes(light)
     try:
         service.wait_ready(timeout_s=90)
         base = f"http://127.0.0.1:{service.port}"
@@ -91,31 +122,36 @@ def test_large_bodies_do_not_raise_a_light_clients_p99_past_2x(redis_service, tm
             assert first.status_code == 200, first.text
             assert len(first.json()["scores"]) == CANDIDATES
             light_latencies(client, light, 1.0)
-            alone: list[float] = []
-            loaded: list[float] = []
-            heavy_answers: list[int] = []
+            rounds = []
             for _ in range(ROUNDS):
-                alone += light_latencies(client, light, WINDOW_S)
-                sender = subprocess.Popen(
-                    [sys.executable, "-c", HEAVY_CLIENT, f"{base}/score", str(heavy_path)]
+                alone = light_latencies(client, light, WINDOW_S)
+                load = subprocess.Popen(
+                    [sys.executable, "-c", HEAVY_LOAD, str(service.port)]
+                    + [str(tmp_path / "huge.json"), str(tmp_path / "slow.json")]
                     + [str(WINDOW_S + 0.3)],
                     stdout=subprocess.PIPE,
                     text=True,
                 )
-                time.sleep(0.3)  # the first heavy body is on its way
-                loaded += light_latencies(client, light, WINDOW_S)
-                output, _ = sender.communicate(timeout=60)
-                heavy_answers += [int(line) for line in output.split()]
+                time.sleep(0.3)  # the first huge body is on its way, the first slow one started
+                loaded = light_latencies(client, light, WINDOW_S)
+                output, _ = load.communicate(timeout=60)
+                answers = [tuple(line.split()) for line in output.splitlines()]
+                rounds.append((alone, loaded, answers))
     finally:
         service.stop()
-    alone_p99 = float(np.percentile(alone, 99)) * 1000
-    loaded_p99 = float(np.percentile(loaded, 99)) * 1000
-    print(
-        f"light client p99 alone {alone_p99:.1f} ms ({len(alone)} requests), with the heavy "
-        f"client {loaded_p99:.1f} ms ({len(loaded)} requests, {len(heavy_answers)} heavy bodies)"
-    )
-    assert set(heavy_answers) == {200}, heavy_answers
-    assert len(heavy_answers) >= ROUNDS, "the heavy client got no body scored in some round"
-    assert loaded_p99 <= LIMIT * alone_p99, (
-        f"light client p99 {loaded_p99:.1f} ms with the heavy client, {alone_p99:.1f} ms alone"
-    )
+    ratios = []
+    for alone, loaded, answers in rounds:
+        alone_p99 = float(np.percentile(alone, 99)) * 1000
+        loaded_p99 = float(np.percentile(loaded, 99)) * 1000
+        ratios.append(loaded_p99 / alone_p99)
+        huge, slow = (sum(kind == which for kind, _ in answers) for which in ("huge", "slow"))
+        print(
+            f"light client p99 alone {alone_p99:.1f} ms ({len(alone)} requests), with the heavy "
+            f"load {loaded_p99:.1f} ms ({len(loaded)} requests; {huge} huge and {slow} slow "
+            f"bodies answered): {ratios[-1]:.2f}x"
+        )
+        assert {status for _, status in answers} == {"200"}, answers
+        assert {kind for kind, _ in answers} == {"huge", "slow"}, "a heavy client got no answer"
+    median = float(np.median(ratios))
+    print(f"median over {ROUNDS} rounds: {median:.2f}x")
+    assert median <= LIMIT, f"the light client's p99 rose {median:.2f}x (median of {ratios})"
