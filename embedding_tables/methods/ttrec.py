@@ -136,11 +136,16 @@ class TTRec(Method):
             if fits_kernels(factors, self.ranks())
         ]
         if not fitting:
+            every = list(factorisations(config.dim, self.num_cores))
+            accepted = [
+                r
+                for r in range(1, max(max_rank(radices, f) for f in every) + 1)
+                if any(fits_kernels(f, _ranks(r, self.num_cores)) for f in every)
+            ]
             raise ConfigError(
                 f"table {config.name!r}: no factorisation of dim {config.dim} into "
                 f"{self.num_cores} factors gives core rows (r_(k-1) x d_k x r_k) of multiples "
-                f"of {TBE_DIM_MULTIPLE} at rank {self.rank}; accepted ranks: multiples of "
-                f"{TBE_DIM_MULTIPLE}, or others where dim has the factors (give dim_factors)"
+                f"of {TBE_DIM_MULTIPLE} at rank {self.rank}; accepted ranks: {_listed(accepted)}"
             )
         return min(fitting, key=lambda factors: core_parameters(radices, factors, self.ranks()))
 
