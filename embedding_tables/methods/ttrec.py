@@ -160,13 +160,11 @@ class TTRec(Method):
         widths = core_widths(factors, ranks)
         needed = sum(n * w for n, w in zip(radices, widths, strict=True))
         if config.budget is not None and needed > array_elements(config):
-            rank_one = core_parameters(radices, factors, _ranks(1, self.num_cores))
             raise BudgetError(
                 f"table {config.name!r}: ttrec cores at rank {self.rank} (radices {radices}, "
                 f"dim_factors {factors}) hold {needed} parameters, but budget {config.budget!r} "
                 f"allows {array_elements(config)}; lower the rank, or give a budget of "
-                f"{smallest_budget(-(-needed // config.dim), config.num_embeddings)} or more "
-                f"(rank 1 needs {rank_one} parameters)"
+                f"{smallest_budget(-(-needed // config.dim), config.num_embeddings)} or more"
             )
         std = self.init_std(config)
         physical = tuple(
