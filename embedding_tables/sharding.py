@@ -129,6 +129,15 @@ class ShardableEmbeddingCollection(nn.Module):
             slots = pooled_slots if pools_per_lookup(self._combine(feature)) else row_slots
             for j, physical in enumerate(transform.tables):
                 slots.setdefault(physical, []).append(slot_key(feature, j))
+        widths = {name: self._physical[name].dim for name in row_slots}
+        if len(set(widths.values())) > 1:
+            raise ConfigError(
+                "torchrec's EmbeddingCollection, which holds the tables read unpooled (qr mult "
+                "partitions, ttrec cores), takes one row width for all of them; these differ: "
+                f"{', '.join(f'{name} {dim}' for name, dim in widths.items())}; accepted: "
+                "tables whose unpooled rows share one width (e.g. ttrec rank r with dim_factors "
+                "(r, 1, r), or qr mult tables of one dim)"
+            )
         device = torch.device("cpu" if device is None else device)
         self.pooled = (
             EmbeddingBagCollection(

@@ -23,6 +23,7 @@ from embedding_tables.reference import (
     reference_sequence,
     reference_touched_rows,
 )
+from embedding_tables.sharding import ShardableEmbeddingCollection, torchrec_name
 from embedding_tables.transforms import BatchedTransform, transform_for
 from tests.embedding_tables.helpers import method_case, random_kjt, slots_of
 
@@ -291,3 +292,34 @@ def test_fields_round_trip() -> None:
     assert TableConfig.from_fields(as_json) == config
     with pytest.raises(ConfigError, match="capacity"):
         TableConfig.from_fields({**fields, "capacity": 10})
+
+
+def test_the_shardable_collection_contracts_the_cores_before_pooling() -> None:
+    """torchrec's unpooled EmbeddingCollection reads the cores (beside qr mult's partitions:
+    one width for all, rank 4 with factors (4, 1, 4)); contraction, then pooling, gives the
+    reference."""
+    tables = [
+        TableConfig("tt", 2000, 16, TTRec(rank=4, dim_factors=(4, 1, 4)), pooling="mean"),
+        TableConfig("qm", 300, 16, QR(combine="mult")),
+        TableConfig("h", 10_000, 4, "hash", budget=50),
+    ]
+    feature_to_table = {"h": "h", "tt": "tt", "qm": "qm"}
+    sharded = ShardableEmbeddingCollection(tables, feature_to_table)
+    state = sharded.state_dict()
+    weights = {}
+    for physical in sharded.physical_tables():
+        (key,) = [k for k in state if k.endswith(f".{torchrec_name(physical.name)}.weight")]
+        weights[physical.name] = state[key]
+    cores = {k for k in state if "tt__c" in k}
+    assert cores == {f"rows.embeddings.tt__c{k}.weight" for k in range(3)}
+    features = random_kjt(tables, feature_to_table, batch=6, seed=4)
+    expected = reference_pooled(sharded.plans, feature_to_table, weights, features)
+    pooled = sharded(features).to_dict()
+    for feature, rows in expected.items():
+        torch.testing.assert_close(pooled[feature], rows, rtol=1e-5, atol=1e-7)
+
+
+def test_the_shardable_collection_refuses_unpooled_tables_of_several_widths() -> None:
+    tables = [TableConfig("tt", 2000, 8, TTRec(rank=4))]
+    with pytest.raises(ConfigError, match=r"one row width .* tt.c0 8, tt.c1 16, tt.c2 16"):
+        ShardableEmbeddingCollection(tables, {"f": "tt"})
