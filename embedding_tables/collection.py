@@ -15,7 +15,8 @@ JaggedTensors (torchrec EmbeddingCollection's shape). A lookup runs in three nam
 3. combine (`embedding_tables.combine`): concat (unified, qr concat; free: adjacent columns),
    add (qr add, graphhash double), mult (qr mult: elementwise product of the partitions'
    rows, then pooling, in one autograd Function) or the method's RowCombine (ttrec's
-   tensor-train contraction, then pooling, in torch ops), all vectorised.
+   tensor-train contraction, once per distinct id of the batch, then pooling, in torch ops),
+   all vectorised.
 
 Sparse training (the part the model trainer relies on):
 
@@ -74,8 +75,8 @@ from embedding_tables.combine import (
     UnpooledFeature,
     combine_rows,
     mult_pool,
+    pool_rows,
     pools_per_lookup,
-    row_combine_pool,
 )
 from embedding_tables.config import TableConfig
 from embedding_tables.cpu_kernels import (
@@ -365,10 +366,12 @@ class EmbeddingCollection(nn.Module):
         longest feature's id count."""
         batch = self._split(features)
         group_rows: dict[int, list[torch.Tensor]] = {}
-        fused_rows: dict[str, torch.Tensor] = {}
+        combined_rows: dict[str, torch.Tensor] = {}  # per feature, already combined
         for group, kind in enumerate(self._group_kinds):
             if kind == "fused":
-                fused_rows.update(self._fused_sequence(batch, group))
+                combined_rows.update(self._fused_sequence(batch, group))
+            elif self._combines_rows(group):
+                combined_rows.update(self._row_combined(batch, group))
             else:
                 group_rows[group] = self._group_rows(batch, group)
         result = {}
@@ -376,8 +379,8 @@ class EmbeddingCollection(nn.Module):
             feature = batch.features[name]
             if lookup.combine == "self_managed":
                 rows = self.self_managed[lookup.table].sequence(feature.ids)
-            elif name in fused_rows:
-                rows = fused_rows[name]
+            elif name in combined_rows:
+                rows = combined_rows[name]
             else:
                 rows = combine_rows(
                     lookup.combine, [group_rows[lookup.group][s] for s in lookup.slots]
@@ -916,10 +919,20 @@ class EmbeddingCollection(nn.Module):
         """Steps 2 and 3 of a `rows` group: unpooled lookup, then combine and pooling of every
         feature (qr mult: in one autograd Function; a RowCombine: torch ops); keyed by
         feature."""
+        names = sorted(set(self._slot_features[group]), key=self.feature_names.index)
+        if self._combines_rows(group):
+            combined = self._row_combined(batch, group)
+            return {
+                name: pool_rows(
+                    combined[name],
+                    batch.features[name].lengths,
+                    self._pooling_weights(self._lookups[name], batch.features[name]),
+                )
+                for name in names
+            }
         indices, counts, _ = self._group_indices(batch, group)
         rows = self.tables.lookups[group].rows_output(indices, counts)
         columns = self._slot_columns[group]
-        names = sorted(set(self._slot_features[group]), key=self.feature_names.index)
         features = []
         for name in names:
             lookup, feature = self._lookups[name], batch.features[name]
@@ -931,13 +944,32 @@ class EmbeddingCollection(nn.Module):
                     weights=self._pooling_weights(lookup, feature),
                 )
             )
-        combine = self._lookups[names[0]].combine
-        if isinstance(combine, RowCombine):
-            return {
-                name: row_combine_pool(self._lookups[name].combine, rows, feature)
-                for name, feature in zip(names, features, strict=True)
-            }
         return dict(zip(names, mult_pool(rows, features), strict=True))
+
+    def _row_combined(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
+        """Steps 1 to 3 of a RowCombine group, unpooled: each feature's [N_f, output_dim],
+        combined once per distinct id and gathered back (a batch repeats ids: MovieLens'
+        history reads a few thousand items tens of times each, and ttrec's core rows are wide);
+        keyed by feature."""
+        slot_features = self._slot_features[group]
+        distinct = {
+            name: torch.unique(batch.features[name].ids, return_inverse=True)
+            for name in dict.fromkeys(slot_features)
+        }
+        slot_ids = [distinct[name][0] for name in slot_features]
+        indices = self._batched_transform(group)(slot_ids, None)
+        rows = self.tables.lookups[group].rows(indices, [ids.numel() for ids in slot_ids])
+        combined = {}
+        for name, (_, inverse) in distinct.items():
+            lookup = self._lookups[name]
+            values = combine_rows(lookup.combine, [rows[s] for s in lookup.slots])
+            combined[name] = values.index_select(0, inverse)
+        return combined
+
+    def _combines_rows(self, group: int) -> bool:
+        """Whether a group's features are combined by a RowCombine (its table's)."""
+        first = self._lookups[self._slot_features[group][0]]
+        return isinstance(first.combine, RowCombine)
 
     def _fused_inputs(
         self, batch: _Batch, group: int

@@ -157,12 +157,12 @@ def mult_pool(rows: torch.Tensor, features: Sequence[UnpooledFeature]) -> list[t
     return list(_MultPool.apply(rows, features))
 
 
-def row_combine_pool(
-    combine: RowCombine, rows: torch.Tensor, feature: UnpooledFeature
+def pool_rows(
+    rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None
 ) -> torch.Tensor:
-    """[B, output_dim]: sum over each bag of weight * combine(its lookups' rows), in torch ops
-    (autograd gives the lookups' gradients)."""
-    values = combine(_parts(rows, feature))
-    if feature.weights is not None:
-        values = values * feature.weights.unsqueeze(1)
-    return _pool(values, feature, feature.bag_length())
+    """[B, width]: sum over each bag of weight * row, for rows already combined (a
+    RowCombine's), in torch ops (autograd gives the rows' gradients)."""
+    feature = UnpooledFeature((), rows.shape[0], lengths, weights)
+    if weights is not None:
+        rows = rows * weights.unsqueeze(1)
+    return _pool(rows, feature, feature.bag_length())

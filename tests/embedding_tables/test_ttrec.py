@@ -323,3 +323,29 @@ def test_the_shardable_collection_refuses_unpooled_tables_of_several_widths() ->
     tables = [TableConfig("tt", 2000, 8, TTRec(rank=4))]
     with pytest.raises(ConfigError, match=r"one row width .* tt.c0 8, tt.c1 16, tt.c2 16"):
         ShardableEmbeddingCollection(tables, {"f": "tt"})
+
+
+def test_repeated_ids_are_contracted_once_and_get_every_gradient() -> None:
+    """The contraction runs per distinct id; gathered back, each occurrence still pools and
+    passes its gradient to the cores."""
+    tables = [TableConfig("t", 3000, 16, TTRec(rank=4), pooling="mean")]
+    ec = EmbeddingCollection(tables, {"f": "t", "g": "t"}, optimizer=None)
+    values = torch.tensor([5, 5, 7, 5, 2999, 7, 7, 7, 5, 5, 0])
+    features = KeyedJaggedTensor(
+        keys=["f", "g"], values=values, lengths=torch.tensor([3, 0, 2, 1, 4, 1])
+    )
+    names = [t.name for t in ec.physical_tables()]
+    leaves = {n: ec.tables.weight(n).detach().clone().requires_grad_(True) for n in names}
+    expected, sequence = einsum_outputs(ec, leaves, features)
+    pooled = ec(features).to_dict()
+    rows = {k: v.values() for k, v in ec.sequence(features).items()}
+    for feature in ("f", "g"):
+        torch.testing.assert_close(pooled[feature], expected[feature], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rows[feature], sequence[feature].detach(), rtol=1e-5, atol=1e-7)
+    target = {f: torch.randn_like(rows) for f, rows in expected.items()}
+    sum((expected[f] * target[f]).sum() for f in expected).backward()
+    sum((pooled[f] * target[f]).sum() for f in pooled).backward()
+    for name in names:
+        torch.testing.assert_close(
+            ec.tables.weight(name).grad, leaves[name].grad, rtol=1e-5, atol=1e-7
+        )
