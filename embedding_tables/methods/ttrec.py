@@ -11,9 +11,9 @@ of row i_k (qr's `arith` slot rule: the batched transform and the kernels comput
 contraction is the plan's `TTContraction`, a RowCombine: taken per id before pooling, in torch
 ops, so autograd gives the cores' gradients.
 
-Initialisation is the paper's sampled Gaussian (Sec. 4, "TT-Rec initialization"): every core
-entry is drawn from N(0, sigma) with sigma chosen so that the product has the variance of a
-plain table's init. An entry of the product sums prod(r_1 .. r_{K-1}) = rank^(K-1) products
+Initialisation follows the paper's proposal to draw the cores from a sampled Gaussian (its
+abstract and initialisation section): every core entry is drawn from N(0, sigma), sigma chosen
+here so that the product has the variance of a plain table's init. An entry of the product sums prod(r_1 .. r_{K-1}) = rank^(K-1) products
 of K independent entries, so its variance is rank^(K-1) sigma^(2K); the plain table's is that
 of uniform ±sqrt(1/num_embeddings), 1 / (3 num_embeddings); hence
 sigma = (1 / (3 num_embeddings rank^(K-1)))^(1 / 2K).
@@ -104,7 +104,7 @@ class TTRec(Method):
 
     def ranks(self) -> tuple[int, ...]:
         """r_0 .. r_K: 1 at both ends, `rank` between."""
-        return (1, *(self.rank,) * (self.num_cores - 1), 1)
+        return bond_ranks(self.rank, self.num_cores)
 
     def factors(self, config: TableConfig) -> tuple[int, ...]:
         """d_1 .. d_K: the given dim_factors, checked, or the cheapest fitting factorisation."""
@@ -119,7 +119,7 @@ class TTRec(Method):
                 accepted = [
                     r
                     for r in range(1, max_rank(self.radices(config), self.dim_factors) + 1)
-                    if fits_kernels(self.dim_factors, _ranks(r, self.num_cores))
+                    if fits_kernels(self.dim_factors, bond_ranks(r, self.num_cores))
                 ]
                 raise ConfigError(
                     f"table {config.name!r}: ttrec rank {self.rank} with dim_factors "
@@ -140,7 +140,7 @@ class TTRec(Method):
             accepted = [
                 r
                 for r in range(1, max(max_rank(radices, f) for f in every) + 1)
-                if any(fits_kernels(f, _ranks(r, self.num_cores)) for f in every)
+                if any(fits_kernels(f, bond_ranks(r, self.num_cores)) for f in every)
             ]
             raise ConfigError(
                 f"table {config.name!r}: no factorisation of dim {config.dim} into "
@@ -214,7 +214,7 @@ class TTRec(Method):
         highest = max(max_rank(radices, factors) for factors in candidates)
 
         def cheapest(rank: int) -> int:
-            ranks = _ranks(rank, self.num_cores)
+            ranks = bond_ranks(rank, self.num_cores)
             return min(core_parameters(radices, factors, ranks) for factors in candidates)
 
         best: TableConfig | None = None
@@ -223,7 +223,7 @@ class TTRec(Method):
             try:
                 candidate = dataclasses.replace(config, method=dataclasses.replace(self, rank=rank))
                 candidate.method.plan(candidate, None)
-            except ConfigError:
+            except ConfigError:  # a rank the kernels or the radices refuse: try the next
                 pass
             else:
                 best = candidate
@@ -231,10 +231,10 @@ class TTRec(Method):
         if best is None:
             # The cheapest cores the kernels take: rank 4 fits any factors, a lower one some.
             needed = min(
-                core_parameters(radices, factors, _ranks(rank, self.num_cores))
+                core_parameters(radices, factors, bond_ranks(rank, self.num_cores))
                 for rank in range(1, TBE_DIM_MULTIPLE + 1)
                 for factors in candidates
-                if fits_kernels(factors, _ranks(rank, self.num_cores))
+                if fits_kernels(factors, bond_ranks(rank, self.num_cores))
             )
             raise BudgetError(
                 f"table {config.name!r}: no ttrec rank fits budget {config.budget!r} "
@@ -278,7 +278,8 @@ class TTContraction(RowCombine):
         return product.reshape(count, width)
 
 
-def _ranks(rank: int, cores: int) -> tuple[int, ...]:
+def bond_ranks(rank: int, cores: int) -> tuple[int, ...]:
+    """r_0 .. r_K of a train of `cores` cores with inner rank `rank`."""
     return (1, *(rank,) * (cores - 1), 1)
 
 
