@@ -13,9 +13,10 @@ ops, so autograd gives the cores' gradients.
 
 Initialisation follows the paper's proposal to draw the cores from a sampled Gaussian (its
 abstract and initialisation section): every core entry is drawn from N(0, sigma), sigma chosen
-here so that the product has the variance of a plain table's init. An entry of the product sums prod(r_1 .. r_{K-1}) = rank^(K-1) products
-of K independent entries, so its variance is rank^(K-1) sigma^(2K); the plain table's is that
-of uniform ±sqrt(1/num_embeddings), 1 / (3 num_embeddings); hence
+here so that the product has the variance of a plain table's init. An entry of the product sums
+prod(r_1 .. r_{K-1}) = rank^(K-1) products of K independent entries, so its variance is
+rank^(K-1) sigma^(2K); the plain table's is that of uniform ±sqrt(1/num_embeddings), 1 / (3
+num_embeddings); hence
 sigma = (1 / (3 num_embeddings rank^(K-1)))^(1 / 2K).
 """
 
