@@ -9,11 +9,14 @@ JaggedTensors (torchrec EmbeddingCollection's shape). A lookup runs in three nam
    (unified: feature f's lookup j hashes with seed `hashing.feature_seed(table seed, f, j)`).
    The lookups of a table group run as one batched transform (`BatchedTransform`);
 2. table-batched lookup (`embedding_tables.lookup`, `embedding_tables.torch_lookup`): all
-   physical tables of a dtype in one lookup call (one fbgemm TBE call, or torch ops); each qr
-   `mult` table, whose partitions must be read unpooled, in a call of its own;
+   physical tables of a dtype in one lookup call (one fbgemm TBE call, or torch ops); each table
+   whose combine precedes pooling (qr `mult`, a method's `RowCombine`: ttrec), whose lookups
+   must be read unpooled, in a call of its own;
 3. combine (`embedding_tables.combine`): concat (unified, qr concat; free: adjacent columns),
-   add (qr add, graphhash double) or mult (qr mult: elementwise product of the partitions'
-   rows, then pooling, in one autograd Function), all vectorised.
+   add (qr add, graphhash double), mult (qr mult: elementwise product of the partitions'
+   rows, then pooling, in one autograd Function) or the method's RowCombine (ttrec's
+   tensor-train contraction, once per distinct id of the batch, then pooling, in torch ops),
+   all vectorised.
 
 Sparse training (the part the model trainer relies on):
 
@@ -41,7 +44,8 @@ the device and the EMBTAB_LOOKUP switch): step 2 runs in fbgemm's TBE (`fbgemm`)
 has kernels for the device (CPU; CUDA only with fbgemm-gpu's CUDA build), otherwise in torch ops
 (`torch`: `embedding_bag` and the same sparse optimizer in its backward, on any device; forced
 by EMBTAB_LOOKUP=torch); for `optimizer=None` both train through the torch ops. With
-EMBTAB_LOOKUP=triton (`triton`) the three steps of every static table of a dtype on CUDA run
+EMBTAB_LOOKUP=triton (`triton`) the three steps of every static table of a dtype on CUDA (but
+those with a RowCombine, which take the torch ops) run
 fused in one Triton launch (`embedding_tables.kernels.group.FusedTableGroup`: index transform,
 gathers, combine, pooling; the sparse optimizer fused into its backward, or dense gradients for
 `optimizer=None`), with the same physical tables, names, state_dict and numerics. The kernels
@@ -65,7 +69,15 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from embedding_tables.backend import lookup_backend
 from embedding_tables.checked import CheckedKJT, check_layout
-from embedding_tables.combine import MultPoolFeature, combine_rows, mult_pool
+from embedding_tables.combine import (
+    Combine,
+    RowCombine,
+    UnpooledFeature,
+    combine_rows,
+    mult_pool,
+    pool_rows,
+    pools_per_lookup,
+)
 from embedding_tables.config import TableConfig
 from embedding_tables.cpu_kernels import (
     MAX_PARTS,
@@ -104,7 +116,7 @@ class _FeatureLookup:
 
     feature: str
     table: str
-    combine: str  # single | concat | add | mult | self_managed
+    combine: Combine  # single | concat | add | mult | a RowCombine | self_managed
     output_dim: int
     mean: bool
     group: int = -1
@@ -354,10 +366,12 @@ class EmbeddingCollection(nn.Module):
         longest feature's id count."""
         batch = self._split(features)
         group_rows: dict[int, list[torch.Tensor]] = {}
-        fused_rows: dict[str, torch.Tensor] = {}
+        combined_rows: dict[str, torch.Tensor] = {}  # per feature, already combined
         for group, kind in enumerate(self._group_kinds):
             if kind == "fused":
-                fused_rows.update(self._fused_sequence(batch, group))
+                combined_rows.update(self._fused_sequence(batch, group))
+            elif self._combines_rows(group):
+                combined_rows.update(self._row_combined(batch, group))
             else:
                 group_rows[group] = self._group_rows(batch, group)
         result = {}
@@ -365,8 +379,8 @@ class EmbeddingCollection(nn.Module):
             feature = batch.features[name]
             if lookup.combine == "self_managed":
                 rows = self.self_managed[lookup.table].sequence(feature.ids)
-            elif name in fused_rows:
-                rows = fused_rows[name]
+            elif name in combined_rows:
+                rows = combined_rows[name]
             else:
                 rows = combine_rows(
                     lookup.combine, [group_rows[lookup.group][s] for s in lookup.slots]
@@ -517,11 +531,12 @@ class EmbeddingCollection(nn.Module):
         return None if mapping is None else mapping.num_rows
 
     def _build_lookups(self) -> list[TableGroupLookup]:
-        """Group physical tables: one pooled group per dtype, one `rows` group per qr mult
-        table; each table in one group, tables in order of first use. Every lookup of every
-        feature gets a slot of its group, the slots sorted by table (fbgemm's CPU row-wise
-        Adagrad needs a table's slots adjacent). With the fused kernels, every static table of
-        a dtype is in one `fused` group, whatever its combine."""
+        """Group physical tables: one pooled group per dtype, one `rows` group per table whose
+        combine precedes pooling (qr mult, a RowCombine); each table in one group, tables in
+        order of first use. Every lookup of every feature gets a slot of its group, the slots
+        sorted by table (fbgemm's CPU row-wise Adagrad needs a table's slots adjacent). With the
+        fused kernels, every static table of a dtype is in one `fused` group, whatever its
+        combine, but a RowCombine's (the kernels do not run it)."""
         groups: dict[tuple[str, str], _GroupLayout] = {}  # (kind, dtype or table) -> layout
         for feature, table_name in self.feature_to_table.items():
             config = self.configs[table_name]
@@ -530,11 +545,12 @@ class EmbeddingCollection(nn.Module):
             )
             if not config.method.self_managed:
                 plan = self.plans[table_name]
-                # A qr mult table gets a lookup of its own: its unpooled output then holds
-                # only its partitions side by side, so the product reads nearby memory.
-                if self._fused:
+                # A table combined before pooling gets a lookup of its own: its unpooled
+                # output then holds only its lookups side by side, so the combine reads
+                # nearby memory.
+                if self._fused and not isinstance(plan.combine, RowCombine):
                     key = ("fused", config.dtype)
-                elif plan.combine == "mult":
+                elif not pools_per_lookup(plan.combine):
                     key = ("rows", table_name)
                 else:
                     key = ("pooled", config.dtype)
@@ -570,7 +586,7 @@ class EmbeddingCollection(nn.Module):
             self._slot_columns.append([sum(dims[:s]) for s in range(len(dims) + 1)])
             if layout.kind == "fused":
                 lookups.append(self._fused_group(layout))
-            elif self.optimizer_config is None or self.backend == "torch":
+            elif self.optimizer_config is None or self.backend != "fbgemm":
                 lookups.append(
                     TorchLookup(layout.tables, slot_tables, self.optimizer_config, self.device)
                 )
@@ -734,7 +750,8 @@ class EmbeddingCollection(nn.Module):
 
     def _pooled_group_outputs(self, batch: _Batch) -> dict[int | str, torch.Tensor]:
         """Steps 1 and 2 of every group: [B, slot columns] keyed by group for pooled groups; for
-        `rows` groups (qr mult, pooled after the product) each feature's [B, dim] keyed by name."""
+        `rows` groups (qr mult, a RowCombine: pooled after the combine) each feature's [B, dim]
+        keyed by name."""
         outputs: dict[int | str, torch.Tensor] = {}
         kernels = self._forward_kernels()
         kernel_groups = tuple(
@@ -748,7 +765,7 @@ class EmbeddingCollection(nn.Module):
             if group in kernel_groups:
                 continue
             if kind == "rows":
-                outputs.update(self._mult_pooled(batch, group))
+                outputs.update(self._rows_pooled(batch, group))
                 continue
             if kind == "fused":
                 fused = self.tables.lookups[group]
@@ -801,7 +818,9 @@ class EmbeddingCollection(nn.Module):
                         (columns[s], columns[s + 1]),
                     )
                 )
-        elif kind == "rows":
+        elif kind == "rows" and all(
+            self._lookups[name].combine == "mult" for name in self._slot_features[group]
+        ):
             for name in dict.fromkeys(self._slot_features[group]):
                 slots = self._lookups[name].slots
                 transform = kernel_transform_of([rules[s] for s in slots])
@@ -896,18 +915,29 @@ class EmbeddingCollection(nn.Module):
         per_id = per_bag.repeat_interleave(batch.lengths, output_size=batch.values.numel())
         return per_id if batch.weights is None else batch.weights * per_id
 
-    def _mult_pooled(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
-        """Steps 2 and 3 of a `rows` group (qr mult): unpooled lookup, then product and pooling
-        of every feature in one autograd Function; keyed by feature."""
+    def _rows_pooled(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
+        """Steps 2 and 3 of a `rows` group: unpooled lookup, then combine and pooling of every
+        feature (qr mult: in one autograd Function; a RowCombine: torch ops); keyed by
+        feature."""
+        names = sorted(set(self._slot_features[group]), key=self.feature_names.index)
+        if self._combines_rows(group):
+            combined = self._row_combined(batch, group)
+            return {
+                name: pool_rows(
+                    combined[name],
+                    batch.features[name].lengths,
+                    self._pooling_weights(self._lookups[name], batch.features[name]),
+                )
+                for name in names
+            }
         indices, counts, _ = self._group_indices(batch, group)
         rows = self.tables.lookups[group].rows_output(indices, counts)
         columns = self._slot_columns[group]
-        names = sorted(set(self._slot_features[group]), key=self.feature_names.index)
         features = []
         for name in names:
             lookup, feature = self._lookups[name], batch.features[name]
             features.append(
-                MultPoolFeature(
+                UnpooledFeature(
                     columns=tuple((columns[s], columns[s + 1]) for s in lookup.slots),
                     count=feature.ids.numel(),
                     lengths=feature.lengths,
@@ -915,6 +945,31 @@ class EmbeddingCollection(nn.Module):
                 )
             )
         return dict(zip(names, mult_pool(rows, features), strict=True))
+
+    def _row_combined(self, batch: _Batch, group: int) -> dict[str, torch.Tensor]:
+        """Steps 1 to 3 of a RowCombine group, unpooled: each feature's [N_f, output_dim],
+        combined once per distinct id and gathered back (a batch repeats ids: MovieLens'
+        history reads a few thousand items tens of times each, and ttrec's core rows are wide);
+        keyed by feature."""
+        slot_features = self._slot_features[group]
+        distinct = {
+            name: torch.unique(batch.features[name].ids, return_inverse=True)
+            for name in dict.fromkeys(slot_features)
+        }
+        slot_ids = [distinct[name][0] for name in slot_features]
+        indices = self._batched_transform(group)(slot_ids, None)
+        rows = self.tables.lookups[group].rows(indices, [ids.numel() for ids in slot_ids])
+        combined = {}
+        for name, (_, inverse) in distinct.items():
+            lookup = self._lookups[name]
+            values = combine_rows(lookup.combine, [rows[s] for s in lookup.slots])
+            combined[name] = values.index_select(0, inverse)
+        return combined
+
+    def _combines_rows(self, group: int) -> bool:
+        """Whether a group's features are combined by a RowCombine (its table's)."""
+        first = self._lookups[self._slot_features[group][0]]
+        return isinstance(first.combine, RowCombine)
 
     def _fused_inputs(
         self, batch: _Batch, group: int
@@ -960,7 +1015,7 @@ class EmbeddingCollection(nn.Module):
             )
         if self._group_kinds[lookup.group] == "fused":
             return (lookup.group, *lookup.fused_columns)
-        if lookup.combine == "mult":
+        if not pools_per_lookup(lookup.combine):
             return group_outputs[lookup.feature]
         output = group_outputs[lookup.group]
         columns = self._slot_columns[lookup.group]

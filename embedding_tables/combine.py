@@ -1,4 +1,9 @@
-"""The combine step: an id's lookups -> its embedding (concat, add, mult), and qr mult pooling.
+"""The combine step: an id's lookups -> its embedding, and pooling of combines that precede it.
+
+A plan's combine is a name (`single`, `concat`, `add`, `mult`) or a method's own `RowCombine`
+(ttrec's tensor-train contraction). `single`, `concat` and `add` commute with pooling, so each
+lookup is pooled on its own and the pooled rows combined (`pools_per_lookup`); `mult` and a
+`RowCombine` do not: their lookups are read unpooled, combined per id, then pooled.
 
 qr `mult` cannot be pooled table by table (sum of products is not the product of sums), so its
 partitions' rows are looked up unpooled and `mult_pool` forms, per feature, the elementwise
@@ -15,9 +20,36 @@ from dataclasses import dataclass
 
 import torch
 
+# The named combines that commute with pooling.
+POOLED_COMBINES = ("single", "concat", "add")
 
-def combine_rows(combine: str, rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One id's lookups -> its row: the single row, concatenated, summed or multiplied."""
+
+class RowCombine:
+    """A method's own combine of one id's lookups into its row, which does not commute with
+    pooling: the collection reads its lookups unpooled, calls it, then pools. A subclass is a
+    frozen dataclass (plans compare and hash it) with `output_dim`, the row's width."""
+
+    output_dim: int
+
+    def __call__(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`rows[j]`: [N, width of lookup j] for N ids -> [N, output_dim]."""
+        raise NotImplementedError
+
+
+Combine = str | RowCombine
+
+
+def pools_per_lookup(combine: Combine) -> bool:
+    """Whether each lookup may be pooled on its own before combining (not `mult`, not a
+    RowCombine: those are combined per id before pooling)."""
+    return isinstance(combine, str) and combine in POOLED_COMBINES
+
+
+def combine_rows(combine: Combine, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One id's lookups -> its row: the single row, concatenated, summed, multiplied, or the
+    method's RowCombine."""
+    if isinstance(combine, RowCombine):
+        return combine(rows)
     if combine == "single":
         return rows[0]
     if combine == "concat":
@@ -29,8 +61,9 @@ def combine_rows(combine: str, rows: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class MultPoolFeature:
-    """One qr-mult feature inside an unpooled lookup output [N_max, columns].
+class UnpooledFeature:
+    """One feature combined before pooling (qr mult, a RowCombine) inside an unpooled lookup
+    output [N_max, columns].
 
     `columns`: (start, end) of each partition's rows; the feature's ids are the first `count`
     rows. `lengths`: [B] bag lengths. `weights`: per-id pooling weights or None.
@@ -50,11 +83,11 @@ class MultPoolFeature:
         return length if bool((self.lengths == length).all()) else None
 
 
-def _parts(rows: torch.Tensor, feature: MultPoolFeature) -> list[torch.Tensor]:
+def _parts(rows: torch.Tensor, feature: UnpooledFeature) -> list[torch.Tensor]:
     return [rows[: feature.count, start:end] for start, end in feature.columns]
 
 
-def _pool(values: torch.Tensor, feature: MultPoolFeature, length: int | None) -> torch.Tensor:
+def _pool(values: torch.Tensor, feature: UnpooledFeature, length: int | None) -> torch.Tensor:
     if length is not None:
         return values.reshape(feature.lengths.numel(), length, -1).sum(dim=1)
     if feature.lengths.numel() == 0:  # an empty batch: segment_reduce refuses empty lengths
@@ -62,7 +95,7 @@ def _pool(values: torch.Tensor, feature: MultPoolFeature, length: int | None) ->
     return torch.segment_reduce(values, "sum", lengths=feature.lengths)
 
 
-def _spread(pooled_grad: torch.Tensor, feature: MultPoolFeature) -> torch.Tensor:
+def _spread(pooled_grad: torch.Tensor, feature: UnpooledFeature) -> torch.Tensor:
     """d(pooled)/d(row) * upstream: each bag's gradient copied to its ids (times weights)."""
     bags = torch.repeat_interleave(
         torch.arange(feature.lengths.numel(), device=pooled_grad.device),
@@ -77,7 +110,7 @@ def _spread(pooled_grad: torch.Tensor, feature: MultPoolFeature) -> torch.Tensor
 
 class _MultPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, features: Sequence[MultPoolFeature]):  # type: ignore[override]
+    def forward(ctx, rows: torch.Tensor, features: Sequence[UnpooledFeature]):  # type: ignore[override]
         ctx.features = features
         ctx.save_for_backward(rows)
         pooled = []
@@ -94,7 +127,7 @@ class _MultPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *pooled_grads: torch.Tensor | None):  # type: ignore[override]
         (rows,) = ctx.saved_tensors
-        features: Sequence[MultPoolFeature] = ctx.features
+        features: Sequence[UnpooledFeature] = ctx.features
         covered = sum(f.count * sum(end - start for start, end in f.columns) for f in features)
         complete = covered == rows.numel() and all(g is not None for g in pooled_grads)
         grad_rows = torch.empty_like(rows) if complete else torch.zeros_like(rows)
@@ -119,6 +152,17 @@ class _MultPool(torch.autograd.Function):
         return grad_rows, None
 
 
-def mult_pool(rows: torch.Tensor, features: Sequence[MultPoolFeature]) -> list[torch.Tensor]:
+def mult_pool(rows: torch.Tensor, features: Sequence[UnpooledFeature]) -> list[torch.Tensor]:
     """Per feature, [B, dim]: sum over each bag of weight * (product of its partitions' rows)."""
     return list(_MultPool.apply(rows, features))
+
+
+def pool_rows(
+    rows: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """[B, width]: sum over each bag of weight * row, for rows already combined (a
+    RowCombine's), in torch ops (autograd gives the rows' gradients)."""
+    feature = UnpooledFeature((), rows.shape[0], lengths, weights)
+    if weights is not None:
+        rows = rows * weights.unsqueeze(1)
+    return _pool(rows, feature, feature.bag_length())

@@ -69,6 +69,15 @@ def init_bound(num_rows: int) -> float:
     return math.sqrt(1.0 / num_rows)
 
 
+def init_weights_(weight: torch.Tensor, table: PhysicalTable) -> torch.Tensor:
+    """Fill `weight` with `table`'s initial rows, in place: N(0, init_std) where its method set
+    one, else uniform in ±init_bound."""
+    if table.init_std is not None:
+        return weight.normal_(0.0, table.init_std)
+    bound = init_bound(table.num_rows)
+    return weight.uniform_(-bound, bound)
+
+
 class _Lookup(nn.Module):
     """What both lookups share: slots, the touched-row bitmap, no state_dict entries of their
     own. Inputs are concatenated in slot order: `indices` (rows), `lengths` ([S * B] bag
@@ -183,8 +192,7 @@ class TableBatchedLookup(_Lookup):
         )
         with torch.no_grad():
             for table, weight in zip(tables, self._weights, strict=True):
-                bound = init_bound(table.num_rows)
-                weight.uniform_(-bound, bound)
+                init_weights_(weight, table)
             for momentum in self._momenta or ():
                 momentum.fill_(optimizer.initial_accumulator_value)
 

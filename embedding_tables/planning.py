@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from embedding_tables.errors import BudgetError, ConfigError
 
 if TYPE_CHECKING:
+    from embedding_tables.combine import Combine
     from embedding_tables.config import TableConfig
 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2}
@@ -34,13 +35,18 @@ TBE_DIM_MULTIPLE = 4
 
 @dataclass(frozen=True)
 class PhysicalTable:
-    """One plain 2-D table of rows: what the lookup kernels, sharding and serving see."""
+    """One plain 2-D table of rows: what the lookup kernels, sharding and serving see.
+
+    `init_std`: where the method draws its own initial weights, N(0, init_std) (ttrec's cores,
+    whose product must have a plain table's spread); None: uniform in ±sqrt(1 / num_rows).
+    """
 
     name: str
     logical_table: str
     num_rows: int
     dim: int
     dtype: str
+    init_std: float | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -56,13 +62,15 @@ class TablePlan:
     """The physical layout of one static logical table.
 
     `combine` says how the rows of one id's lookups make its embedding: `single` (one lookup),
-    `concat` (unified chunks, qr concat), `add` (qr add, graphhash double) or `mult` (qr mult).
-    `radices` are the qr partition sizes (digit 0 first); empty for other methods.
+    `concat` (unified chunks, qr concat), `add` (qr add, graphhash double), `mult` (qr mult),
+    or a method's own `combine.RowCombine` (ttrec's tensor-train contraction).
+    `radices` are the mixed-radix digit sizes (digit 0 first) of qr and ttrec; empty for other
+    methods.
     """
 
     config: TableConfig
     physical: tuple[PhysicalTable, ...]
-    combine: str
+    combine: Combine
     radices: tuple[int, ...] = ()
 
 
@@ -108,10 +116,17 @@ def one_table_plan(config: TableConfig, rows: int, combine: str) -> TablePlan:
     return TablePlan(config, (physical_table(config, config.name, rows, config.dim),), combine)
 
 
-def physical_table(config: TableConfig, name: str, rows: int, dim: int) -> PhysicalTable:
+def physical_table(
+    config: TableConfig, name: str, rows: int, dim: int, init_std: float | None = None
+) -> PhysicalTable:
     """One physical table of `config`'s logical table."""
     return PhysicalTable(
-        name=name, logical_table=config.name, num_rows=rows, dim=dim, dtype=config.dtype
+        name=name,
+        logical_table=config.name,
+        num_rows=rows,
+        dim=dim,
+        dtype=config.dtype,
+        init_std=init_std,
     )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embedding_tables.combine import RowCombine
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import TablePlan
 from embedding_tables.transforms import GraphHashMappingLike
@@ -37,11 +38,14 @@ def reference_embedding(
     weights: Mapping[str, torch.Tensor],
     mapping: GraphHashMappingLike | None = None,
 ) -> torch.Tensor:
-    """The embedding of one id: its lookups' rows combined (concat / add / mult)."""
+    """The embedding of one id: its lookups' rows combined (concat / add / mult, or the plan's
+    RowCombine on the one id)."""
     rows = [
         weights[table][row].float()
         for table, row in reference_rows_of_id(plan, feature, value, mapping)
     ]
+    if isinstance(plan.combine, RowCombine):
+        return plan.combine([row.unsqueeze(0) for row in rows])[0]
     if plan.combine in ("single", "concat"):
         return torch.cat(rows)
     result = rows[0]

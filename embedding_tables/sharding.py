@@ -3,7 +3,8 @@
 `ShardableEmbeddingCollection` has the interface a model uses of `EmbeddingCollection`
 (`forward(kjt) -> KeyedTensor`, `output_dim`, `feature_names`), but keeps its physical tables in
 a torchrec `EmbeddingBagCollection` (pooled lookups) and a torchrec `EmbeddingCollection` (the
-unpooled lookups of qr `mult`, whose product must be taken before pooling). Wrapped in torchrec's
+unpooled lookups of qr `mult` and of a method's `RowCombine`, ttrec's, whose combine must be
+taken before pooling). Wrapped in torchrec's
 `DistributedModelParallel`, those two modules are replaced by their sharded versions on the
 planner's plan; nothing else changes. A lookup runs in the same three steps as the unsharded
 collection:
@@ -12,8 +13,8 @@ collection:
    before the lookup, so the rows' keys (`"<feature>@<j>"`, lookup j of a feature) are ordinary
    torchrec features and sharding never sees which method made them;
 2. torchrec lookup (sharded or not), fbgemm TBE with the fused sparse optimizer;
-3. combine (`embedding_tables.combine.combine_rows`): concat / add on pooled rows, mult on
-   unpooled rows then pooled.
+3. combine (`embedding_tables.combine.combine_rows`): concat / add on pooled rows, mult or a
+   RowCombine on unpooled rows then pooled.
 
 torchrec module names cannot hold '.', so physical table `item_id.r` is torchrec table
 `item_id__r` (`torchrec_name`). Collisionless tables (a dynamic id map, not a static transform)
@@ -41,7 +42,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection as TorchrecEm
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embedding_tables.collection import TOTAL_KEY, _check_tables
-from embedding_tables.combine import combine_rows
+from embedding_tables.combine import Combine, combine_rows, pools_per_lookup
 from embedding_tables.config import TableConfig
 from embedding_tables.errors import ConfigError, FeatureError, IdError
 from embedding_tables.lookup import TORCH_DTYPES, init_bound
@@ -125,9 +126,18 @@ class ShardableEmbeddingCollection(nn.Module):
         pooled_slots: dict[str, list[str]] = {}
         row_slots: dict[str, list[str]] = {}
         for feature, transform in self.transforms.items():
-            slots = row_slots if self._combine(feature) == "mult" else pooled_slots
+            slots = pooled_slots if pools_per_lookup(self._combine(feature)) else row_slots
             for j, physical in enumerate(transform.tables):
                 slots.setdefault(physical, []).append(slot_key(feature, j))
+        widths = {name: self._physical[name].dim for name in row_slots}
+        if len(set(widths.values())) > 1:
+            raise ConfigError(
+                "torchrec's EmbeddingCollection, which holds the tables read unpooled (qr mult "
+                "partitions, ttrec cores), takes one row width for all of them; these differ: "
+                f"{', '.join(f'{name} {dim}' for name, dim in widths.items())}; accepted: "
+                "tables whose unpooled rows share one width (e.g. ttrec rank r with dim_factors "
+                "(r, 1, r), or qr mult tables of one dim)"
+            )
         device = torch.device("cpu" if device is None else device)
         self.pooled = (
             EmbeddingBagCollection(
@@ -191,11 +201,11 @@ class ShardableEmbeddingCollection(nn.Module):
             lookups = len(self.transforms[feature].tables)
             keys = [slot_key(feature, j) for j in range(lookups)]
             combine = self._combine(feature)
-            if combine == "mult":
-                product = combine_rows("mult", [unpooled[key].values() for key in keys])
-                summed = torch.segment_reduce(product, "sum", lengths=lengths, unsafe=True)
-            else:
+            if pools_per_lookup(combine):
                 summed = combine_rows(combine, [pooled[key] for key in keys])
+            else:
+                combined = combine_rows(combine, [unpooled[key].values() for key in keys])
+                summed = torch.segment_reduce(combined, "sum", lengths=lengths, unsafe=True)
             pieces.append(self._mean(summed, lengths, feature))
         return KeyedTensor(
             keys=self.feature_names,
@@ -249,19 +259,23 @@ class ShardableEmbeddingCollection(nn.Module):
         return sizes
 
     def initial_rows(self, physical_table: str, seed: int) -> torch.Tensor:
-        """The table's initial weights, uniform in ±sqrt(1/rows) as the unsharded tables, from a
-        generator seeded by (seed, table): the same on every rank and for every world size."""
+        """The table's initial weights, drawn as the unsharded tables' (uniform in ±sqrt(1/rows),
+        or N(0, init_std) where the method set one), from a generator seeded by (seed, table):
+        the same on every rank and for every world size."""
         table = self._physical[physical_table]
         generator = torch.Generator().manual_seed(
             seed * 1_000_003 + zlib.crc32(table.name.encode())
         )
-        bound = init_bound(table.num_rows)
-        rows = torch.rand(table.num_rows, table.dim, generator=generator) * (2 * bound) - bound
+        if table.init_std is not None:
+            rows = torch.randn(table.num_rows, table.dim, generator=generator) * table.init_std
+        else:
+            bound = init_bound(table.num_rows)
+            rows = torch.rand(table.num_rows, table.dim, generator=generator) * (2 * bound) - bound
         return rows.to(TORCH_DTYPES[table.dtype])
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _combine(self, feature: str) -> str:
+    def _combine(self, feature: str) -> Combine:
         return self.plans[self.feature_to_table[feature]].combine
 
     def _bag_config(self, physical: str, keys: list[str]) -> EmbeddingBagConfig:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding_tables.errors import ConfigError
-from embedding_tables.lookup import TORCH_DTYPES, _Lookup, bag_offsets, init_bound
+from embedding_tables.lookup import TORCH_DTYPES, _Lookup, bag_offsets, init_weights_
 from embedding_tables.optimizer import SparseOptimizerConfig, sparse_step
 from embedding_tables.planning import PhysicalTable
 
@@ -52,11 +52,13 @@ class TorchLookup(_Lookup):
         }
         weights = []
         for table in tables:
-            bound = init_bound(table.num_rows)
             weights.append(
-                torch.empty(
-                    table.num_rows, table.dim, dtype=TORCH_DTYPES[table.dtype], device=device
-                ).uniform_(-bound, bound)
+                init_weights_(
+                    torch.empty(
+                        table.num_rows, table.dim, dtype=TORCH_DTYPES[table.dtype], device=device
+                    ),
+                    table,
+                )
             )
         self._weights: list[torch.Tensor] | None = None
         self._momenta: list[torch.Tensor] | None = None

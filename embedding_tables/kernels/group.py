@@ -17,7 +17,6 @@ Per-sample weights scale the pooled rows; they get no gradient.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from embedding_tables.kernels.layout import (
     GroupLayout,
     plan_call,
 )
+from embedding_tables.lookup import init_weights_
 from embedding_tables.optimizer import SparseOptimizerConfig
 from embedding_tables.planning import PhysicalTable
 
@@ -80,8 +80,7 @@ class FusedTableGroup(nn.Module):
         flat = torch.empty(layout.total_elements, dtype=dtype, device=self.device)
         with torch.no_grad():
             for t, table in enumerate(self.tables):
-                bound = math.sqrt(1.0 / table.num_rows)
-                self._table_view(flat, t).uniform_(-bound, bound)
+                init_weights_(self._table_view(flat, t), table)
         self._flat = flat
         self._momentum = None
         if self.optimizer is None:

@@ -10,6 +10,7 @@ from embedding_tables.methods.hash import Hash
 from embedding_tables.methods.qr import QR
 from embedding_tables.methods.registry import method_class, method_names, register
 from embedding_tables.methods.robe import ROBE
+from embedding_tables.methods.ttrec import TTRec
 from embedding_tables.methods.unified import Unified
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Full",
     "GraphHash",
     "Hash",
+    "TTRec",
     "Method",
     "Unified",
     "method_class",

@@ -146,12 +146,9 @@ class QR(Method):
     def reference_rows(
         self, plan: TablePlan, feature: str, value: int, mapping: GraphHashMappingLike | None
     ) -> list[tuple[str, int]]:
-        value = in_range_int(plan.config, self.out_of_range, value)
-        digits = []
-        for radix in plan.radices[:-1]:
-            digits.append(value % radix)
-            value //= radix
-        digits.append(value)
+        digits = mixed_radix_digits(
+            in_range_int(plan.config, self.out_of_range, value), plan.radices
+        )
         return list(zip((physical.name for physical in plan.physical), digits, strict=True))
 
     def bounded_ids(self) -> bool:
@@ -192,6 +189,17 @@ def balanced_radices(count: int, parts: int) -> tuple[int, ...]:
         if radices[i] > 1 and math.prod(radices) // radices[i] * (radices[i] - 1) >= count:
             radices[i] -= 1
     return tuple(radices)
+
+
+def mixed_radix_digits(value: int, radices: tuple[int, ...]) -> list[int]:
+    """The reference of QRTransform for one Python int: digit 0 is value mod radices[0], the
+    last digit what remains."""
+    digits = []
+    for radix in radices[:-1]:
+        digits.append(value % radix)
+        value //= radix
+    digits.append(value)
+    return digits
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("double_graphhash", "graphhash", {"graphhash_variant": "double"}, "graph"),
         MethodSpec("double_hash", "graphhash", {"graphhash_variant": "double"}, "hashed"),
         MethodSpec("robe", "robe", {"block_size": 4}),
+        MethodSpec("ttrec", "ttrec"),
     )
 }
 # The study's baseline: every table full; every budget is a fraction of its memory.

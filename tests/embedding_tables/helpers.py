@@ -6,7 +6,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding_tables.config import TableConfig
-from embedding_tables.methods import QR, ROBE, Unified
+from embedding_tables.methods import QR, ROBE, TTRec, Unified
 
 
 def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
@@ -47,6 +47,13 @@ def method_case(method: str, pooling: str = "sum", dtype: str = "fp32"):
             TableConfig("t1", 500, 8, ROBE(block_size=8), budget=0.1, **common),
         ]
         return tables, {"f0": "t0", "f1": "t1", "f2": "t0"}
+    if method == "ttrec":
+        tables = [
+            TableConfig("t0", 3000, 16, TTRec(rank=4), budget=0.05, seed=3, **common),
+            TableConfig("t1", 500, 8, TTRec(rank=2, num_cores=2, dim_factors=(2, 4)), **common),
+            TableConfig("t2", 4000, 8, TTRec(rank=2, num_cores=4), budget=0.2, **common),
+        ]
+        return tables, {"f0": "t0", "f1": "t1", "f2": "t0", "f3": "t2"}
     if method == "mixed":
         tables = [
             TableConfig("full", 40, 4, "full", **common),

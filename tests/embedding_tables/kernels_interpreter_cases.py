@@ -43,7 +43,7 @@ from embedding_tables import (  # noqa: E402
 from embedding_tables.hashing import bucket, bucket_int  # noqa: E402
 from embedding_tables.interfaces import TableGroupLookup
 from embedding_tables.kernels import ops, triton_kernels  # noqa: E402
-from embedding_tables.methods import QR, Full, GraphHash, Method
+from embedding_tables.methods import QR, Full, GraphHash, Method, TTRec
 from embedding_tables.planning import PhysicalTable  # noqa: E402
 from embedding_tables.reference import (  # noqa: E402
     reference_pooled,
@@ -422,6 +422,44 @@ def test_collection_routes_through_the_kernels(kernel_collections, sequence: boo
         sparse_update(new, momenta[name], weight.grad, touched.get(name, set()), optimizer)
         torch.testing.assert_close(ec.tables.weight(name), new, **FP32)
         assert set(recorded[name].tolist()) == touched.get(name, set())
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["weighted-mean", "sequence"])
+def test_a_row_combine_table_takes_the_torch_ops_beside_the_kernels(
+    kernel_collections, sequence: bool
+) -> None:
+    """ttrec's contraction is not the kernels': its cores are a group of their own (torch
+    ops, the same fused update), the other tables one fused group."""
+    torch.manual_seed(7)
+    optimizer = SparseOptimizerConfig("rowwise_adagrad", lr=0.3, eps=1e-3)
+    pooling = "sum" if sequence else "mean"
+    tables, feature_to_table = method_case("mixed", pooling)
+    tables = [*tables, TableConfig("tt", 900, 8, TTRec(rank=4), budget=0.2, pooling=pooling)]
+    feature_to_table = {**feature_to_table, "tt": "tt"}
+    ec = EmbeddingCollection(tables, feature_to_table, optimizer=optimizer)
+    kinds = sorted(type(lookup).__name__ for lookup in ec.tables.lookups)
+    assert kinds == ["FusedTableGroup", "TorchLookup"]
+    features = random_kjt(tables, feature_to_table, weighted=not sequence, any_int64=True)
+    weights = {
+        t.name: ec.tables.weight(t.name).detach().clone().requires_grad_()
+        for t in ec.physical_tables()
+    }
+    momenta = {name: ec.tables.momentum(name).clone() for name in weights}
+    expected = run_reference(ec.plans, feature_to_table, weights, features, sequence)
+    if sequence:
+        outputs = {name: jagged.values() for name, jagged in ec.sequence(features).items()}
+    else:
+        outputs = ec(features).to_dict()
+    for name in feature_to_table:
+        torch.testing.assert_close(outputs[name], expected[name], **FP32)
+    upstream = {name: torch.randn_like(out) for name, out in outputs.items()}
+    sum((outputs[n] * upstream[n]).sum() for n in outputs).backward()
+    sum((expected[n] * upstream[n]).sum() for n in expected).backward()
+    touched = reference_touched_rows(ec.plans, feature_to_table, features)
+    for name, weight in weights.items():
+        new = weight.detach().clone()
+        sparse_update(new, momenta[name], weight.grad, touched.get(name, set()), optimizer)
+        torch.testing.assert_close(ec.tables.weight(name), new, **FP32)
 
 
 def test_collection_dense_mode_and_checkpoints_match_the_cpu_path(kernel_collections) -> None:

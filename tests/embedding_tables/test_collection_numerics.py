@@ -18,7 +18,7 @@ from embedding_tables.reference import (
 )
 from tests.embedding_tables.helpers import method_case, random_kjt
 
-METHODS = ["full", "hash", "unified", "qr_mult", "qr_add", "qr_concat", "robe", "mixed"]
+METHODS = ["full", "hash", "unified", "qr_mult", "qr_add", "qr_concat", "robe", "ttrec", "mixed"]
 FP32_ROUNDING = {"rtol": 2e-6, "atol": 1e-6}
 
 

@@ -20,6 +20,7 @@ from embedding_tables.methods import (
     GraphHash,
     Hash,
     Method,
+    TTRec,
     Unified,
     method_class,
     method_names,
@@ -29,7 +30,7 @@ from embedding_tables.planning import plan_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("embedding_tables", "models", "serving", "online_training", "feature_store", "embtab")
-BUILT_IN = ("full", "hash", "unified", "qr", "collisionless", "graphhash", "robe")
+BUILT_IN = ("full", "hash", "unified", "qr", "collisionless", "graphhash", "robe", "ttrec")
 NAME = "|".join(BUILT_IN)
 # A comparison of a table's method (or its name) with a method's name, or a membership test of
 # it in a literal tuple of names: what each method's module answers instead.
@@ -68,7 +69,7 @@ def test_the_name_branch_check_sees_the_branches_it_forbids() -> None:
 
 def test_every_built_in_method_is_registered_under_its_name() -> None:
     for name, method in zip(
-        BUILT_IN, (Full, Hash, Unified, QR, Collisionless, GraphHash, ROBE), strict=True
+        BUILT_IN, (Full, Hash, Unified, QR, Collisionless, GraphHash, ROBE, TTRec), strict=True
     ):
         assert method_class(name) is method and name in method_names()
         assert TableConfig("t", 100, 8, name).method == method()

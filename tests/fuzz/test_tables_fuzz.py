@@ -26,9 +26,9 @@ from embedding_tables import (
 )
 from embedding_tables.collisionless import DEFAULT_ROW
 from embedding_tables.graphhash import build_graphhash
-from embedding_tables.methods import QR, ROBE, Collisionless, Full, Unified
+from embedding_tables.methods import QR, ROBE, Collisionless, Full, TTRec, Unified
 
-EXAMPLES = 40  # per method and test; 10 methods x 3 tests x 40 = 1,200 inputs
+EXAMPLES = 40  # per method and test; 11 methods x 3 tests x 40 = 1,320 inputs
 INT64 = st.integers(-(2**63), 2**63 - 1)
 FEATURES = ("a", "b")
 BOUNDED = 50  # cardinality of the tables that take ids in range only
@@ -62,6 +62,8 @@ def _collection(method: str) -> EmbeddingCollection:
         tables = [TableConfig("t", BOUNDED, dim, QR(combine=combine, num_partitions=3))]
     elif method == "robe":
         tables = [TableConfig("t", 10**9, 8, ROBE(block_size=4), budget=64, seed=2)]
+    elif method == "ttrec":
+        tables = [TableConfig("t", BOUNDED, 4, TTRec(rank=4))]
     elif method == "collisionless":
         tables = [TableConfig("t", 10**6, 4, Collisionless(capacity=64, min_count=2))]
     elif method == "graphhash":
@@ -81,10 +83,11 @@ METHODS = (
     "qr_add",
     "qr_concat",
     "robe",
+    "ttrec",
     "collisionless",
     "graphhash",
 )
-IN_RANGE_ONLY = {"full", "qr_mult", "qr_add", "qr_concat"}
+IN_RANGE_ONLY = {"full", "qr_mult", "qr_add", "qr_concat", "ttrec"}
 # The two smallest int64s mark empty and deleted slots of the id maps behind these methods.
 ID_MAPPED = {"collisionless", "graphhash"}
 RESERVED = -(2**63) + 1

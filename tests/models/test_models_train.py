@@ -20,6 +20,7 @@ METHODS = {
     "collisionless": TablesConfig(method="collisionless", compress_min_rows=20),
     "graphhash": TablesConfig(method="graphhash", budget=0.5, compress_min_rows=20),
     "robe": TablesConfig(method="robe", budget=0.5, compress_min_rows=20),
+    "ttrec": TablesConfig(method="ttrec", budget=0.5, compress_min_rows=20, options={"rank": 2}),
 }
 # Small dense bodies keep the 45 cases fast; the defaults are for MovieLens-1M.
 SMALL = {

@@ -19,8 +19,15 @@ from serving.publisher import ParamPublisher, PublishResult
 from serving.redis_nodes import RedisConfig, RedisNodes
 
 USERS, ITEMS = 60, 400
-BUDGETS = {"hash": 0.25, "unified": 0.25, "qr": 0.5, "graphhash": 0.25, "robe": 0.25}
-METHODS = ("full", "hash", "unified", "qr", "collisionless", "graphhash", "robe")
+BUDGETS = {
+    "hash": 0.25,
+    "unified": 0.25,
+    "qr": 0.5,
+    "graphhash": 0.25,
+    "robe": 0.25,
+    "ttrec": 0.5,
+}
+METHODS = ("full", "hash", "unified", "qr", "collisionless", "graphhash", "robe", "ttrec")
 
 # Named like MovieLens-100K so the online feature store's layout applies to it.
 SCHEMA = Schema(
@@ -58,6 +65,8 @@ def tiny_model(method: str = "hash", seed: int = 0, model: str = "dcn") -> Model
         options = {"seed": 7, "feature_chunks": {"item_id": 2}}
     if method == "robe":
         options = {"seed": 7, "block_size": 4}
+    if method == "ttrec":
+        options = {"seed": 7, "rank": 4}
     run = run_config_from_dict(
         {
             "dataset": SCHEMA.dataset,
