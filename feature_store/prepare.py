@@ -438,7 +438,7 @@ def _encoded(
     if pa.types.is_dictionary(column.type):
         dictionary = column.dictionary
         ids, keep = preprocessor.encode_ids(
-            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)])
+            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)]), distinct=True
         )
         index = np.asarray(column.indices.fill_null(len(dictionary)), dtype=np.int64)
         ids, keep = ids[index], keep[index]

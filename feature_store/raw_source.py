@@ -172,15 +172,18 @@ class RawReader:
                 continue
             if columns is not None and feature.column not in columns:
                 continue
-            column = table.column(feature.column).combine_chunks()
+            column = _single(table.column(feature.column))
             if feature.kind == "multi_valued":
                 column = _as_list(feature, column, path, file_row)
             raw[feature.name] = column
-        label = _label(spec, table.column(spec.label.column).combine_chunks(), path, file_row)
-        time_key, timestamp = _time(
-            spec, table.column(spec.time.column).combine_chunks(), path, file_row
-        )
+        label = _label(spec, _single(table.column(spec.label.column)), path, file_row)
+        time_key, timestamp = _time(spec, _single(table.column(spec.time.column)), path, file_row)
         return RawBatch(raw, time_key, timestamp, label, first_row)
+
+
+def _single(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array: a batch's column is one chunk already, which is not copied."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 class _SideTable:
@@ -428,6 +431,8 @@ def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -
 
 def _refuse_nulls(column: pa.Array, path: Path, file_row: int, what: str, needs: str) -> None:
     """Every event needs a label and a time: the first empty one is an error naming its row."""
+    if not column.null_count:
+        return
     nulls = np.asarray(column.is_null(), dtype=bool)
     if nulls.any():
         row = file_row + int(np.argmax(nulls)) + 1
