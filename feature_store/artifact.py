@@ -137,7 +137,7 @@ def dense_steps(
     try:
         # A copy: the transforms below write into it, and Arrow's buffers are read-only.
         numbers = np.array(
-            pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
+            _filled(pc.cast(raw, pa.float64()), np.nan).to_numpy(zero_copy_only=False),
             dtype=np.float64,
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
@@ -408,17 +408,17 @@ class Preprocessor:
         if feature.ids == "hash":
             valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
             if feature.type == "string" and distinct:
-                ids = string_hash64(raw.fill_null(""), feature_seed(feature.name))
+                ids = string_hash64(_filled(raw, ""), feature_seed(feature.name))
             elif feature.type == "string":
-                values, index = _distinct(raw.fill_null(""))
+                values, index = _distinct(_filled(raw, ""))
                 ids = string_hash64(values, feature_seed(feature.name))[index]
             else:
-                ids = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+                ids = np.asarray(_filled(raw, 0).to_numpy(zero_copy_only=False), np.int64)
             return ids, valid, 0
         if feature.ids == "index":
             valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
             size = feature.cardinality
-            values = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+            values = np.asarray(_filled(raw, 0).to_numpy(zero_copy_only=False), np.int64)
             ids = np.where(valid, values % size, size)
             return ids, (np.ones(len(ids), dtype=bool) if feature.oov else valid), 0
         vocabulary = self.vocabularies[feature.name]
@@ -500,6 +500,11 @@ class Preprocessor:
         if not (directory / ARTIFACT_FILE).exists():
             raise ArtifactError(f"no preprocessing artifact in {directory}")
         return cls.from_files({path.name: path.read_bytes() for path in directory.iterdir()})
+
+
+def _filled(values: pa.Array, fill: object) -> pa.Array:
+    """`values` with nulls replaced by `fill`; without nulls `values` itself (not a copy)."""
+    return values.fill_null(fill) if values.null_count else values
 
 
 def _distinct(values: pa.Array) -> tuple[pa.Array, np.ndarray]:

@@ -136,7 +136,7 @@ class RawReader:
             return
         stashed = self.stash / f"{index}.arrow"
         if stashed.exists():
-            with pa.OSFile(str(stashed)) as handle:
+            with pa.memory_map(str(stashed)) as handle:
                 for batch in pa.ipc.open_stream(handle):
                     yield pa.Table.from_batches([batch]).select(list(wanted))
             return
