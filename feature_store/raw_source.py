@@ -139,7 +139,7 @@ class RawReader:
             return
         stashed = self.stash / f"{index}.arrow"
         if stashed.exists():
-            with pa.memory_map(str(stashed)) as handle:
+            with pa.OSFile(str(stashed)) as handle:
                 for batch in pa.ipc.open_stream(handle):
                     yield pa.Table.from_batches([batch]).select(list(wanted))
             return
