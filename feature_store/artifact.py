@@ -137,7 +137,7 @@ def dense_steps(
     try:
         # A copy: the transforms below write into it, and Arrow's buffers are read-only.
         numbers = np.array(
-            pc.cast(raw, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False),
+            _filled(pc.cast(raw, pa.float64()), np.nan).to_numpy(zero_copy_only=False),
             dtype=np.float64,
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
@@ -208,8 +208,10 @@ class Vocabulary:
                 keys[index] = memo[raw[index]] = key
         return np.array(keys, dtype=np.int64)
 
-    def lookup(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, known): each value's id, and whether it is in the vocabulary (nulls are not)."""
+    def lookup(self, values: pa.Array, *, distinct: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, known): each value's id, and whether it is in the vocabulary (nulls are not).
+        `distinct`: the values are known to be distinct (a dictionary's), so they are not
+        deduplicated again."""
         if values.null_count:
             valid = ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
             values = values.fill_null("" if self.is_string else 0)
@@ -217,7 +219,7 @@ class Vocabulary:
             valid = np.ones(len(values), dtype=bool)
         # A request's few values go through the memo; a batch's many once per distinct value.
         index = None
-        if len(values) > _MEMO_BATCH:
+        if len(values) > _MEMO_BATCH and not distinct:
             values, index = _distinct(values)
         keys = self._keys(values)
         ids = np.full(len(keys), len(self.values), dtype=np.int64)
@@ -377,14 +379,17 @@ class Preprocessor:
         numbers[np.isnan(numbers)] = 0.0
         return numbers.astype(np.float32)
 
-    def encode_ids(self, feature: FeatureDef, raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    def encode_ids(
+        self, feature: FeatureDef, raw: pa.Array, *, distinct: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, keep) of raw scalar ids of an id feature: keep is False where the id becomes
-        no lookup (unseen in a vocabulary without an OOV id, or a null hashed id)."""
-        ids, keep, _ = self.encode_ids_counted(feature, raw)
+        no lookup (unseen in a vocabulary without an OOV id, or a null hashed id). `distinct`:
+        the values are known to be distinct (a dictionary's), so they are not deduplicated."""
+        ids, keep, _ = self.encode_ids_counted(feature, raw, distinct=distinct)
         return ids, keep
 
     def encode_ids_counted(
-        self, feature: FeatureDef, raw: pa.Array
+        self, feature: FeatureDef, raw: pa.Array, *, distinct: bool = False
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """`encode_ids` plus how many of the ids the vocabulary does not hold (0 for hashed
         ids; nulls count as not held), from the same lookup: `/score` counts them."""
@@ -402,20 +407,22 @@ class Preprocessor:
             )
         if feature.ids == "hash":
             valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            if feature.type == "string":
-                distinct, index = _distinct(raw.fill_null(""))
-                ids = string_hash64(distinct, feature_seed(feature.name))[index]
+            if feature.type == "string" and distinct:
+                ids = string_hash64(_filled(raw, ""), feature_seed(feature.name))
+            elif feature.type == "string":
+                values, index = _distinct(_filled(raw, ""))
+                ids = string_hash64(values, feature_seed(feature.name))[index]
             else:
-                ids = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+                ids = np.asarray(_filled(raw, 0).to_numpy(zero_copy_only=False), np.int64)
             return ids, valid, 0
         if feature.ids == "index":
             valid = ~np.asarray(raw.is_null().to_numpy(zero_copy_only=False), dtype=bool)
             size = feature.cardinality
-            values = np.asarray(raw.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+            values = np.asarray(_filled(raw, 0).to_numpy(zero_copy_only=False), np.int64)
             ids = np.where(valid, values % size, size)
             return ids, (np.ones(len(ids), dtype=bool) if feature.oov else valid), 0
         vocabulary = self.vocabularies[feature.name]
-        ids, known = vocabulary.lookup(raw)
+        ids, known = vocabulary.lookup(raw, distinct=distinct)
         unknown = int((~known).sum())
         return ids, (np.ones(len(ids), dtype=bool) if vocabulary.oov else known), unknown
 
@@ -493,6 +500,11 @@ class Preprocessor:
         if not (directory / ARTIFACT_FILE).exists():
             raise ArtifactError(f"no preprocessing artifact in {directory}")
         return cls.from_files({path.name: path.read_bytes() for path in directory.iterdir()})
+
+
+def _filled(values: pa.Array, fill: object) -> pa.Array:
+    """`values` with nulls replaced by `fill`; without nulls `values` itself (not a copy)."""
+    return values.fill_null(fill) if values.null_count else values
 
 
 def _distinct(values: pa.Array) -> tuple[pa.Array, np.ndarray]:

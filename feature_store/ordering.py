@@ -19,6 +19,7 @@ from feature_store.raw_source import PrepareError
 from feature_store.spec import DatasetSpec, FeatureDef
 
 ROW_GROUP_ROWS = 65_536
+PENDING_BUCKETS = 1
 DICTIONARY_IDS = 1 << 15
 
 
@@ -86,40 +87,94 @@ def write_ordered_splits(
     rows: int,
     scratch: Path,
 ) -> dict:
-    user = spec.roles.get("user")
-    item = spec.roles.get("item")
-    derived = [f for f in spec.features if f.kind in ("sequence", "count")]
-    states = {f.name: _PerKeyState(f.max_length if f.kind == "sequence" else 0) for f in derived}
-    sizes = time_split_sizes(spec, rows) if spec.split.by == "time" else None
-    writer = _SplitWriter(scratch, _dictionary_columns(preprocessor))
-    stats = {split: {"rows": 0, "positives": 0} for split in SPLITS}
-    written = 0
-    output_order = [f.name for f in spec.features] + ["label", "timestamp"]
-    for table in tables:
-        sort_keys = [("__time_key", "ascending")]
-        for role_column in (user, item):
-            if role_column is not None and role_column not in listed:
-                sort_keys.append((role_column, "ascending"))
-        sort_keys.append(("__row", "ascending"))
-        # int64 indices: Arrow's take is about twice as fast with them as with uint64 ones.
-        order = np.asarray(pc.sort_indices(table, sort_keys=sort_keys)).view(np.int64)
+    """Order and write every bucket on a background thread (Arrow's sort, take and Parquet
+    encoding release the GIL), so that one bucket is written while the next is encoded; at
+    most `PENDING_BUCKETS` buckets wait."""
+    splits = _OrderedSplits(spec, preprocessor, listed, rows, scratch)
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            for table in tables:
+                pending.append(pool.submit(splits.add, table))
+                del table
+                while len(pending) > PENDING_BUCKETS:
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            splits.close()
+    empty = [split for split in SPLITS if splits.stats[split]["rows"] == 0]
+    if empty:
+        raise PrepareError(
+            f"split {empty[0]!r} would be empty ({rows} rows with split fractions valid "
+            f"{spec.split.valid}, test {spec.split.test}); every split needs at least one row"
+        )
+    return {
+        "splits": splits.stats,
+        "rows": rows,
+        "positives": sum(s["positives"] for s in splits.stats.values()),
+    }
+
+
+class _OrderedSplits:
+    """The splits' Parquet files, fed bucket by bucket in time order: each bucket is sorted by
+    (time, user, item, source row), gains its derived features and is cut into the splits."""
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        preprocessor: Preprocessor,
+        listed: set[str],
+        rows: int,
+        directory: Path,
+    ) -> None:
+        self.preprocessor = preprocessor
+        self.directory = directory
+        self.user = spec.roles.get("user")
+        item = spec.roles.get("item")
+        # Ties in time are broken by user, then item (those stored as int64), then source row.
+        self.tie_keys = [c for c in (self.user, item) if c is not None and c not in listed]
+        self.derived = [f for f in spec.features if f.kind in ("sequence", "count")]
+        self.states = {
+            f.name: _PerKeyState(f.max_length if f.kind == "sequence" else 0) for f in self.derived
+        }
+        self.sizes = time_split_sizes(spec, rows) if spec.split.by == "time" else None
+        self.dictionary = _dictionary_columns(preprocessor)
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.stats = {split: {"rows": 0, "positives": 0} for split in SPLITS}
+        self.written = 0
+        self.output_order = [f.name for f in spec.features] + ["label", "timestamp"]
+
+    def add(self, table: pa.Table) -> None:
+        """Sort, extend and write one bucket (the buckets come in time order)."""
+        order = _bucket_order(table, self.tie_keys)
+        # Only the columns written (and the random split) are reordered.
+        kept = [name for name in (*self.output_order, "__split") if name in table.column_names]
+        table = table.select(kept)
         if not np.array_equal(order, np.arange(table.num_rows)):
             table = table.take(pa.array(order))
-        for feature in derived:
+        for feature in self.derived:
+            state = self.states[feature.name]
             table = table.append_column(
-                feature.name, _derived(feature, table, user, states[feature.name], preprocessor)
+                feature.name, _derived(feature, table, self.user, state, self.preprocessor)
             )
-        if sizes is not None:
-            position = np.arange(written, written + table.num_rows)
+        rows = table.num_rows
+        if self.sizes is not None:
+            position = np.arange(self.written, self.written + rows)
             split_of = np.where(
-                position < sizes[0], 0, np.where(position < sizes[0] + sizes[1], 1, 2)
+                position < self.sizes[0],
+                0,
+                np.where(position < self.sizes[0] + self.sizes[1], 1, 2),
             )
         else:
             split_of = np.asarray(table.column("__split"), dtype=np.int8)
-        written += table.num_rows
-        out = table.select(output_order)
+        self.written += rows
+        out = table.select(self.output_order)
         for index, split in enumerate(SPLITS):
-            if sizes is not None:
+            if self.sizes is not None:
                 # A time split's rows of one split are contiguous: a slice, not a copy.
                 start, stop = np.searchsorted(split_of, [index, index + 1])
                 part = out.slice(start, stop - start)
@@ -127,22 +182,41 @@ def write_ordered_splits(
                 part = out.filter(pa.array(split_of == index))
             if part.num_rows == 0:
                 continue
-            writer.write(split, part)
-            stats[split]["rows"] += part.num_rows
-            stats[split]["positives"] += int(np.count_nonzero(np.asarray(part.column("label"))))
-        del table, out, part  # this bucket is freed once written, before the next is read
-    writer.close()
-    empty = [split for split in SPLITS if stats[split]["rows"] == 0]
-    if empty:
-        raise PrepareError(
-            f"split {empty[0]!r} would be empty ({rows} rows with split fractions valid "
-            f"{spec.split.valid}, test {spec.split.test}); every split needs at least one row"
-        )
-    return {
-        "splits": stats,
-        "rows": rows,
-        "positives": sum(s["positives"] for s in stats.values()),
-    }
+            self._write(split, part)
+            self.stats[split]["rows"] += part.num_rows
+            self.stats[split]["positives"] += int(
+                np.count_nonzero(np.asarray(part.column("label")))
+            )
+
+    def _write(self, split: str, part: pa.Table) -> None:
+        writer = self.writers.get(split)
+        if writer is None:
+            # Columns named but absent (a categorical stored as a list) are ignored by Parquet.
+            writer = pq.ParquetWriter(
+                self.directory / f"{split}.parquet", part.schema, use_dictionary=self.dictionary
+            )
+            self.writers[split] = writer
+        writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _bucket_order(table: pa.Table, tie_keys: list[str]) -> np.ndarray:
+    """The row order by (time, tie keys, source row): a stable sort of the times (the bucket's
+    rows are in source order), then the rows sharing a time sorted by the tie keys."""
+    time_key = np.asarray(table.column("__time_key"), dtype=np.int64)
+    order = np.argsort(time_key, kind="stable")
+    sorted_time = time_key[order]
+    same = sorted_time[1:] == sorted_time[:-1]
+    tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+    if len(tied):
+        rows = order[tied]
+        keys = [np.asarray(table.column(name), dtype=np.int64)[rows] for name in tie_keys]
+        row_keys = np.asarray(table.column("__row"), dtype=np.int64)[rows]
+        order[tied] = rows[np.lexsort((row_keys, *reversed(keys), sorted_time[tied]))]
+    return order
 
 
 def _dictionary_columns(preprocessor: Preprocessor) -> list[str]:
@@ -156,44 +230,6 @@ def _dictionary_columns(preprocessor: Preprocessor) -> list[str]:
         listed = feature.kind == "sequence" or feature.max_length > 1
         columns.append(f"{feature.name}.list.element" if listed else feature.name)
     return columns
-
-
-class _SplitWriter:
-    """Writes the splits' Parquet files on a background thread (Parquet encoding releases the
-    GIL), so that writing one bucket overlaps encoding the next; at most `PENDING` parts wait."""
-
-    PENDING = 2
-
-    def __init__(self, directory: Path, dictionary: list[str]) -> None:
-        self.directory = directory
-        self.dictionary = dictionary
-        self.writers: dict[str, pq.ParquetWriter] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: list[Future] = []
-
-    def write(self, split: str, part: pa.Table) -> None:
-        self.pending.append(self.pool.submit(self._write, split, part))
-        while len(self.pending) > self.PENDING:
-            self.pending.pop(0).result()
-
-    def _write(self, split: str, part: pa.Table) -> None:
-        writer = self.writers.get(split)
-        if writer is None:
-            # Columns named but absent (a categorical stored as a list) are ignored by Parquet.
-            writer = pq.ParquetWriter(
-                self.directory / f"{split}.parquet", part.schema, use_dictionary=self.dictionary
-            )
-            self.writers[split] = writer
-        writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
-
-    def close(self) -> None:
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pool.shutdown()
-            for writer in self.writers.values():
-                writer.close()
 
 
 def _derived(

@@ -237,11 +237,10 @@ def _fit(
     max_lengths: dict[str, int] = {}
     for batch in reader.batches():
         rows = len(batch.label)
-        mask = (
-            None
-            if fit_mask is None
-            else pa.array(fit_mask[batch.first_row : batch.first_row + rows])
-        )
+        # A time-ordered source's batches are mostly all fit rows or none: no filter then.
+        fitting = None if fit_mask is None else fit_mask[batch.first_row : batch.first_row + rows]
+        mask = None if fitting is None or fitting.all() else pa.array(fitting)
+        fits = fitting is None or fitting.any()
         for feature in spec.features:
             if feature.kind == "categorical" and batch.columns[feature.name].null_count:
                 with_nulls.add(feature.name)
@@ -252,14 +251,14 @@ def _fit(
                 )
             if feature.name in everyone:
                 everyone[feature.name].add(batch.columns[feature.name])
-            if feature.name in counters:
+            if fits and feature.name in counters:
                 values = batch.columns[feature.name]
                 if mask is not None:
                     values = values.filter(mask)
                 if feature.kind == "multi_valued":
                     values = pc.list_flatten(values)
                 counters[feature.name].add(values)
-            if feature.name in moments:
+            if fits and feature.name in moments:
                 values = batch.columns[feature.name]
                 if mask is not None:
                     values = values.filter(mask)
@@ -438,9 +437,12 @@ def _encoded(
     if pa.types.is_dictionary(column.type):
         dictionary = column.dictionary
         ids, keep = preprocessor.encode_ids(
-            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)])
+            feature, pa.concat_arrays([dictionary, pa.nulls(1, dictionary.type)]), distinct=True
         )
-        index = np.asarray(column.indices.fill_null(len(dictionary)), dtype=np.int64)
+        indices = column.indices
+        if indices.null_count:
+            indices = indices.fill_null(len(dictionary))
+        index = np.asarray(indices, dtype=np.int64)
         ids, keep = ids[index], keep[index]
     else:
         ids, keep = preprocessor.encode_ids(feature, column)

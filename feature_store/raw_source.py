@@ -26,6 +26,9 @@ from feature_store.spec import DatasetSpec, FeatureDef, JoinSpec, SourceSpec
 from feature_store.wheels import DataError
 
 BATCH_ROWS = 524288
+# CSV/TSV text is parsed in small blocks (about twice as fast as in 32 MB ones on 2 cores), whose
+# batches are put together into tables of about `batch_rows` rows (dictionaries unified).
+CSV_BLOCK_BYTES = 1 << 21
 _TIME_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
@@ -172,15 +175,18 @@ class RawReader:
                 continue
             if columns is not None and feature.column not in columns:
                 continue
-            column = table.column(feature.column).combine_chunks()
+            column = _single(table.column(feature.column))
             if feature.kind == "multi_valued":
                 column = _as_list(feature, column, path, file_row)
             raw[feature.name] = column
-        label = _label(spec, table.column(spec.label.column).combine_chunks(), path, file_row)
-        time_key, timestamp = _time(
-            spec, table.column(spec.time.column).combine_chunks(), path, file_row
-        )
+        label = _label(spec, _single(table.column(spec.label.column)), path, file_row)
+        time_key, timestamp = _time(spec, _single(table.column(spec.time.column)), path, file_row)
         return RawBatch(raw, time_key, timestamp, label, first_row)
+
+
+def _single(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array: a batch's column is one chunk already, which is not copied."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 class _SideTable:
@@ -270,7 +276,7 @@ def _read_file(
     batch_rows: int,
     dictionary: frozenset[str] = frozenset(),
 ) -> Iterator[pa.Table]:
-    """Tables of at most about `batch_rows` rows with exactly `types`' columns and types; the
+    """Tables of about `batch_rows` rows with exactly `types`' columns and types; the
     `dictionary` columns of text come dictionary-encoded (dictionary<int32, string>)."""
     if source.format == "parquet":
         stored = pq.read_schema(path)
@@ -293,7 +299,7 @@ def _read_file(
     read_options = pacsv.ReadOptions(
         column_names=list(source.column_names) or None,
         skip_rows=1 if source.header and source.column_names else 0,
-        block_size=max(1 << 20, batch_rows * 64),
+        block_size=CSV_BLOCK_BYTES,
     )
     parse_options = pacsv.ParseOptions(
         delimiter=source.field_delimiter, quote_char=source.quote_char or False
@@ -315,8 +321,14 @@ def _read_file(
             parse_options=parse_options,
             convert_options=convert_options,
         )
+        held: list[pa.RecordBatch] = []
         for batch in reader:
-            yield pa.Table.from_batches([batch])
+            held.append(batch)
+            if sum(b.num_rows for b in held) >= batch_rows:
+                yield pa.Table.from_batches(held).combine_chunks()
+                held = []
+        if held:
+            yield pa.Table.from_batches(held).combine_chunks()
     except pa.ArrowInvalid as error:
         if "Empty CSV file" in str(error):
             raise PrepareError(f"{path} is empty: no header line") from None
@@ -428,6 +440,8 @@ def _as_list(feature: FeatureDef, column: pa.Array, path: Path, file_row: int) -
 
 def _refuse_nulls(column: pa.Array, path: Path, file_row: int, what: str, needs: str) -> None:
     """Every event needs a label and a time: the first empty one is an error naming its row."""
+    if not column.null_count:
+        return
     nulls = np.asarray(column.is_null(), dtype=bool)
     if nulls.any():
         row = file_row + int(np.argmax(nulls)) + 1
