@@ -332,6 +332,12 @@ def _read_file(
     except pa.ArrowInvalid as error:
         if "Empty CSV file" in str(error):
             raise PrepareError(f"{path} is empty: no header line") from None
+        if "straddling" in str(error):
+            raise PrepareError(
+                f"{path}: a line is longer than the CSV/TSV reader takes (about "
+                f"{2 * CSV_BLOCK_BYTES >> 20} MiB, two of its blocks); store rows with such long "
+                "values as Parquet"
+            ) from None
         if "conversion error" in str(error):
             # pyarrow names neither the row nor the column: read the file again as text and
             # find the first value that does not convert.

@@ -943,6 +943,13 @@ BAD_INPUT = {
         lambda raw: raw["source"].update(paths=["events*.csv"]),
         r"events-2\.csv: row 2: the label column 'clicked' is empty",
     ),
+    "a CSV line longer than the parser's block": (
+        lambda p, c: write_csv(
+            p / "events.csv", dict(c, tags=_at(c["tags"], 1, ["x" * (8 << 20)]))
+        ),
+        None,
+        r"events\.csv: a line is longer than the CSV/TSV reader takes \(about 4 MiB",
+    ),
     "glob matching nothing": (
         lambda p, c: None,
         lambda raw: raw["source"].update(paths=["events.csv", "logs/*.csv"]),
