@@ -22,7 +22,7 @@ from models.errors import ModelConfigError
 
 DEFAULT_DIM = 16
 DCN_STRUCTURES = ("stacked", "parallel")
-RETRIEVAL_LOSSES = ("bpr", "sampled_softmax")
+RETRIEVAL_LOSSES = ("bpr", "sampled_softmax", "full_softmax")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 
 
@@ -131,8 +131,12 @@ class TwoTowerConfig:
     drawn uniformly from the catalogue (mixed negative sampling; needs an item tower of the item
     id alone, since a drawn item has no other features). `sampled_softmax` scores every positive
     against all of them, L2-normalised towers over `temperature`, each logit minus the log of
-    its item's expected count among the negatives (logQ correction); `bpr` pairs each positive
-    with one negative drawn from them. `item_bias` makes the last coordinate of the item vector
+    its item's expected count among the negatives (logQ correction); `full_softmax` scores it
+    against every catalogue item, no sampling and so no correction (affordable for a catalogue
+    of thousands; needs an item tower of the item id alone too); `bpr` pairs each positive with
+    one negative drawn from the batch's. `normalize` False makes the softmax losses score raw dot
+    products (no normalisation, no temperature), which let MF's norms carry popularity; BPR
+    always scores raw dot products. `item_bias` makes the last coordinate of the item vector
     a per-item bias (the user vector's is fixed at 1), so a user with little data still gets the
     items the model found popular. `tower_mlp` () is matrix factorisation: each tower is the sum
     of its features' embeddings.
@@ -144,6 +148,7 @@ class TwoTowerConfig:
     tower_mlp: tuple[int, ...] = (64,)
     loss: str = "bpr"
     temperature: float = 0.1
+    normalize: bool = True
     uniform_negatives: int = 0
     item_bias: bool = False
     ks: tuple[int, ...] = (10, 50)

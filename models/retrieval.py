@@ -3,9 +3,12 @@
 Each user with at least one positive in the split is one query, represented by the user's first
 row in the split (its features, behaviour sequence included, as of the split's start). The
 relevant items are the user's positives in the split; items the user interacted with in earlier
-splits are excluded from the ranking; every item seen in any split is a candidate, represented
-by its first row. A baseline without a model (most popular items) is scored by `rank` under
-exactly this protocol: same queries, candidates, exclusions and relevant items.
+splits are excluded from the ranking. The candidates are the items known when the split starts:
+those of the earlier splits (of the training split itself when it is the one evaluated), each
+represented by its first row there. An item first seen in the split cannot be retrieved from
+interactions by any method; it stays among the relevant items, so recall counts it as missed.
+A baseline without a model (most popular items) is scored by `rank` under exactly this
+protocol: same queries, candidates, exclusions and relevant items.
 """
 
 from __future__ import annotations
@@ -64,13 +67,13 @@ class RetrievalEvaluator:
         self.relevant_rows, self.relevant_items = pairs[:, 0], pairs[:, 1]
         self.num_relevant = np.bincount(self.relevant_rows, minlength=len(query_users))
 
-        everything = pa.concat_tables(tables.values())
-        self.catalogue_items, first_item_rows = np.unique(
-            everything.column(item).to_numpy(), return_index=True
-        )
-        self.catalogue = everything.take(first_item_rows)
-
         earlier = [tables[name] for name in SPLITS[: SPLITS.index(split)]]
+        known = pa.concat_tables(earlier or [tables[split]])
+        self.catalogue_items, first_item_rows = np.unique(
+            known.column(item).to_numpy(), return_index=True
+        )
+        self.catalogue = known.take(first_item_rows)
+
         seen_users = np.concatenate([t.column(user).to_numpy() for t in earlier] or [[]])
         seen_items = np.concatenate([t.column(item).to_numpy() for t in earlier] or [[]])
         known = np.isin(seen_users, query_users)

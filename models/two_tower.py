@@ -1,4 +1,4 @@
-"""Two-tower retriever and matrix factorisation, trained with BPR or sampled softmax."""
+"""Two-tower retriever and matrix factorisation, trained with BPR, sampled or full softmax."""
 
 from __future__ import annotations
 
@@ -75,12 +75,14 @@ def corrected_logits(
 
 
 class TwoTower(Model):
-    """score(user, item) = <user tower, item tower> (cosine / temperature for sampled softmax).
+    """score(user, item) = <user tower, item tower> (cosine / temperature for a softmax loss
+    with `normalize`).
 
     Training uses the positive examples of a batch only; the negatives are the other positives'
-    items and, with `uniform_negatives`, items drawn uniformly from the catalogue. The logQ
-    correction needs each item's share of the positives: a running count per item id (hashed
-    into at most LOG_Q_BUCKETS counters) over every batch trained on.
+    items and, with `uniform_negatives`, items drawn uniformly from the catalogue (with
+    `full_softmax`, every catalogue item). The logQ correction needs each item's share of the
+    positives: a running count per item id (hashed into at most LOG_Q_BUCKETS counters) over
+    every batch trained on.
     """
 
     task = "retrieval"
@@ -105,11 +107,14 @@ class TwoTower(Model):
         self.user_tower, self.item_tower = towers
         item_id = schema.id_columns.get("item")
         self.item_id_feature = item_id if item_id in item else None
-        if config.uniform_negatives and item != [item_id]:
+        by_id = (
+            "full_softmax scores" if config.loss == "full_softmax" else "uniform_negatives draws"
+        )
+        if (config.uniform_negatives or config.loss == "full_softmax") and item != [item_id]:
             raise ModelConfigError(
-                f"{config.name}: uniform_negatives draws catalogue items by id alone, so the "
-                f"item tower must be the item id {item_id!r} only; it has {item}. Set "
-                "uniform_negatives to 0 or item_features to the item id"
+                f"{config.name}: {by_id} catalogue items by id alone, so the item tower must be "
+                f"the item id {item_id!r} only; it has {item}. Set item_features to the item id, "
+                "or use uniform_negatives 0 and a loss other than full_softmax"
             )
         width = config.tower_mlp[-1] if config.tower_mlp else self.widths[item[0]]
         if config.item_bias and width < 2:
@@ -122,7 +127,7 @@ class TwoTower(Model):
         self.register_buffer(
             "positive_counts", torch.zeros(buckets, dtype=torch.float64), persistent=False
         )
-        self.normalize = config.loss == "sampled_softmax"
+        self.normalize = config.normalize and config.loss != "bpr"
 
     def user_vectors(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         return self._finish(self.user_tower(self.pooled(sparse), dense), "user")
@@ -131,7 +136,7 @@ class TwoTower(Model):
         return self._finish(self.item_tower(self.pooled(sparse), dense), "item")
 
     def _finish(self, vectors: torch.Tensor, side: str) -> torch.Tensor:
-        """Normalised factors (sampled softmax), then the bias coordinate if there is one."""
+        """Normalised factors (softmax with `normalize`), then the bias coordinate if any."""
         if not self.config.item_bias:
             return F.normalize(vectors, dim=1) if self.normalize else vectors
         factors, bias = vectors[:, :-1], vectors[:, -1:]
@@ -151,6 +156,12 @@ class TwoTower(Model):
     def uniform_items(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, item vectors) of `count` items drawn uniformly from the catalogue."""
         ids = torch.randint(0, self.catalogue_size, (count,), device=device)
+        return ids, self.items_by_id(ids)
+
+    def items_by_id(self, ids: torch.Tensor) -> torch.Tensor:
+        """The item vectors of `ids` (an item tower of the item id alone)."""
+        count = len(ids)
+        device = ids.device
         lengths = torch.cat(
             [
                 torch.full((count,), int(name == self.item_id_feature), dtype=torch.int32)
@@ -161,7 +172,7 @@ class TwoTower(Model):
             keys=self.embeddings.feature_names, values=ids, lengths=lengths.to(device)
         )
         dense = torch.zeros(count, len(self.dense_features), device=device)
-        return ids, self.item_vectors(sparse, dense)
+        return self.item_vectors(sparse, dense)
 
     def log_expected_counts(self, negative_ids: torch.Tensor, in_batch: int) -> torch.Tensor:
         """log E[count of each negative's item among `in_batch` positives + the uniform draws]."""
@@ -186,6 +197,9 @@ class TwoTower(Model):
                 self.positive_counts.index_add_(
                     0, buckets, torch.ones_like(buckets, dtype=torch.float64)
                 )
+        if self.config.loss == "full_softmax":
+            catalogue = self.items_by_id(torch.arange(self.catalogue_size, device=items.device))
+            return F.cross_entropy(self._scale(users @ catalogue.T), item_ids)
         negative_ids, negatives = item_ids, items
         if self.config.uniform_negatives:
             drawn_ids, drawn = self.uniform_items(self.config.uniform_negatives, items.device)

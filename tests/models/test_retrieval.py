@@ -1,4 +1,4 @@
-"""Retrievers: the sampled-softmax loss against a plain computation, seen-item masking, learning."""
+"""Retrievers: the softmax losses against a plain computation, candidates, masking, learning."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_uniform_negatives_and_item_bias_refuse_towers_they_cannot_use(tiny_data
         retriever(tiny_dataset, "two_tower", tower_mlp=[1], item_bias=True)
 
 
-@pytest.mark.parametrize("loss", ["bpr", "sampled_softmax"])
+@pytest.mark.parametrize("loss", ["bpr", "sampled_softmax", "full_softmax"])
 def test_item_bias_is_the_last_item_coordinate_scored_for_every_user(tiny_dataset, loss):
     model, _ = retriever(tiny_dataset, "mf", loss=loss, item_bias=True)
     plain, _ = retriever(tiny_dataset, "mf", loss=loss)
@@ -98,9 +98,9 @@ def test_item_bias_is_the_last_item_coordinate_scored_for_every_user(tiny_datase
     assert torch.equal(users[:, -1], torch.ones(64))
     assert torch.equal(items[:, -1], raw_items[:, -1])  # same seed, same rows: the raw bias
     factors = (users[:, :-1] * items[:, :-1]).sum(dim=1)
-    scale = 1 / model.config.temperature if loss == "sampled_softmax" else 1.0
+    scale = 1 / model.config.temperature if loss != "bpr" else 1.0
     assert torch.allclose(scores, (factors + items[:, -1]) * scale, atol=1e-5)
-    if loss == "sampled_softmax":
+    if loss != "bpr":
         assert torch.allclose(users[:, :-1].norm(dim=1), torch.ones(64), atol=1e-5)
 
 
@@ -125,8 +125,12 @@ def test_items_seen_before_the_split_are_never_ranked(tiny_dataset):
 
 @pytest.mark.parametrize(
     "options",
-    [{"loss": "sampled_softmax"}, {"loss": "bpr", "uniform_negatives": 32}],
-    ids=["sampled_softmax", "bpr_uniform"],
+    [
+        {"loss": "sampled_softmax"},
+        {"loss": "bpr", "uniform_negatives": 32},
+        {"loss": "full_softmax", "normalize": False},
+    ],
+    ids=["sampled_softmax", "bpr_uniform", "full_softmax_raw"],
 )
 def test_training_raises_recall_over_the_untrained_model(tiny_dataset, options):
     model, run = retriever(tiny_dataset, "mf", **options)
@@ -139,3 +143,43 @@ def test_training_raises_recall_over_the_untrained_model(tiny_dataset, options):
             batch = batch_from_columns(train.slice(start, 512), model.schema)
             train_step(model, batch, optimizer, epoch)
     assert evaluator(model)["recall@10"] > untrained + 0.1
+
+
+def test_candidates_are_the_items_known_before_the_split(tiny_dataset):
+    model, _ = retriever(tiny_dataset, "mf")
+    schema = model.schema
+    evaluator = RetrievalEvaluator(tiny_dataset, schema, "test", (10,))
+    known = np.unique(
+        np.concatenate(
+            [tiny_dataset.read(name).column("item_id").to_numpy() for name in ("train", "valid")]
+        )
+    )
+    assert np.array_equal(evaluator.catalogue_items, known)
+    on_train = RetrievalEvaluator(tiny_dataset, schema, "train", (10,))
+    assert np.array_equal(
+        on_train.catalogue_items, np.unique(tiny_dataset.read("train").column("item_id"))
+    )
+
+
+def test_full_softmax_is_cross_entropy_over_every_catalogue_item(tiny_dataset):
+    model, _ = retriever(tiny_dataset, "mf", loss="full_softmax", normalize=False)
+    batch = batch_from_columns(tiny_dataset.read("train").slice(0, 256), model.schema)
+    positive = (batch.labels > 0.5).numpy()
+    with torch.no_grad():
+        users = model.user_vectors(batch.sparse, batch.dense).double().numpy()[positive]
+        table = model.items_by_id(torch.arange(model.catalogue_size)).double().numpy()
+        loss = float(model.training_loss(batch))
+    ids = batch.sparse["item_id"].values().numpy()[positive]
+    logits = users @ table.T  # raw dot products: no normalisation, no temperature
+    expected = np.mean(np.logaddexp.reduce(logits, axis=1) - logits[np.arange(len(ids)), ids])
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_full_softmax_needs_an_item_tower_of_the_item_id(tiny_dataset):
+    with pytest.raises(ModelConfigError, match="full_softmax scores catalogue items by id"):
+        retriever(
+            tiny_dataset,
+            "two_tower",
+            item_features=["item_id", "genres"],
+            loss="full_softmax",
+        )
