@@ -49,6 +49,15 @@ def write_old_checkpoints(path: Path) -> None:
     save_file({key: tensor.contiguous() for key, tensor in saved.items()}, str(path))
 
 
+def assert_same(got: torch.Tensor, expected: torch.Tensor, what: object) -> None:
+    """Bookkeeping (ids, slots, counts, times) bit for bit; float rows to the last bits, which
+    torch's CPU kernels round differently on CPUs of other vector widths than the writer's."""
+    if expected.is_floating_point():
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=str(what))
+    else:
+        assert torch.equal(got, expected), what
+
+
 def _part(saved: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: value for key, value in saved.items() if key.startswith(prefix)}
 
@@ -67,12 +76,12 @@ def test_old_checkpoint_loads_and_continues_as_the_old_code_did(name: str) -> No
 
     observed = train(table, clock, batches(8, seed=2))
     for step, (output, touched, evicted) in enumerate(observed):
-        assert torch.equal(output, saved[f"{name}/output/{step}"]), step
+        assert_same(output, saved[f"{name}/output/{step}"], step)
         assert torch.equal(touched, saved[f"{name}/touched/{step}"]), step
         assert torch.equal(evicted, saved[f"{name}/evicted/{step}"]), step
     after = _part(saved, f"{name}/after/")
     for key, value in table.state_dict().items():
-        assert torch.equal(value, after[key]), key
+        assert_same(value, after[key], key)
 
 
 if __name__ == "__main__":
