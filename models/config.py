@@ -128,8 +128,8 @@ class DAREConfig(DINConfig):
 
     The candidate and its behaviour sequence also read a second table of the candidate's ids
     (`<table>_attention`, the same method and budget, `attention_dim` wide; None: a quarter of
-    the item table's width), used only to compute the attention weights; the weights pool the
-    item table's rows, which are all the MLP sees.
+    the item table's width, rounded up to a multiple of 4), used only to compute the attention
+    weights; the weights pool the item table's rows, which are all the MLP sees.
     """
 
     name: str = "dare"

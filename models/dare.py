@@ -20,13 +20,15 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from embedding_tables.checked import check_kjt
 from embedding_tables.config import TableConfig
+from embedding_tables.planning import TBE_DIM_MULTIPLE
 from feature_store.schema import Schema
 from models.config import DAREConfig
 from models.din import DIN, behaviour_sequence
 from models.errors import ModelConfigError
 
 ATTENTION_SUFFIX = "_attention"
-# The attention rows are this much narrower than the item's when attention_dim is None.
+# The attention rows are this much narrower than the item's when attention_dim is None
+# (rounded up to the row widths the table-batched kernels take).
 DEFAULT_ATTENTION_SHRINK = 4
 
 
@@ -37,6 +39,12 @@ def attention_table_name(table: str) -> str:
 def attention_feature(feature: str, table: str) -> str:
     """The collection feature through which `feature`'s ids read the attention table."""
     return f"{feature}@{attention_table_name(table)}"
+
+
+def default_attention_dim(item_dim: int) -> int:
+    """A quarter of the item table's width, rounded up to a multiple of 4."""
+    quarter = -(-item_dim // DEFAULT_ATTENTION_SHRINK)
+    return -(-quarter // TBE_DIM_MULTIPLE) * TBE_DIM_MULTIPLE
 
 
 def attention_tables(
@@ -65,7 +73,7 @@ def attention_tables(
     name = attention_table_name(source.name)
     if name in {table.name for table in tables}:
         raise ModelConfigError(f"dare: the model already has a table named {name!r}")
-    dim = config.attention_dim or max(1, source.dim // DEFAULT_ATTENTION_SHRINK)
+    dim = config.attention_dim or default_attention_dim(source.dim)
     attention = dataclasses.replace(source, name=name, dim=dim)
     routes = {
         **feature_to_table,

@@ -11,6 +11,7 @@ from models.batches import batch_from_columns
 from models.build import build_model, graphhash_mappings, plan_model
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import RunConfig, TablesConfig, TrainConfig, model_config_from_dict
+from models.dare import default_attention_dim
 from models.errors import ModelConfigError
 from models.train import dense_optimizer, train_step
 from tests.models.test_models_train import METHODS, loss_on
@@ -46,8 +47,10 @@ def test_plan_adds_a_narrower_attention_table_of_the_item_ids(tiny_dataset):
     assert {f for f, t in spec.feature_to_table.items() if t == ATTENTION_TABLE} == (
         ATTENTION_FEATURES
     )
-    explicit = plan_model(dare_run(METHODS["full"], attention_dim=6), tiny_dataset.schema)
-    assert {t.name: t.dim for t in explicit.tables}[ATTENTION_TABLE] == 6
+    explicit = plan_model(dare_run(METHODS["full"], attention_dim=8), tiny_dataset.schema)
+    assert {t.name: t.dim for t in explicit.tables}[ATTENTION_TABLE] == 8
+    # The table-batched kernels take row widths in multiples of 4.
+    assert [default_attention_dim(dim) for dim in (4, 8, 16, 20, 64)] == [4, 4, 4, 8, 16]
 
 
 @pytest.mark.parametrize("method", ["full", "hash", "qr", "collisionless"])
