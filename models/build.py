@@ -24,6 +24,7 @@ from feature_store.offline import Dataset
 from feature_store.schema import Schema
 from models.base import Model
 from models.config import DEFAULT_DIM, ModelConfig, RunConfig, TrainConfig, TwoTowerConfig
+from models.dare import DARE, attention_tables
 from models.dcn import DCN
 from models.deepfm import DeepFM
 from models.din import DIN
@@ -39,11 +40,14 @@ MODEL_CLASSES: dict[str, type[Model]] = {
     "dcn": DCN,
     "deepfm": DeepFM,
     "din": DIN,
+    "dare": DARE,
     "two_tower": TwoTower,
     "mf": TwoTower,
 }
 # The narrowest row the table-batched kernels take: logistic regression sums it to one weight.
 MODEL_DIMS = {"lr": 4}
+# Tables a model adds to those of its features (DARE: the attention table of the item ids).
+MODEL_TABLES = {"dare": attention_tables}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ def plan_model(
     model_schema = select_features(schema, features)
     dim = run.tables.dim or MODEL_DIMS.get(run.model.name, DEFAULT_DIM)
     tables, feature_to_table = build_tables(model_schema, run.tables, dim)
+    if run.model.name in MODEL_TABLES:
+        tables, feature_to_table = MODEL_TABLES[run.model.name](
+            run.model, model_schema, tables, feature_to_table
+        )
     return ModelSpec(
         model=run.model,
         schema=model_schema,

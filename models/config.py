@@ -123,6 +123,27 @@ class DINConfig:
 
 
 @dataclass(frozen=True)
+class DAREConfig(DINConfig):
+    """DARE (Feng et al. 2024): DIN with decoupled attention and representation embeddings.
+
+    The candidate and its behaviour sequence also read a second table of the candidate's ids
+    (`<table>_attention`, the same method and budget, `attention_dim` wide; None: a quarter of
+    the item table's width, rounded up to a multiple of 4), used only to compute the attention
+    weights; the weights pool the item table's rows, which are all the MLP sees.
+    """
+
+    name: str = "dare"
+    attention_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.attention_dim is not None and self.attention_dim < 1:
+            raise ModelConfigError(
+                f"dare: attention_dim must be >= 1 or None, got {self.attention_dim}"
+            )
+
+
+@dataclass(frozen=True)
 class TwoTowerConfig:
     """A two-tower retriever: user and item towers, score = dot product of their outputs.
 
@@ -177,13 +198,16 @@ class MFConfig(TwoTowerConfig):
     tower_mlp: tuple[int, ...] = ()
 
 
-ModelConfig = LRConfig | DLRMConfig | DCNConfig | DeepFMConfig | DINConfig | TwoTowerConfig
+ModelConfig = (
+    LRConfig | DLRMConfig | DCNConfig | DeepFMConfig | DINConfig | DAREConfig | TwoTowerConfig
+)
 MODEL_CONFIGS: dict[str, type] = {
     "lr": LRConfig,
     "dlrm": DLRMConfig,
     "dcn": DCNConfig,
     "deepfm": DeepFMConfig,
     "din": DINConfig,
+    "dare": DAREConfig,
     "two_tower": TwoTowerConfig,
     "mf": MFConfig,
 }

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from feature_store.schema import Schema
+from feature_store.schema import FeatureSpec, Schema
 from models.base import Model
 from models.config import DINConfig
 from models.errors import ModelConfigError
@@ -20,35 +20,24 @@ class DIN(Model):
 
     def __init__(self, config: DINConfig, schema: Schema, embeddings: nn.Module) -> None:
         super().__init__(config, schema, embeddings)
-        sequences = [spec for spec in schema.sequence]
-        if config.sequence_feature is None:
-            if len(sequences) != 1:
-                raise ModelConfigError(
-                    f"din needs sequence_feature when the features hold {len(sequences)} sequence "
-                    f"features; accepted: {', '.join(s.name for s in sequences) or 'none'}"
-                )
-            sequence = sequences[0]
-        else:
-            matching = [s for s in sequences if s.name == config.sequence_feature]
-            if not matching:
-                raise ModelConfigError(
-                    f"din: {config.sequence_feature!r} is not a sequence feature of the model; "
-                    f"accepted: {', '.join(s.name for s in sequences) or 'none'}"
-                )
-            sequence = matching[0]
+        sequence = behaviour_sequence(config, schema)
         self.sequence_feature = sequence.name
         self.target_feature = sequence.shares_ids_with
         self.max_length = sequence.max_length
         if self.target_feature not in self.widths:
             raise ModelConfigError(
-                f"din: the candidate feature {self.target_feature!r} (whose ids "
+                f"{config.name}: the candidate feature {self.target_feature!r} (whose ids "
                 f"{sequence.name!r} shares) must be among the model's features"
             )
         dim = self.equal_widths([self.sequence_feature, self.target_feature])
-        self.attention = TargetAttention(dim, config.attention_mlp)
+        self.attention = TargetAttention(self.attention_width(), config.attention_mlp)
         self.other_features = [name for name in self.sparse_features if name != sequence.name]
         width = sum(self.widths[name] for name in self.other_features) + dim
         self.mlp = MLP(width + len(self.dense_features), config.mlp, config.dropout, out_features=1)
+
+    def attention_width(self) -> int:
+        """The width of the rows the attention compares: DIN's are the item's own embeddings."""
+        return self.widths[self.target_feature]
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         pooled = self.pooled(sparse)
@@ -59,3 +48,24 @@ class DIN(Model):
         interest = self.attention(pooled[self.target_feature], keys, mask)
         inputs = [pooled[name] for name in self.other_features] + [interest, dense]
         return self.mlp(torch.cat(inputs, dim=1)).squeeze(1)
+
+
+def behaviour_sequence(config: DINConfig, schema: Schema) -> FeatureSpec:
+    """The sequence feature the candidate attends over: `config.sequence_feature`, or the
+    schema's only one."""
+    sequences = list(schema.sequence)
+    accepted = ", ".join(s.name for s in sequences) or "none"
+    if config.sequence_feature is None:
+        if len(sequences) != 1:
+            raise ModelConfigError(
+                f"{config.name} needs sequence_feature when the features hold {len(sequences)} "
+                f"sequence features; accepted: {accepted}"
+            )
+        return sequences[0]
+    matching = [s for s in sequences if s.name == config.sequence_feature]
+    if not matching:
+        raise ModelConfigError(
+            f"{config.name}: {config.sequence_feature!r} is not a sequence feature of the model; "
+            f"accepted: {accepted}"
+        )
+    return matching[0]

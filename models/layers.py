@@ -81,8 +81,12 @@ class TargetAttention(nn.Module):
         self.score = MLP(4 * dim, layers, out_features=1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """query [B, d], keys [B, L, d], mask [B, L] -> [B, d]."""
+        """query [B, d], keys [B, L, d], mask [B, L] -> the keys pooled by their weights [B, d]."""
+        weights = self.weights(query, keys, mask)
+        return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, d], keys [B, L, d], mask [B, L] -> each behaviour's weight [B, L]."""
         expanded = query.unsqueeze(1).expand_as(keys)
         features = torch.cat([expanded, keys, expanded - keys, expanded * keys], dim=-1)
-        weights = self.score(features).squeeze(-1) * mask
-        return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
+        return self.score(features).squeeze(-1) * mask

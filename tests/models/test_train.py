@@ -77,7 +77,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"model": {"name": "gpt"}}, "unknown model 'gpt'; accepted: dcn, deepfm, din"),
+        ({"model": {"name": "gpt"}}, "unknown model 'gpt'; accepted: dare, dcn, deepfm, din"),
         (
             {"tables": {"method": "pq"}},
             "unknown table method 'pq'; accepted: collisionless, full, graphhash",
