@@ -37,6 +37,12 @@ class Model(nn.Module):
         self.dense_features = [spec.name for spec in schema.dense]
         self.widths = {name: embeddings.output_dim(name) for name in self.sparse_features}
 
+    def feature_columns(self) -> dict[str, str]:
+        """The input column each collection feature reads: its own name, except for features
+        a model derives from another column in its forward (DARE's attention features). Serving
+        plans the rows a batch needs from it."""
+        return {feature: feature for feature in self.embeddings.feature_to_table}
+
     def pooled(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Pooled embedding [B, width] of every categorical and sequence feature."""
         output: KeyedTensor = self.embeddings(sparse)

@@ -104,6 +104,13 @@ class DARE(DIN):
             )
         super().__init__(config, schema, embeddings)
 
+    def feature_columns(self) -> dict[str, str]:
+        return {
+            **super().feature_columns(),
+            self.target_attention: self.target_feature,
+            self.sequence_attention: self.sequence_feature,
+        }
+
     def attention_width(self) -> int:
         widths = {
             name: self.embeddings.output_dim(name)

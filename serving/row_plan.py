@@ -31,7 +31,11 @@ class BatchRows:
 
 
 class RowPlanner:
-    def __init__(self, embeddings: EmbeddingCollection) -> None:
+    """`feature_columns`: the input column each collection feature reads (`Model.feature_columns`:
+    a feature's own, or the column a model derives it from in its forward)."""
+
+    def __init__(self, embeddings: EmbeddingCollection, feature_columns: dict[str, str]) -> None:
+        self.feature_columns = feature_columns
         self.id_keyed = {
             feature: table
             for feature, table in embeddings.feature_to_table.items()
@@ -46,22 +50,26 @@ class RowPlanner:
     def plan(self, columns: dict[str, Jagged]) -> BatchRows:
         parts: dict[str, list[np.ndarray]] = {}
         for feature, transform in self.transforms.items():
-            ids = torch.from_numpy(columns[feature].values)
+            ids = torch.from_numpy(columns[self.feature_columns[feature]].values)
             for table, rows in zip(transform.tables, transform(ids), strict=True):
                 parts.setdefault(table, []).append(rows.numpy())
         needed = {table: distinct_sorted(np.concatenate(rows)) for table, rows in parts.items()}
 
         raw_by_table: dict[str, list[np.ndarray]] = {}
         for feature, table in self.id_keyed.items():
-            raw_by_table.setdefault(table, []).append(columns[feature].values)
+            raw_by_table.setdefault(table, []).append(columns[self.feature_columns[feature]].values)
         renumbered = dict(columns)
         local = {}
         for table, raws in raw_by_table.items():
             distinct = distinct_sorted(np.concatenate(raws))
             needed[table] = distinct
             local[table] = np.arange(len(distinct), dtype=np.int64)
+            # A derived feature (DARE's) gets its ids from its source column in the model's
+            # forward, renumbered by the source's table; its own table reads the same columns
+            # (it copies the source table's features), so both number the same distinct ids.
             for feature, owner in self.id_keyed.items():
-                if owner == table:
+                column_name = self.feature_columns[feature]
+                if owner == table and column_name == feature:
                     column = columns[feature]
                     renumbered[feature] = Jagged(
                         np.searchsorted(distinct, column.values).astype(np.int64), column.lengths

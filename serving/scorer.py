@@ -377,7 +377,7 @@ class Scorer:
             encoder=encoder,
             delta=delta,
             model=model,
-            planner=RowPlanner(model.embeddings),
+            planner=RowPlanner(model.embeddings, model.feature_columns()),
             default_rows=defaults,
             cache=cache,
             rules=feature_rules(

@@ -79,6 +79,23 @@ def test_served_scores_equal_the_models_for_every_method(method, nodes, redis_se
     assert scorer.snapshot.cache.stats().rows == counts.fetched
 
 
+@pytest.mark.parametrize("method", ["hash", "collisionless"])
+@pytest.mark.parametrize("model_name", ["din", "dare"])
+def test_sequence_models_serve_their_scores_including_dares_attention_table(
+    model_name, method, nodes, redis_service
+):
+    """DARE's attention features are derived in its forward from the item columns: the row
+    plan must fetch their table's rows too (a collisionless one renumbered as its source)."""
+    model = tiny_model(method, model=model_name)
+    name = unique_name(model_name)
+    publish(model, name, redis_service.redis_url)
+    scorer = scorer_for(nodes, name)
+    served = score(scorer, 7, ITEMS_A)
+    expected = reference_scores(model, 7, ITEMS_A)
+    np.testing.assert_allclose(served.per_request[0], expected, rtol=0, atol=1e-6)
+    assert scorer.counts.defaulted == 0
+
+
 @pytest.mark.parametrize(
     ("encoding", "tolerance"), [("fp16", 1e-4), ("int8", 2e-3), ("int4", 1e-2)]
 )
