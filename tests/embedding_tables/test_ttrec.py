@@ -30,7 +30,7 @@ from tests.embedding_tables.helpers import method_case, random_kjt, slots_of
 
 def einsum_row(plan: TablePlan, weights: dict[str, torch.Tensor], value: int) -> torch.Tensor:
     """One id's row from the cores' definition: slice k is r_{k-1} x d_k x r_k, and the row is
-    the einsum over the bonds, d_1 the most significant."""
+    the einsum over the bonds, d_1 the most significant, times the contraction's scale."""
     contraction = plan.combine
     factors, ranks = contraction.dim_factors, contraction.ranks
     bonds, dims = string.ascii_lowercase, string.ascii_uppercase
@@ -40,7 +40,7 @@ def einsum_row(plan: TablePlan, weights: dict[str, torch.Tensor], value: int) ->
         slices.append(weights[table][row].float().reshape(shape))
         terms.append(bonds[k] + dims[k] + bonds[k + 1])
     formula = ",".join(terms) + "->" + bonds[0] + dims[: len(factors)] + bonds[len(factors)]
-    return torch.einsum(formula, *slices).reshape(-1)
+    return torch.einsum(formula, *slices).reshape(-1) * contraction.scale
 
 
 def einsum_outputs(
@@ -243,14 +243,18 @@ def test_the_fused_optimizer_updates_the_touched_core_rows() -> None:
         assert bool(changed.any()), name
 
 
-@pytest.mark.parametrize("num_cores", [2, 3, 4])
-def test_the_init_gives_the_product_a_plain_tables_spread(num_cores: int) -> None:
-    """Sampled Gaussian cores: the rows' std is that of uniform ±sqrt(1/num_embeddings)."""
+@pytest.mark.parametrize(("num_cores", "rank"), [(2, 8), (3, 8), (4, 8), (3, 56)])
+def test_the_init_gives_the_product_a_plain_tables_spread(num_cores: int, rank: int) -> None:
+    """Unit-std cores and the contraction's scale: the rows' std is that of uniform
+    ±sqrt(1/num_embeddings), at a high rank as at a low one."""
     torch.manual_seed(0)
-    config = TableConfig("t", 20_000, 16, TTRec(rank=8, num_cores=num_cores))
+    config = TableConfig("t", 20_000, 16, TTRec(rank=rank, num_cores=num_cores))
     ec = EmbeddingCollection([config], {"f": "t"}, optimizer=None)
     plan = ec.plans["t"]
-    assert {physical.init_std for physical in plan.physical} == {config.method.init_std(config)}
+    assert {physical.init_std for physical in plan.physical} == {1.0}
+    for physical in plan.physical:
+        weight = ec.tables.weight(physical.name).detach()
+        assert float(weight.std()) == pytest.approx(1.0, rel=0.1)
     ids = torch.arange(20_000)
     with torch.no_grad():
         rows = ec.sequence(
@@ -258,6 +262,30 @@ def test_the_init_gives_the_product_a_plain_tables_spread(num_cores: int) -> Non
         )
     std = float(rows["f"].values().std())
     assert std == pytest.approx(math.sqrt(1.0 / (3 * 20_000)), rel=0.25)
+
+
+def test_a_sparse_step_moves_the_rows_by_less_than_their_size_at_any_rank() -> None:
+    """One row-wise Adagrad step at the study's lr 0.2 changes the rows by less than their own
+    norm, at rank 56 within 3x of rank 4: with unit cores each entry moves by about lr, a fixed
+    fraction of itself. (Cores of the product's own scale, entries near 0.05 at rank 56, moved
+    by several times their size: the rows changed by 6x their norm at rank 4, 60x at 56.)"""
+    relative = {}
+    for rank in (4, 56):
+        torch.manual_seed(0)
+        config = TableConfig("t", 3706, 16, TTRec(rank=rank))
+        optimizer = SparseOptimizerConfig("rowwise_adagrad", lr=0.2)
+        ec = EmbeddingCollection([config], {"f": "t"}, optimizer=optimizer)
+        ids = torch.arange(0, 3706, 7)
+        features = KeyedJaggedTensor.from_lengths_sync(
+            ["f"], ids, torch.ones(len(ids), dtype=torch.int64)
+        )
+        target = torch.randn(len(ids), 16, generator=torch.Generator().manual_seed(1))
+        before = ec.sequence(features)["f"].values().detach()
+        (ec.sequence(features)["f"].values() * target).sum().backward()
+        after = ec.sequence(features)["f"].values().detach()
+        relative[rank] = float((after - before).norm() / before.norm())
+    assert relative[56] < 1.0
+    assert relative[56] < 3 * relative[4]
 
 
 def test_options_refused_with_what_is_accepted() -> None:
