@@ -36,7 +36,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +46,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from feature_store.artifact import Preprocessor
 from online_training import events, messages, watermarks
 from online_training.batching import PartitionBatcher, Sender
+from online_training.dead_letters import DeadLetters
 from online_training.end_of_stream import ended_at_commit
 from online_training.join_state import PartitionState, Segment, WaitingAction, WindowedJoin
 from online_training.joiner_config import JoinerConfig, JoinError
@@ -89,7 +89,6 @@ class Joiner(WindowedJoin):
         self._to_emit: dict[int, Segment] = {}
         self._ended: set[int] = set()
         self._rebalance = RebalanceEvents()
-        self._dlq = Counter()
         self._last_input = 0.0
         self._first_input: float | None = None
         self._formats = {
@@ -119,6 +118,8 @@ class Joiner(WindowedJoin):
         limits = message_limits(self.kafka, [self.topics.examples, *map(self.topics.dlq, inputs)])
         producer = make_producer(self.kafka, min(limits.values()))
         sender = Sender(producer, self.config.compression, limits)
+        self._sender = sender
+        self._dead_letters = DeadLetters(sender)
         try:
             consumer.subscribe(
                 [self.topics.feature_log, self.topics.actions], listener=self._rebalance
@@ -133,7 +134,6 @@ class Joiner(WindowedJoin):
                 linger_s=self.config.linger_s,
                 heartbeats=False,
             )
-            self._sender = sender
             self._loop(consumer, stop)
             self._commit(consumer)
         finally:
@@ -144,7 +144,7 @@ class Joiner(WindowedJoin):
             if self._first_input is not None:
                 self.report.active_seconds = finished - self._first_input
             self.report.messages_out = sender.messages
-            self.report.dlq = dict(self._dlq)
+            self.report.dlq = dict(self._dead_letters.counts)
         return self.report
 
     # The loop.
@@ -331,16 +331,9 @@ class Joiner(WindowedJoin):
             )
 
     def _dead_letter(self, tp: TopicPartition, record, error: messages.MessageError) -> None:
-        self._dlq[error.reason] += 1
-        headers = [
-            ("reason", error.reason.encode()),
-            ("error", str(error).encode()[:2000]),
-            ("source_topic", tp.topic.encode()),
-            ("source_partition", str(tp.partition).encode()),
-            ("source_offset", str(record.offset).encode()),
-        ]
-        self._sender.send_raw(self.topics.dlq(tp.topic), record.value or b"", headers=headers)
-        log.warning("dead-lettered %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, error)
+        self._dead_letters.send(
+            tp.topic, tp.partition, record.offset, record.value, error.reason, str(error)
+        )
 
     # Windows and memory.
 

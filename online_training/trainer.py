@@ -41,7 +41,7 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
 from online_training import messages
-from online_training.batching import DeliveryError
+from online_training.batching import DeliveryError, Sender
 from online_training.dead_letters import DeadLetters
 from online_training.end_of_stream import ended_at_commit
 from online_training.kafka import (
@@ -131,7 +131,7 @@ class Trainer(TrainingThread):
         started = time.monotonic()
         self._stop = stop or threading.Event()
         producer = make_producer(self.kafka)
-        self.dead_letters = DeadLetters(producer)
+        self.dead_letters = DeadLetters(Sender(producer))
         try:
             record = self.sync.attach(
                 self.start.origin_manifest,
