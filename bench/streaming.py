@@ -91,12 +91,16 @@ from models.config import RunConfig, TrainConfig, to_dict
 from models.metrics import auc
 from models.train import dense_optimizer, seed_everything, train_step
 from online_training.batching import DeliveryError
-from online_training.joiner import Joiner, JoinerConfig, JoinerReport
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
+from online_training.joiner_report import JoinerReport
 from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
 from online_training.learner import OnlineLearner
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from serving.keys import ModelKeys
 from serving.publisher import ParamPublisher
 from serving.reader import ParamReader

@@ -3,7 +3,8 @@
 Each dead letter carries the original bytes and headers `reason` (a short code for counting),
 `error` (what was wrong and what is accepted), `source_topic`, `source_partition` and
 `source_offset`, so it can be inspected, fixed and replayed. Safe to use from several threads:
-the streaming trainer dead-letters from its consumer loop and from its training thread.
+the streaming trainer dead-letters from its consumer loop and from its training thread. The
+joiner sends its dead letters through the sender of its examples, so one flush covers both.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-
-from kafka import KafkaProducer
 
 from online_training.batching import Sender
 from online_training.kafka import Topics
@@ -23,8 +22,8 @@ log = logging.getLogger(__name__)
 class DeadLetters:
     """Sends unusable messages to their topic's dead-letter topic and counts them by reason."""
 
-    def __init__(self, producer: KafkaProducer) -> None:
-        self._sender = Sender(producer)
+    def __init__(self, sender: Sender) -> None:
+        self._sender = sender
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from online_training import messages
 from online_training.kafka import KafkaSettings, make_consumer
@@ -27,13 +28,20 @@ READ_BACK_TIMEOUT_S = 5.0
 
 def ended_at_commit(
     settings: KafkaSettings,
-    committed: Mapping[TopicPartition, int | None],
+    consumer: KafkaConsumer,
+    partitions: Iterable[TopicPartition],
     kinds: Mapping[str, str],
     timeout_s: float = READ_BACK_TIMEOUT_S,
 ) -> set[TopicPartition]:
-    """The partitions of `committed` (partition -> its group's committed offset, None if none)
-    whose message just before that offset is an end-of-stream marker of the topic's kind
-    (`kinds`: topic -> message kind), read back by a consumer of no group."""
+    """The partitions of `partitions` (of the topics in `kinds`: topic -> message kind) whose
+    message just before `consumer`'s committed offset is an end-of-stream marker of the topic's
+    kind, read back by a consumer of no group. None if the committed offsets cannot be read
+    (logged: their end markers are then waited for)."""
+    try:
+        committed = {tp: consumer.committed(tp) for tp in partitions if tp.topic in kinds}
+    except KafkaError as error:
+        log.warning("committed offsets not read, ended partitions not recalled: %s", error)
+        return set()
     wanted = {tp: offset - 1 for tp, offset in committed.items() if offset}
     if not wanted:
         return set()

@@ -6,9 +6,10 @@ settings and the consumer-group timings apply to all of them alike.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -25,6 +26,8 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 
 # Tansu completes a consumer group's join only after the rebalance timeout, which kafka-python
 # takes from max_poll_interval_ms (300 s by default). These make a group join in about 3 s.
+log = logging.getLogger(__name__)
+
 KAFKA_CONSUMER_DEFAULTS = {
     "max_poll_interval_ms": 3000,
     "session_timeout_ms": 6000,
@@ -178,6 +181,17 @@ class RebalanceEvents(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost) -> None:
         self.events.put(("revoked", set(lost)))
+
+    def take(self) -> Iterator[tuple[str, set[TopicPartition]]]:
+        """The events not taken yet, oldest first; each is logged once the caller has applied
+        it (a process watching the log then knows the assignment is in effect)."""
+        while True:
+            try:
+                event, partitions = self.events.get_nowait()
+            except queue.Empty:
+                return
+            yield event, partitions
+            log.info("partitions %s: %s", event, sorted(map(tuple, partitions)))
 
 
 def make_producer(

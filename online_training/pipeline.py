@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from online_training.joiner import Joiner, JoinerReport
+from online_training.joiner import Joiner
+from online_training.joiner_report import JoinerReport
 from online_training.producer import ProducerReport, ReplayProducer
-from online_training.trainer import Trainer, TrainerReport
+from online_training.trainer import Trainer
+from online_training.trainer_report import TrainerReport
 
 POLL_S = 0.5
 

@@ -49,17 +49,10 @@ from online_training import messages
 from online_training.kafka import KafkaSettings, Topics, make_consumer
 from online_training.learner import EVENT_TIME, LABEL, AppliedBatch, WindowedAUC, examples_batch
 from online_training.sharded_sync import ShardedParamSync
-from online_training.trainer import (
-    STATE_KEY,
-    UNTRAINABLE,
-    StartingPoint,
-    Trainer,
-    TrainerConfig,
-    TrainerConfigError,
-    Turn,
-    _Message,
-    state_entry,
-)
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerConfigError
+from online_training.trainer_state import STATE_KEY, StartingPoint, online_entry, state_entry
+from online_training.training_thread import UNTRAINABLE, QueuedMessage, Turn
 from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes
 
@@ -167,7 +160,7 @@ class ShardedTrainer(Trainer):
         consumer.assign(assigned)
         self._recall_ended(consumer, assigned)
 
-    def _turn(self, taken: list[_Message]) -> Turn:
+    def _turn(self, taken: list[QueuedMessage]) -> Turn:
         """This rank's turn agreed with every other rank's: anyone's rows, due delta, pending
         changes or stop count for all; finished only when every rank is."""
         mine = super()._turn(taken)
@@ -179,13 +172,13 @@ class ShardedTrainer(Trainer):
         rows, unfinished, sync_due, unsynced, stopping = (bool(flag) for flag in flags)
         return Turn(rows, not unfinished, sync_due, unsynced, stopping)
 
-    def _train(self, group: list[_Message]) -> None:
+    def _train(self, group: list[QueuedMessage]) -> None:
         """Check the group's rows (dead-lettering the messages the model cannot read), then
         take the step with every other rank."""
         readable = self._readable(group)
         self._step(messages.concat(readable) if readable else NO_ROWS)
 
-    def _readable(self, group: list[_Message]) -> list[pa.RecordBatch]:
+    def _readable(self, group: list[QueuedMessage]) -> list[pa.RecordBatch]:
         if not group:
             return []
         try:
@@ -217,7 +210,13 @@ class ShardedTrainer(Trainer):
             for tp, offset in part.items():
                 merged[tp] = max(offset, merged.get(tp, 0))
         examples = sum(count for _, count in everyone)
-        online = self._state_entry(merged, self.start.examples + examples)
+        online = online_entry(
+            self.report.redis_model,
+            self.sync.point,
+            self.learner.event_time,
+            merged,
+            self.start.examples + examples,
+        )
         save_sharded(self.config.state_path, self.model, extra={STATE_KEY: online})
 
 

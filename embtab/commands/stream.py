@@ -38,7 +38,8 @@ from models.distributed import DistributedConfig
 from models.sharded_checkpoint import ShardedCheckpoint
 from models.train import seed_everything
 from online_training.events import FORMATS
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import (
     ENVIRONMENT,
     KafkaSettings,
@@ -50,7 +51,9 @@ from online_training.pipeline import StreamPipeline
 from online_training.producer import PRODUCER_FORMATS, ProducerConfig, ReplayProducer
 from online_training.sharded_trainer import ShardedStreamJob, train_stream_distributed
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig
+from online_training.trainer_state import StartingPoint
 from serving.keys import check_name
 from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes, redact_url

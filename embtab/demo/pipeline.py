@@ -38,13 +38,16 @@ from models.checkpoint import load_checkpoint
 from models.config import run_config_from_dict
 from models.metrics import auc
 from models.train import train
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
 from online_training.learner import AppliedBatch
 from online_training.pipeline import PipelineConfig, StreamPipeline
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig, SyncRecord
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from serving.published_model import publish_checkpoint
 from serving.publisher import ParamPublisher
 from serving.redis_nodes import RedisConfig, RedisNodes

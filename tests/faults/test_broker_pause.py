@@ -17,10 +17,13 @@ import uuid
 import pytest
 
 from models.checkpoint import save_checkpoint
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from serving.published_model import publish_checkpoint
 from serving.reader import ParamReader
 from tests.faults.stack import Load, assert_serves_what_redis_holds, score_bodies, served, wait_for

@@ -15,7 +15,8 @@ import confluent_kafka
 from kafka.admin import NewTopic
 
 from online_training import messages
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import (
     MAX_MESSAGE_BYTES,
     Topics,

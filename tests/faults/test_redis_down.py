@@ -16,7 +16,9 @@ import uuid
 from embtab.services import start_redis
 from models.checkpoint import save_checkpoint
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from serving.published_model import publish_checkpoint
 from serving.reader import ParamReader
 from tests.faults.stack import (

@@ -47,7 +47,9 @@ TRAINER_PROCESS = """
 import json, logging, os, sys, time
 from online_training.kafka import KafkaSettings, Topics
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from redis.connection import AbstractConnection
 from serving.publisher import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes

@@ -20,11 +20,14 @@ from hypothesis import strategies as st
 from kafka import KafkaProducer
 
 from online_training import messages
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import KafkaSettings, Topics, ensure_topics, stream_topic_partitions
 from online_training.producer import ProducerConfig, ReplayProducer
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig
+from online_training.trainer_state import StartingPoint
 from tests.online_training.conftest import PARTITIONS, read_topic
 from tests.online_training.example_stream import (
     example_rows,

@@ -18,7 +18,8 @@ import uuid
 import pytest
 from kafka import TopicPartition
 
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import make_consumer
 from online_training.producer import ProducerConfig, ReplayProducer
 from tests.online_training.conftest import PARTITIONS, SLICE, event_index, read_examples
@@ -59,7 +60,8 @@ def _examples_written(kafka, topics) -> int:
 # A joiner in its own process, so that it can be killed; it logs its partition assignments.
 JOINER_PROCESS = """
 import json, logging, sys
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import KafkaSettings, Topics
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 logging.getLogger("online_training").setLevel(logging.INFO)

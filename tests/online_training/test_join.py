@@ -11,7 +11,8 @@ import pyarrow as pa
 from kafka import KafkaProducer, TopicPartition
 
 from online_training import messages
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import Topics, ensure_topics, make_consumer, stream_topic_partitions
 from online_training.producer import ProducerConfig, ReplayProducer
 from tests.online_training.conftest import (

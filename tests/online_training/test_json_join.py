@@ -15,9 +15,11 @@ from kafka import KafkaProducer, TopicPartition
 
 from bench.streaming import LibrdkafkaSink
 from online_training.events import request_keys
-from online_training.joiner import Joiner, JoinerConfig, JoinError, _read_to_end
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig, JoinError
 from online_training.kafka import Topics, make_consumer
 from online_training.producer import ProducerConfig, ReplayProducer
+from online_training.watermarks import read_to_end
 from tests.online_training.conftest import SLICE, event_index, read_examples, read_topic
 from tests.online_training.raw_events import click, encoded, impression
 
@@ -188,10 +190,10 @@ def test_a_partition_counts_as_read_to_its_end_only_when_the_broker_says_so(kafk
     while read < 5 and time.monotonic() < deadline:
         read += sum(len(records) for records in consumer.poll(timeout_ms=500).values())
     try:
-        assert read == 5 and _read_to_end(consumer, topics.actions, 0, 5)
+        assert read == 5 and read_to_end(consumer, topics.actions, 0, 5)
         _send(producer, topics.actions, [click("r-more", 1_700_000_010)], 0)
         assert consumer.highwater(tp) == 5  # what the last fetch saw
-        assert not _read_to_end(consumer, topics.actions, 0, 5)
+        assert not read_to_end(consumer, topics.actions, 0, 5)
     finally:
         consumer.close()
         producer.close()

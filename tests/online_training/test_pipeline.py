@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 import uuid
 
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import KafkaConfigError, Topics, ensure_topics
 from online_training.pipeline import StreamPipeline
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig
+from online_training.trainer_state import StartingPoint
 from tests.online_training.example_stream import publisher_for, small_model, unique_model_name
 
 

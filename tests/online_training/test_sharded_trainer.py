@@ -30,7 +30,7 @@ from online_training.sharded_trainer import (
     train_stream_distributed,
 )
 from online_training.sync import SyncConfig
-from online_training.trainer import TrainerConfig, TrainerConfigError
+from online_training.trainer_config import TrainerConfig, TrainerConfigError
 from serving.reader import ParamReader
 from serving.redis_nodes import RedisConfig, RedisNodes
 from tests.online_training.conftest import PARTITIONS

@@ -23,9 +23,12 @@ from bench.serving import Service
 from models.batches import batch_from_columns
 from models.build import build_model, plan_model
 from models.config import run_config_from_dict
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig
+from online_training.trainer_state import StartingPoint
 from serving.reader import ParamReader
 from tests.online_training.example_stream import publisher_for, unique_model_name
 from tests.online_training.raw_events import click, encoded, impression

@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from online_training.joiner import Joiner, JoinerConfig
+from online_training.joiner import Joiner
+from online_training.joiner_config import JoinerConfig
 from online_training.kafka import (
     KafkaConfigError,
     KafkaSettings,

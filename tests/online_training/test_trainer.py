@@ -17,7 +17,9 @@ from kafka import KafkaProducer, TopicPartition
 from online_training import messages
 from online_training.kafka import KafkaSettings, Topics, make_consumer
 from online_training.sync import SyncConfig
-from online_training.trainer import StartingPoint, Trainer, TrainerConfig, TrainerHooks
+from online_training.trainer import Trainer
+from online_training.trainer_config import TrainerConfig, TrainerHooks
+from online_training.trainer_state import StartingPoint
 from serving.reader import ParamReader
 from tests.online_training.conftest import PARTITIONS, read_topic
 from tests.online_training.example_stream import (
