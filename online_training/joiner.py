@@ -332,7 +332,7 @@ class Joiner(WindowedJoin):
 
     def _dead_letter(self, tp: TopicPartition, record, error: messages.MessageError) -> None:
         self._dead_letters.send(
-            tp.topic, tp.partition, record.offset, record.value, error.reason, str(error)
+            tp.topic, tp.partition, record.offset, record.value, error.reason, error.detail
         )
 
     # Windows and memory.
