@@ -159,8 +159,10 @@ class TwoTowerConfig:
     products (no normalisation, no temperature), which let MF's norms carry popularity; BPR
     always scores raw dot products. `item_bias` makes the last coordinate of the item vector
     a per-item bias (the user vector's is fixed at 1), so a user with little data still gets the
-    items the model found popular. `tower_mlp` () is matrix factorisation: each tower is the sum
-    of its features' embeddings.
+    items the model found popular. `embedding_l2` adds that weight times the squared norm of
+    each positive's looked-up (pooled) embeddings to the loss: the sparse optimisers have no
+    weight decay, and an id seen in few batches otherwise keeps whatever norm fitted them.
+    `tower_mlp` () is matrix factorisation: each tower is the sum of its features' embeddings.
     """
 
     name: str = "two_tower"
@@ -172,10 +174,15 @@ class TwoTowerConfig:
     normalize: bool = True
     uniform_negatives: int = 0
     item_bias: bool = False
+    embedding_l2: float = 0.0
     ks: tuple[int, ...] = (10, 50)
 
     def __post_init__(self) -> None:
         _check_layers(self.name, "tower_mlp", self.tower_mlp)
+        if self.embedding_l2 < 0:
+            raise ModelConfigError(
+                f"{self.name}: embedding_l2 must be >= 0, got {self.embedding_l2}"
+            )
         if self.loss not in RETRIEVAL_LOSSES:
             raise ModelConfigError(
                 f"{self.name}: unknown loss {self.loss!r}; accepted: {', '.join(RETRIEVAL_LOSSES)}"

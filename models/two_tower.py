@@ -184,6 +184,17 @@ class TwoTower(Model):
     def training_loss(self, batch: Batch) -> torch.Tensor:
         positive = batch.labels > 0.5
         pooled = self.pooled(batch.sparse)
+        loss = self._ranking_loss(batch, pooled, positive)
+        if not self.config.embedding_l2 or not positive.any():
+            return loss
+        rows = [pooled[name][positive] for name in self.user_tower.sparse + self.item_tower.sparse]
+        squared = torch.stack([row.pow(2).sum(dim=1).mean() for row in rows]).sum()
+        return loss + self.config.embedding_l2 * squared
+
+    def _ranking_loss(
+        self, batch: Batch, pooled: dict[str, torch.Tensor], positive: torch.Tensor
+    ) -> torch.Tensor:
+        """The configured loss (BPR, sampled or full softmax) of the batch's positives."""
         users = self._finish(self.user_tower(pooled, batch.dense), "user")[positive]
         items = self._finish(self.item_tower(pooled, batch.dense), "item")[positive]
         if len(items) < 2:

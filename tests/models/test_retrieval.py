@@ -183,3 +183,22 @@ def test_full_softmax_needs_an_item_tower_of_the_item_id(tiny_dataset):
             item_features=["item_id", "genres"],
             loss="full_softmax",
         )
+
+
+def test_embedding_l2_adds_the_squared_norms_of_the_looked_up_rows(tiny_dataset):
+    plain, _ = retriever(tiny_dataset, "mf", loss="full_softmax", normalize=False)
+    model, _ = retriever(
+        tiny_dataset, "mf", loss="full_softmax", normalize=False, embedding_l2=0.01
+    )
+    batch = batch_from_columns(tiny_dataset.read("train").slice(0, 256), model.schema)
+    positive = batch.labels > 0.5
+    with torch.no_grad():
+        pooled = model.pooled(batch.sparse)  # one id per row: the rows themselves
+        squared = sum(float(pooled[name][positive].pow(2).sum(dim=1).mean()) for name in pooled)
+        difference = float(model.training_loss(batch)) - float(plain.training_loss(batch))
+    assert difference == pytest.approx(0.01 * squared, rel=1e-4)
+
+
+def test_embedding_l2_must_not_be_negative(tiny_dataset):
+    with pytest.raises(ModelConfigError, match="embedding_l2 must be >= 0"):
+        retriever(tiny_dataset, "mf", embedding_l2=-0.1)
