@@ -41,9 +41,38 @@ COMBINES = ("mult", "add", "concat")
 MAX_PARTITIONS = 8
 
 
+class DigitLookups(Method):
+    """What a method whose lookups are an id's mixed-radix digits (`plan.radices`), one per
+    physical table, answers: qr's partitions, ttrec's cores. A subclass has an `out_of_range`
+    option (`full.OUT_OF_RANGE`)."""
+
+    def transform(
+        self,
+        config: TableConfig,
+        feature: str,
+        plan: TablePlan,
+        mapping: GraphHashMappingLike | None,
+    ) -> QRTransform:
+        tables = self.lookup_tables(config, plan, feature)
+        return QRTransform(
+            feature, tables, config.num_embeddings, plan.radices, self.out_of_range, config.seed
+        )
+
+    def reference_rows(
+        self, plan: TablePlan, feature: str, value: int, mapping: GraphHashMappingLike | None
+    ) -> list[tuple[str, int]]:
+        digits = mixed_radix_digits(
+            in_range_int(plan.config, self.out_of_range, value), plan.radices
+        )
+        return list(zip((physical.name for physical in plan.physical), digits, strict=True))
+
+    def bounded_ids(self) -> bool:
+        return self.out_of_range == "error"
+
+
 @register
 @dataclass(frozen=True)
-class QR(Method):
+class QR(DigitLookups):
     """`combine`: how the partitions' rows make the embedding; `num_partitions`: how many
     (2: remainder and quotient); `out_of_range`: as for `full`."""
 
@@ -130,29 +159,6 @@ class QR(Method):
             else:
                 high = middle - 1
         return radices_with_first(low)
-
-    def transform(
-        self,
-        config: TableConfig,
-        feature: str,
-        plan: TablePlan,
-        mapping: GraphHashMappingLike | None,
-    ) -> QRTransform:
-        tables = self.lookup_tables(config, plan, feature)
-        return QRTransform(
-            feature, tables, config.num_embeddings, plan.radices, self.out_of_range, config.seed
-        )
-
-    def reference_rows(
-        self, plan: TablePlan, feature: str, value: int, mapping: GraphHashMappingLike | None
-    ) -> list[tuple[str, int]]:
-        digits = mixed_radix_digits(
-            in_range_int(plan.config, self.out_of_range, value), plan.radices
-        )
-        return list(zip((physical.name for physical in plan.physical), digits, strict=True))
-
-    def bounded_ids(self) -> bool:
-        return self.out_of_range == "error"
 
     def at_budget(self, config: TableConfig) -> tuple[TableConfig, dict[str, Any]]:
         """The fewest partitions whose cover of the ids fits the budget."""

@@ -42,9 +42,9 @@ import torch
 
 from embedding_tables.combine import RowCombine
 from embedding_tables.errors import BudgetError, ConfigError
-from embedding_tables.methods.base import Method, check_choice
-from embedding_tables.methods.full import OUT_OF_RANGE, in_range_int
-from embedding_tables.methods.qr import QRTransform, balanced_radices, mixed_radix_digits
+from embedding_tables.methods.base import check_choice
+from embedding_tables.methods.full import OUT_OF_RANGE
+from embedding_tables.methods.qr import DigitLookups, balanced_radices
 from embedding_tables.methods.registry import register
 from embedding_tables.methods.robe import array_elements
 from embedding_tables.planning import (
@@ -53,7 +53,6 @@ from embedding_tables.planning import (
     physical_table,
     smallest_budget,
 )
-from embedding_tables.transforms import GraphHashMappingLike
 
 if TYPE_CHECKING:
     from embedding_tables.config import TableConfig
@@ -64,7 +63,7 @@ LISTED_RANKS = 32
 
 @register
 @dataclass(frozen=True)
-class TTRec(Method):
+class TTRec(DigitLookups):
     """`rank`: the TT rank r of the inner bonds (>= 1); `num_cores`: K (>= 2); `dim_factors`:
     d_1 .. d_K, whose product is dim (None: the factorisation of dim with the fewest
     parameters whose core rows fit the table-batched kernels); `out_of_range`: as for `full`.
@@ -192,29 +191,6 @@ class TTRec(Method):
     def core_names(self, config: TableConfig) -> tuple[str, ...]:
         """Physical names of the cores, digit 0 first: `t.c0` ... `t.c{K-1}`."""
         return tuple(f"{config.name}.c{k}" for k in range(self.num_cores))
-
-    def transform(
-        self,
-        config: TableConfig,
-        feature: str,
-        plan: TablePlan,
-        mapping: GraphHashMappingLike | None,
-    ) -> QRTransform:
-        tables = self.lookup_tables(config, plan, feature)
-        return QRTransform(
-            feature, tables, config.num_embeddings, plan.radices, self.out_of_range, config.seed
-        )
-
-    def reference_rows(
-        self, plan: TablePlan, feature: str, value: int, mapping: GraphHashMappingLike | None
-    ) -> list[tuple[str, int]]:
-        digits = mixed_radix_digits(
-            in_range_int(plan.config, self.out_of_range, value), plan.radices
-        )
-        return list(zip((physical.name for physical in plan.physical), digits, strict=True))
-
-    def bounded_ids(self) -> bool:
-        return self.out_of_range == "error"
 
     def at_budget(self, config: TableConfig) -> tuple[TableConfig, dict[str, Any]]:
         """The largest rank whose cores fit the budget and the kernels (the config's own rank
