@@ -5,18 +5,26 @@ Each dead letter carries the original bytes and headers `reason` (a short code f
 `source_offset`, so it can be inspected, fixed and replayed. Safe to use from several threads:
 the streaming trainer dead-letters from its consumer loop and from its training thread. The
 joiner sends its dead letters through the sender of its examples, so one flush covers both.
+
+The log says each reason's first dead letter in full, then at most one line per reason every
+LOG_EVERY_S with how many more there were: a producer that gets one field wrong sends every
+message wrong, and a warning per message would bury the log (the counts and the dead-letter
+topic keep every one).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 
 from online_training.batching import Sender
 from online_training.kafka import Topics
 
 log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
 
 
 class DeadLetters:
@@ -26,6 +34,8 @@ class DeadLetters:
         self._sender = sender
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
 
     @property
     def total(self) -> int:
@@ -44,7 +54,26 @@ class DeadLetters:
         with self._lock:
             self._sender.send_raw(Topics.dlq(topic), value or b"", headers=headers)
             self.counts[reason] += 1
-        log.warning("dead-lettered %s[%d]@%d: %s: %s", topic, partition, offset, reason, error)
+            now = time.monotonic()
+            last = self._last_logged.get(reason)
+            if last is not None and now - last < LOG_EVERY_S:
+                self._unlogged[reason] += 1
+                return
+            self._last_logged[reason] = now
+            more = self._unlogged.pop(reason, 0)
+        if more:
+            log.warning(
+                "dead-lettered %d more %s messages since the last report; the latest, "
+                "%s[%d]@%d: %s",
+                more + 1,
+                reason,
+                topic,
+                partition,
+                offset,
+                error,
+            )
+        else:
+            log.warning("dead-lettered %s[%d]@%d: %s: %s", topic, partition, offset, reason, error)
 
     def flush(self, timeout_s: float) -> None:
         """Wait until Kafka holds every dead letter sent so far (kafka's KafkaTimeoutError, or

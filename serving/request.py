@@ -200,7 +200,18 @@ def validate_request(body: bytes) -> ScoreRequest:
             raise RequestError("body", f"not valid JSON ({first['msg']})") from None
         if first["type"] == "model_type" and not first["loc"]:
             raise RequestShapeError("body", "must be a JSON object") from None
-        raise RequestShapeError(location or "body", first["msg"]) from None
+        message = first["msg"]
+        if first["type"] == "missing" and first["loc"][-1] in ROLE_FIELDS:
+            message += (
+                f"; {ROLE_FIELDS[first['loc'][-1]]} goes in {first['loc'][-1]!r}, whatever the "
+                "data set's column is called"
+            )
+        raise RequestShapeError(location or "body", message) from None
+
+
+# The two fields a request names by role: the data set's user and item columns (`roles:` in
+# its spec) may be called anything, and a body that uses those names is told where they go.
+ROLE_FIELDS = {"user_id": "the user's id", "item_id": "each candidate's item id"}
 
 
 def _path(location: tuple) -> str:

@@ -4,6 +4,7 @@ and bad events dead-lettered while the good ones around them go through."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -94,6 +95,24 @@ def test_json_events_join_and_bad_ones_are_dead_lettered(kafka, topics, raw_data
         "future-time": 1,
     }
     assert b"{truncated" in {record.value for record in dead}
+
+
+def test_a_producer_that_gets_every_message_wrong_is_logged_once_not_per_message(
+    kafka, topics, raw_dataset, caplog
+):
+    start = time.time() - 120
+    broken = [
+        {k: v for k, v in impression(f"b{i}", start + i).items() if k != "price"} for i in range(50)
+    ]
+    producer = _producer(kafka)
+    _send(producer, topics.feature_log, broken)
+    producer.close()
+    with caplog.at_level(logging.WARNING, "online_training.dead_letters"):
+        report = _joiner(kafka, topics, raw_dataset, idle_timeout_s=4.0).run()
+    assert report.dlq == {"missing-field": 50}
+    assert len(read_topic(kafka, Topics.dlq(topics.feature_log))) == 50
+    logged = [r.getMessage() for r in caplog.records if r.name == "online_training.dead_letters"]
+    assert len(logged) == 1 and "missing-field: no field 'price'" in logged[0]
 
 
 def test_lateness_idle_rule_and_late_events(kafka, topics, raw_dataset):

@@ -144,3 +144,18 @@ def test_a_body_the_fast_path_refuses_gets_the_schemas_values_or_error():
     assert outcome(parse, body)[:4] == ("error", "TooManyCandidatesError", 413, "candidates")
     body = json.dumps({"user_id": True, "candidates": too_many}).encode()
     assert outcome(parse, body)[:4] == ("error", "RequestShapeError", 422, "user_id")
+
+
+def test_a_body_naming_the_user_and_item_by_their_columns_is_told_where_they_go():
+    # A data set whose user column is `customer` and item column `sku`: the body still says
+    # user_id / item_id, and a body that uses the column names is told so.
+    body = json.dumps({"customer": "c-1", "candidates": [{"item_id": "sku-1"}]}).encode()
+    kind, name, status, field, message = outcome(
+        lambda raw: parse_request(raw, MAX_CANDIDATES), body
+    )[:5]
+    assert (kind, name, status, field) == ("error", "RequestShapeError", 422, "user_id")
+    assert "the user's id goes in 'user_id', whatever the data set's column is called" in message
+    body = json.dumps({"user_id": "c-1", "candidates": [{"sku": "sku-1"}]}).encode()
+    kind, _, status, field, message = outcome(validate_request, body)[:5]
+    assert (kind, status, field) == ("error", 422, "candidates[0].item_id")
+    assert "each candidate's item id goes in 'item_id'" in message
