@@ -117,8 +117,7 @@ def fill_online_store(url: str, schema) -> OnlineFeatureStore:
     client = RedisNodes(RedisConfig.parse(url, socket_timeout_s=30.0)).meta
     dataset = open_prepared(DATASET)
     store = OnlineFeatureStore(client, schema, preprocessing=dataset.preprocessor())
-    for batch in dataset.iter_batches("train", 200_000):
-        store.write_events(store.raw_events(batch))
+    store.write_prepared(dataset.iter_batches("train", 200_000))
     return store
 
 

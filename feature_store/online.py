@@ -29,12 +29,13 @@ those (int64 ids, float32 numbers), checked against the schema's cardinalities.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 
 from feature_store.artifact import Preprocessor
@@ -120,6 +121,15 @@ class WriteCounts:
     users: int
     sequences: int
     items: int
+
+
+@dataclass
+class PreparedWrite:
+    """What `write_prepared` did: rows written, and rows skipped for want of a raw user or item
+    id."""
+
+    rows: int = 0
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,6 +290,32 @@ class OnlineFeatureStore:
                 )
         sequences = len(user_rows) if self._sequence is not None else 0
         return WriteCounts(users=len(user_rows), sequences=sequences, items=len(item_rows))
+
+    def write_prepared(
+        self, batches: Iterable[pa.RecordBatch], max_rows: int | None = None
+    ) -> PreparedWrite:
+        """Fill the store from a prepared copy's rows (time order: a time split's train, valid,
+        test), batch by batch as `write_events` does, until `max_rows` rows (whole batches) or
+        the end. The ids go back to their raw values through the artifact: a row whose user or
+        item the vocabulary did not keep (the out-of-vocabulary id: a user first seen after the
+        fit rows) has no raw id to key it by and is skipped, and counted; a feature hashed from
+        raw strings (`ids: hash`) is refused with RawValueError, since its prepared copy holds
+        only the hashes."""
+        written = PreparedWrite()
+        for batch in batches:
+            raw = self.raw_events(batch)
+            keyed = pc.and_(
+                pc.is_valid(raw.column(self.layout.user_column)),
+                pc.is_valid(raw.column(self.layout.item_column)),
+            )
+            kept = raw.filter(keyed)
+            if kept.num_rows:
+                self.write_events(kept)
+            written.rows += kept.num_rows
+            written.skipped += raw.num_rows - kept.num_rows
+            if max_rows is not None and written.rows + written.skipped >= max_rows:
+                break
+        return written
 
     def raw_events(self, prepared: pa.RecordBatch) -> pa.RecordBatch:
         """The online columns of a prepared copy's rows as raw values, through the artifact

@@ -1,15 +1,19 @@
-"""`embtab data prepare NAME | --spec FILE` and `embtab data info NAME`."""
+"""`embtab data prepare NAME | --spec FILE`, `embtab data info NAME` and `embtab data load-online
+NAME`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 from embtab.output import emit
 from embtab.progress import rows_bar
 from feature_store import datasets
-from feature_store.offline import Dataset, open_prepared
+from feature_store.artifact import RawValueError
+from feature_store.offline import SPLITS, Dataset, open_prepared
+from feature_store.online import OnlineFeatureStore
 from feature_store.wheels import DataError
 
 
@@ -45,6 +49,31 @@ def register(commands: argparse._SubParsersAction) -> None:
     info.add_argument("name", help="a built-in data set, or the name in your spec file")
     info.add_argument("--json", action="store_true", help="print a JSON result")
     info.set_defaults(run=run_info)
+
+    online = actions.add_parser(
+        "load-online",
+        help="fill the online feature store in Redis from a prepared data set",
+        description="Write the users' profiles and behaviour sequences and the items' attributes "
+        "(the spec's `online:` section), as of the end of the given splits, into the online "
+        "feature store that `embtab serve` reads (docs/your-data.md, section 7).",
+    )
+    online.add_argument("name", help="a built-in data set, or the name in your spec file")
+    online.add_argument(
+        "--redis",
+        help="Redis URL of the online store: the one `embtab serve` reads (its --features-redis, "
+        "else its first --redis URL); default: the first URL of $EMBTAB_REDIS",
+    )
+    online.add_argument(
+        "--splits",
+        default="train,valid,test",
+        help="comma-separated splits, written in this order (a time split's train,valid,test is "
+        "time order; the last write of a user or item wins)",
+    )
+    online.add_argument(
+        "--max-rows", type=int, help="stop after about this many rows (whole batches)"
+    )
+    online.add_argument("--json", action="store_true", help="print a JSON result")
+    online.set_defaults(run=run_load_online)
 
 
 def describe(dataset: Dataset) -> tuple[dict, str]:
@@ -116,4 +145,49 @@ def run_info(arguments: argparse.Namespace) -> int:
     dataset = load_with_progress(arguments.name, show_progress=not arguments.json)
     result, summary = describe(dataset)
     emit(result, summary, arguments.json)
+    return 0
+
+
+def run_load_online(arguments: argparse.Namespace) -> int:
+    url = (arguments.redis or os.environ.get("EMBTAB_REDIS") or "").split(",")[0]
+    if not url:
+        raise UsageError("no Redis given: pass --redis redis://host:port/0 or set EMBTAB_REDIS")
+    dataset = load_with_progress(arguments.name, show_progress=not arguments.json)
+    splits = [split for split in arguments.splits.split(",") if split]
+    unknown = [split for split in splits if split not in SPLITS]
+    if not splits or unknown:
+        raise UsageError(f"unknown split(s) {unknown or splits}; accepted: {', '.join(SPLITS)}")
+    store = OnlineFeatureStore.from_url(
+        url, dataset.schema, timeout_s=30.0, preprocessing=dataset.preprocessor()
+    )
+    started = time.perf_counter()
+    batches = (batch for split in splits for batch in dataset.iter_batches(split, 50_000))
+    try:
+        written = store.write_prepared(batches, arguments.max_rows)
+    except RawValueError as error:
+        raise UsageError(
+            f"{error}; the online store is keyed by raw ids, so fill it from your own producer "
+            "(docs/your-data.md, section 7), or prepare the feature with `ids: vocabulary`"
+        ) from None
+    seconds = time.perf_counter() - started
+    layout = store.layout
+    result = {
+        "dataset": dataset.name,
+        "splits": splits,
+        "rows": written.rows,
+        "skipped_rows": written.skipped,
+        "user_features": list(layout.user_features),
+        "item_features": list(layout.item_features),
+        "sequence": layout.sequence_feature,
+        "seconds": round(seconds, 3),
+    }
+    skipped = f", {written.skipped:,} skipped (no raw user or item id)" if written.skipped else ""
+    emit(
+        result,
+        f"online store of {dataset.name}: {written.rows:,} events of {', '.join(splits)} written"
+        f"{skipped} (users: {', '.join(layout.user_features) or 'none'}; items: "
+        f"{', '.join(layout.item_features) or 'none'}; "
+        f"sequence: {layout.sequence_feature or 'none'}) in {seconds:.1f} s",
+        arguments.json,
+    )
     return 0

@@ -4,9 +4,9 @@ HTTP scoring service."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from embtab.commands.redis_options import redis_arguments, redis_urls
 from embtab.output import emit
 from serving.publisher import ParamPublisher, StoreOptions
 from serving.redis_nodes import RedisConfig, RedisNodes
@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     publish.add_argument("checkpoint", type=Path, help="a checkpoint file (embtab train)")
     publish.add_argument("--model", help="name to publish under (default: the file's stem)")
-    _redis_arguments(publish)
+    redis_arguments(publish)
     publish.add_argument(
         "--encoding", choices=ENCODINGS, default="fp32", help="row encoding in Redis"
     )
@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser("serve", help="the HTTP scoring service (POST /score)")
     serve.add_argument("--model", required=True, help="published model name to serve")
-    _redis_arguments(serve)
+    redis_arguments(serve)
     serve.add_argument(
         "--features-redis",
         help="Redis URL of the online feature store (default: the first --redis URL; 'none' "
@@ -94,27 +94,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(run=run_serve)
 
 
-def _redis_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis",
-        help="Redis URL(s), comma-separated, with credentials if needed "
-        "(redis://user:pass@host:port/db, rediss:// for TLS); default: $EMBTAB_REDIS",
-    )
-    parser.add_argument(
-        "--redis-cluster", action="store_true", help="the URL is one node of a Redis Cluster"
-    )
-
-
-def _redis_urls(arguments: argparse.Namespace) -> str:
-    urls = arguments.redis or os.environ.get("EMBTAB_REDIS")
-    if not urls:
-        raise ValueError(
-            "no Redis given: pass --redis redis://host:port/0 (several, comma-separated, for "
-            "client-side shards) or set EMBTAB_REDIS"
-        )
-    return urls
-
-
 def run_publish(arguments: argparse.Namespace) -> int:
     from serving.published_model import publish_checkpoint
 
@@ -122,7 +101,7 @@ def run_publish(arguments: argparse.Namespace) -> int:
         raise ValueError(f"no checkpoint at {arguments.checkpoint}")
     model = arguments.model or arguments.checkpoint.stem
     config = RedisConfig.parse(
-        _redis_urls(arguments), cluster=arguments.redis_cluster, socket_timeout_s=10.0
+        redis_urls(arguments), cluster=arguments.redis_cluster, socket_timeout_s=10.0
     )
     nodes = RedisNodes(config)
     shards = arguments.shards or (16 if arguments.redis_cluster else nodes.num_nodes)
@@ -163,7 +142,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
     features = arguments.features_redis
     config = ServeConfig(
         model=arguments.model,
-        redis=serving_redis(_redis_urls(arguments), cluster=arguments.redis_cluster),
+        redis=serving_redis(redis_urls(arguments), cluster=arguments.redis_cluster),
         features_redis="" if features == "none" else features,
         port=arguments.port,
         max_candidates=arguments.max_candidates,

@@ -165,11 +165,9 @@ def publish(run: DemoRun, services: Services, checkpoint: Path, dataset: Dataset
                 load_checkpoint(checkpoint).model.schema,
                 preprocessing=dataset.preprocessor(),
             )
-            for batch in dataset.iter_batches("train", 50_000):
-                store.write_events(store.raw_events(batch))
-                written += batch.num_rows
-                if run.config.online_store_rows and written >= run.config.online_store_rows:
-                    break
+            written = store.write_prepared(
+                dataset.iter_batches("train", 50_000), run.config.online_store_rows or None
+            ).rows
         run.published = {
             "version": result.version,
             "rows": result.rows_written,

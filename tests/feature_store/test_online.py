@@ -13,7 +13,7 @@ import redis
 
 from feature_store import datasets
 from feature_store.artifact import Preprocessor
-from feature_store.offline import Dataset
+from feature_store.offline import SPLITS, Dataset
 from feature_store.online import (
     CorruptFeatureValue,
     InvalidFeatureValues,
@@ -278,3 +278,53 @@ def test_a_paused_redis_times_out_instead_of_hanging(redis_service, movielens):
         assert time.monotonic() - started < 3.5
     finally:
         redis_service.redis.resume()
+
+
+def test_load_online_fills_the_store_from_a_prepared_copy_by_raw_id_and_skips_unkeyed_rows(
+    tmp_path, monkeypatch, redis_service, capsys
+):
+    from embtab.cli import main
+
+    monkeypatch.setenv("EMBTAB_DATA", str(tmp_path / "cache"))
+    events = raw_events(rows=600)
+    late = max(events["ts"]) + 1
+    for n in range(5):  # a user first seen in the test split
+        for values in events.values():
+            values.append(values[n])
+        events["user"][-1], events["ts"][-1] = "u-late", late + n
+    write_csv(tmp_path / "events.csv", events)
+    layout = {"user_features": ["city"], "item_features": ["price"], "sequence": "hist_item"}
+    name = f"clicks-{uuid.uuid4().hex[:8]}"
+    dataset = prepare(tmp_path, {**base_spec(online=layout), "name": name})
+    store = OnlineFeatureStore(
+        redis_client(redis_service.redis_url),
+        dataset.schema,
+        preprocessing=dataset.preprocessor(),
+    )
+    try:
+        url = redis_service.redis_url
+        assert main(["data", "load-online", name, "--redis", url, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        # Users or items first seen after the fit rows (train) have no raw id in the prepared
+        # copy (the out-of-vocabulary id): those rows are skipped, every other row written.
+        rows = [
+            store.raw_events(batch)
+            for split in SPLITS
+            for batch in dataset.read(split).to_batches()
+        ]
+        keyed = [
+            row
+            for batch in rows
+            for row in batch.to_pylist()
+            if row["user"] is not None and row["item"] is not None
+        ]
+        assert result["rows"] == len(keyed) and result["rows"] + result["skipped_rows"] == 605
+        assert result["skipped_rows"] >= 5, "u-late is not in the train split's vocabulary"
+        last = keyed[-1]
+        request = store.get_request(last["user"], [last["item"]])
+        assert request.column("city")[0].as_py() == last["city"]
+        assert request.column("price")[0].as_py() == last["price"]
+        assert main(["data", "load-online", name, "--redis", url, "--splits", "train,later"]) == 2
+        assert "unknown split(s) ['later']; accepted: train, valid, test" in capsys.readouterr().err
+    finally:
+        store.clear()
