@@ -14,7 +14,7 @@ from embtab.compression import results as results_module
 from embtab.compression import runner
 from embtab.compression.errors import InfeasibleCellError, StudyConfigError
 from embtab.compression.grid import compression_study
-from embtab.compression.report import CTR_METRICS, Point, pareto_front
+from embtab.compression.report import CTR_METRICS, Point, compression_summary, pareto_front
 from embtab.compression.results import ResultsFile
 from embtab.compression.tables import UNIFIED_TABLE, cell_tables, planned_bytes
 from feature_store.schema import FeatureSpec, Schema
@@ -278,3 +278,36 @@ def test_pareto_front_keeps_points_no_cheaper_point_beats():
     auc, logloss = CTR_METRICS
     assert [p.bytes_allocated for p in pareto_front(found, auc)] == [10, 1000]
     assert [p.bytes_allocated for p in pareto_front(found, logloss)] == [10]
+
+
+def test_the_best_method_at_a_budget_is_the_best_of_those_within_that_budget():
+    def record(method, budget, auc, compressed, seed=0):
+        return {
+            "status": "done",
+            "method": method,
+            "budget": budget,
+            "seed": seed,
+            "bytes_allocated": 1000,
+            "memory_fraction": 1.0 if compressed is None else 0.009 + compressed * 0.9,
+            "compressed_tables_fraction": compressed,
+            "test": {"auc": auc, "logloss": 0.5},
+        }
+
+    records = [
+        record("full", 1.0, 0.76, None),
+        record("full", 1.0, 0.74, None, seed=1),
+        record("hash", 0.1, 0.72, 0.0999),
+        record("robe", 0.1, 0.73, 0.1),
+        record("collisionless", 0.1, 0.745, 0.52),  # its id map spends far more
+        record("qr_mult", 0.25, 0.749, 0.25),
+        record("qr_mult", 0.01, 0.70, 0.0099),
+        record("hash", 0.01, 0.69, 0.0099),
+        record("hash", 0.01, 0.71, 0.0101, seed=1),  # one seed over the budget: not within
+    ]
+    summary = compression_summary(records)
+    assert summary["best_method_at_0.1"] == "robe"
+    assert summary["best_auc_gap_at_0.1"] == pytest.approx(0.75 - 0.73)
+    assert summary["best_method_at_0.01"] == "qr_mult"
+    assert summary["best_auc_gap_at_0.01"] == pytest.approx(0.05)
+    assert summary["auc_mean_at_0.25_qr_mult"] == 0.749
+    assert summary["memory_fraction_at_0.1_collisionless"] == pytest.approx(0.009 + 0.52 * 0.9)
