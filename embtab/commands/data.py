@@ -4,10 +4,10 @@ NAME`."""
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
+from embtab.commands.redis_options import redis_urls
 from embtab.output import emit
 from embtab.progress import rows_bar
 from feature_store import datasets
@@ -149,9 +149,7 @@ def run_info(arguments: argparse.Namespace) -> int:
 
 
 def run_load_online(arguments: argparse.Namespace) -> int:
-    url = (arguments.redis or os.environ.get("EMBTAB_REDIS") or "").split(",")[0]
-    if not url:
-        raise UsageError("no Redis given: pass --redis redis://host:port/0 or set EMBTAB_REDIS")
+    url = redis_urls(arguments).split(",")[0]
     dataset = load_with_progress(arguments.name, show_progress=not arguments.json)
     splits = [split for split in arguments.splits.split(",") if split]
     unknown = [split for split in splits if split not in SPLITS]
